@@ -1,0 +1,16 @@
+"""The exact grid-structured Gaussian-process engine.
+
+Where things live:
+
+- :mod:`~hyperspy_gp.gp.kernels` — Matérn-5/2 kernels on a regular scan grid
+  (separable product of 1-D factors, or the non-separable anisotropic kernel).
+- :mod:`~hyperspy_gp.gp.tensor` — mode products on grid-shaped tensors.
+- :mod:`~hyperspy_gp.gp.likelihood` — the exact marginal log likelihood of the
+  intrinsic-coregionalization model and its analytic gradient.
+- :mod:`~hyperspy_gp.gp.model` — parameters and constraints (length scales, task
+  covariance ``B = W Wᵀ + diag(v)``, per-map noise).
+- :mod:`~hyperspy_gp.gp.training` — maximisation of the marginal likelihood.
+- :mod:`~hyperspy_gp.gp.prediction` — predictive mean and variance on a (denser) grid.
+
+This subpackage imports torch; nothing outside it does at import time.
+"""

@@ -1,0 +1,132 @@
+"""Matérn-5/2 kernels evaluated on a regular scan grid.
+
+Two kernels are offered, both with one length scale per scan axis (anisotropic) that
+may be tied (isotropic):
+
+``"separable"`` (default)
+    ``k(r) = k_{5/2}(|Δy|/ℓ_y) · k_{5/2}(|Δx|/ℓ_x)``, a product of 1-D Matérn-5/2
+    kernels.  On a full grid its covariance is the Kronecker product ``K_y ⊗ K_x``,
+    so exact inference costs ``O(n_y³ + n_x³ + n T³)`` instead of ``O((nT)³)``.
+``"matern"``
+    the non-separable anisotropic Matérn-5/2 of the method's paper (GPyTorch's
+    ``MaternKernel(nu=2.5, ard_num_dims=2)``) with
+    ``r² = (Δy/ℓ_y)² + (Δx/ℓ_x)²``.  Here it is handled as one dense ``n × n``
+    factor, exact but only practical for small grids.
+
+Both are returned as a list of *factor* matrices so that one engine serves both:
+the separable kernel has one factor per axis, the non-separable kernel a single
+factor over all pixels.  The kernel has unit prior variance; the amplitude of each
+map lives in the task covariance ``B``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+KERNELS = ("separable", "matern")
+
+_SQRT5 = math.sqrt(5.0)
+
+
+def matern52(r: torch.Tensor) -> torch.Tensor:
+    """Matérn-5/2 correlation ``(1 + √5 r + 5r²/3) exp(-√5 r)`` of a scaled distance."""
+    s = _SQRT5 * r
+    return (1.0 + s + s * s / 3.0) * torch.exp(-s)
+
+
+def _matern52_of_squared(r2: torch.Tensor) -> torch.Tensor:
+    # The gradient of sqrt at 0 is infinite; clamping keeps it finite and, since
+    # d(r²)/dℓ = 0 where Δ = 0, exact.
+    return matern52(torch.sqrt(r2.clamp_min(1e-300)))
+
+
+class GridKernel:
+    """A Matérn-5/2 kernel on the pixel grid ``coords[a] = 0, 1, ..., n_a - 1``.
+
+    Parameters
+    ----------
+    grid_shape
+        Training grid shape in numpy order, e.g. ``(ny, nx)`` or ``(n,)``.
+    kind
+        ``"separable"`` or ``"matern"`` (see the module docstring).
+    dtype, device
+        Torch dtype and device of the matrices produced.
+    """
+
+    def __init__(
+        self,
+        grid_shape: Sequence[int],
+        kind: str = "separable",
+        dtype: torch.dtype = torch.float64,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if kind not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, not {kind!r}.")
+        self.grid_shape = tuple(int(n) for n in grid_shape)
+        self.kind = kind
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.grid_shape)
+
+    @property
+    def factor_shape(self) -> tuple[int, ...]:
+        """Grid shape as seen by the factors (one flat axis when non-separable)."""
+        if self.kind == "separable":
+            return self.grid_shape
+        return (math.prod(self.grid_shape),)
+
+    def axis_coordinates(self, size: int, upsampling: int = 1) -> torch.Tensor:
+        """Pixel coordinates of a (possibly upsampled) axis: ``arange(size·u) / u``."""
+        return torch.arange(size * upsampling, dtype=self.dtype, device=self.device) / upsampling
+
+    def factors(self, lengthscale: torch.Tensor) -> list[torch.Tensor]:
+        """Training covariance factors for a batch of length scales ``(P, ndim)``."""
+        train = [self.axis_coordinates(n) for n in self.grid_shape]
+        return self.cross_factors(lengthscale, train)
+
+    def cross_factors(
+        self, lengthscale: torch.Tensor, test_coords: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Cross-covariance factors between a test grid and the training grid.
+
+        Parameters
+        ----------
+        lengthscale
+            ``(P, ndim)`` length scales in pixels.
+        test_coords
+            One 1-D tensor of test coordinates per axis (pixel units).
+
+        Returns
+        -------
+        list of torch.Tensor
+            Separable: one ``(P, m_a, n_a)`` matrix per axis.  Non-separable: a single
+            ``(P, Π m_a, Π n_a)`` matrix over the flattened (row-major) grids.
+        """
+        train = [self.axis_coordinates(n) for n in self.grid_shape]
+        if self.kind == "separable":
+            return [
+                matern52((t[:, None] - x[None, :]).abs() / lengthscale[:, a, None, None])
+                for a, (t, x) in enumerate(zip(test_coords, train))
+            ]
+        test_pts = _grid_points(test_coords)
+        train_pts = _grid_points(train)
+        diff = (test_pts[:, None, :] - train_pts[None, :, :]) ** 2  # (m, n, d)
+        r2 = torch.einsum("mnd,pd->pmn", diff, lengthscale.pow(-2))
+        return [_matern52_of_squared(r2)]
+
+    def test_shape(self, test_coords: Sequence[torch.Tensor]) -> tuple[int, ...]:
+        """Shape, in factor layout, of a prediction on ``test_coords``."""
+        if self.kind == "separable":
+            return tuple(len(t) for t in test_coords)
+        return (math.prod(len(t) for t in test_coords),)
+
+
+def _grid_points(coords: Sequence[torch.Tensor]) -> torch.Tensor:
+    mesh = torch.meshgrid(*coords, indexing="ij")
+    return torch.stack([m.reshape(-1) for m in mesh], dim=-1)

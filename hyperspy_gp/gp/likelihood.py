@@ -1,0 +1,204 @@
+r"""Exact marginal log likelihood of the grid ICM model, with its analytic gradient.
+
+The model for ``T`` maps on a grid of ``n`` pixels, stacked task-major, is
+
+.. math::
+
+    y \sim \mathcal N(0, \Sigma), \qquad
+    \Sigma = B \otimes K + D \otimes I_n, \qquad K = K_1 \otimes \dots \otimes K_d,
+
+with ``B`` the ``T × T`` task (coregionalization) covariance, ``D = diag(σ²_t)`` the
+per-map noise and ``K_a`` the spatial covariance factors (one per scan axis for a
+separable kernel; a single dense factor otherwise).  With ``K_a = Q_a Λ_a Q_aᵀ`` and
+``Q = ⊗ Q_a``, rotating every map into the spatial eigenbasis block-diagonalises
+``Σ`` into ``n`` independent ``T × T`` blocks
+
+.. math::  S_j = λ_j B + D, \qquad λ_j = \prod_a λ_{a, j_a},
+
+so that, with ``ỹ_j = (Qᵀ Y)_j`` and ``α̃_j = S_j^{-1} ỹ_j``,
+
+.. math::
+
+    \log p(y) = -\tfrac12 \sum_j \left(ỹ_jᵀ α̃_j + \log\det S_j\right)
+                - \tfrac{nT}{2}\log 2π .
+
+Cost: ``O(Σ_a n_a³ + n Σ_a n_a T + n T³)`` time, ``O(n T²)`` memory.  No ``nT × nT``
+matrix is ever formed.
+
+The gradient is implemented analytically (:class:`GridICMLogLikelihood`) rather than
+by back-propagating through ``torch.linalg.eigh``: eigenvector derivatives contain
+``1/(λ_i − λ_j)`` and are NaN wherever eigenvalues repeat (square grids with equal
+length scales, long length scales), although the likelihood itself is smooth there.
+With ``α = Σ^{-1} y`` reshaped to maps ``A_t`` and ``M_j = S_j^{-1}``:
+
+- ``∂L/∂B = ½ Σ_j λ_j (α̃_j α̃_jᵀ − M_j)``
+- ``∂L/∂σ²_t = ½ Σ_j (α̃_{jt}² − (M_j)_{tt})``
+- ``∂L/∂K_a = ½ Σ_{st} B_{st} A_s ×_{b≠a} K_b A_tᵀ − ½ Q_a diag(w_a) Q_aᵀ`` with
+  ``w_{a,i} = Σ_{j: j_a = i} tr(M_j B) Π_{b≠a} λ_{b,j_b}``.
+
+Every term is invariant to the choice of eigenbasis inside a degenerate eigenspace,
+so the gradient is finite and exact where ``eigh``'s backward is not.  Gradients then
+flow from the factors ``K_a`` to the length scales by ordinary autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hyperspy_gp.gp.tensor import kron_dot, kron_outer, sum_except_axis
+
+
+@dataclass
+class GridICMSolve:
+    """Everything the likelihood, its gradient and the predictions share.
+
+    Shapes use ``P`` (batch of models), the grid ``(n_1, ..., n_d)`` and ``T`` maps.
+    """
+
+    eigenvectors: list[torch.Tensor]  # Q_a, (P, n_a, n_a)
+    eigenvalues: list[torch.Tensor]  # λ_a, (P, n_a), clamped at 0
+    eigenvalues_grid: torch.Tensor  # λ_j, (P, n_1, ..., n_d)
+    cholesky: torch.Tensor  # chol(S_j), (P, n_1, ..., n_d, T, T)
+    rotated_targets: torch.Tensor  # ỹ, (P, n_1, ..., n_d, T)
+    rotated_weights: torch.Tensor  # α̃ = S⁻¹ ỹ, (P, n_1, ..., n_d, T)
+
+    def block_inverse(self) -> torch.Tensor:
+        """``M_j = S_j^{-1}`` for every spatial eigenvalue, ``(P, n.., T, T)``."""
+        return torch.cholesky_inverse(self.cholesky)
+
+
+def solve_grid_icm(
+    targets: torch.Tensor,
+    task_covariance: torch.Tensor,
+    noise: torch.Tensor,
+    factors: list[torch.Tensor],
+) -> GridICMSolve:
+    """Diagonalise the spatial factors and solve the ``T × T`` blocks (no autograd).
+
+    Parameters
+    ----------
+    targets
+        ``(P, n_1, ..., n_d, T)`` observed maps.
+    task_covariance
+        ``(P, T, T)`` symmetric positive semi-definite ``B``.
+    noise
+        ``(P, T)`` positive noise variances.
+    factors
+        Spatial covariance factors ``(P, n_a, n_a)``, one per factor axis.
+    """
+    with torch.no_grad():
+        eigenvalues, eigenvectors = [], []
+        for factor in factors:
+            lam, vec = torch.linalg.eigh(factor)
+            # Kernel matrices are PSD; round-off can make tiny eigenvalues negative.
+            eigenvalues.append(lam.clamp_min(0.0))
+            eigenvectors.append(vec)
+        lam_grid = kron_outer(eigenvalues)
+        rotated = kron_dot(targets, [q.transpose(-1, -2) for q in eigenvectors])
+        n_grid = lam_grid.dim() - 1
+        batch_b = task_covariance.reshape(
+            task_covariance.shape[0], *([1] * n_grid), *task_covariance.shape[1:]
+        )
+        blocks = lam_grid[..., None, None] * batch_b + torch.diag_embed(noise).reshape(batch_b.shape)
+        chol = torch.linalg.cholesky(blocks)
+        weights = torch.cholesky_solve(rotated.unsqueeze(-1), chol).squeeze(-1)
+    return GridICMSolve(eigenvectors, eigenvalues, lam_grid, chol, rotated, weights)
+
+
+def _log_likelihood(solve: GridICMSolve) -> torch.Tensor:
+    spatial_dims = tuple(range(1, solve.rotated_targets.dim()))
+    quad = (solve.rotated_targets * solve.rotated_weights).sum(dim=spatial_dims)
+    logdet = 2.0 * torch.log(torch.diagonal(solve.cholesky, dim1=-2, dim2=-1)).sum(dim=spatial_dims)
+    n_obs = solve.rotated_targets[0].numel()
+    return -0.5 * (quad + logdet + n_obs * math.log(2.0 * math.pi))
+
+
+class GridICMLogLikelihood(torch.autograd.Function):
+    """``log p(y)`` per model in the batch, differentiable in ``B``, ``σ²`` and ``K_a``."""
+
+    @staticmethod
+    def forward(ctx, targets, task_covariance, noise, *factors):  # noqa: D102
+        solve = solve_grid_icm(targets, task_covariance, noise, list(factors))
+        ctx.solve = solve
+        ctx.save_for_backward(task_covariance, *factors)
+        return _log_likelihood(solve)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        task_covariance, *factors = ctx.saved_tensors
+        solve: GridICMSolve = ctx.solve
+        grads = _analytic_gradients(solve, task_covariance, factors)
+        scale = grad_output.reshape(-1, 1, 1)
+        grad_b = grads["task_covariance"] * scale
+        grad_noise = grads["noise"] * grad_output.reshape(-1, 1)
+        grad_factors = [g * scale for g in grads["factors"]]
+        return (None, grad_b, grad_noise, *grad_factors)
+
+
+def _analytic_gradients(solve: GridICMSolve, task_covariance, factors) -> dict:
+    lam = solve.eigenvalues_grid
+    alpha_t = solve.rotated_weights
+    inv_blocks = solve.block_inverse()
+    spatial_dims = tuple(range(1, lam.dim()))
+
+    grad_b = 0.5 * (
+        torch.einsum("p...s,p...t,p...->pst", alpha_t, alpha_t, lam)
+        - torch.einsum("p...st,p...->pst", inv_blocks, lam)
+    )
+    grad_noise = 0.5 * (
+        alpha_t.pow(2).sum(dim=spatial_dims)
+        - torch.diagonal(inv_blocks, dim1=-2, dim2=-1).sum(dim=spatial_dims)
+    )
+
+    # tr(M_j B) for every spatial eigenvalue: weights of the log-determinant term.
+    trace_mb = (inv_blocks * task_covariance.reshape(
+        task_covariance.shape[0], *([1] * len(spatial_dims)), *task_covariance.shape[1:]
+    )).sum(dim=(-2, -1))
+    alpha = kron_dot(alpha_t, solve.eigenvectors)  # Σ⁻¹ y in the pixel basis
+    grad_factors = []
+    for axis, (q, factor) in enumerate(zip(solve.eigenvectors, factors)):
+        # Log-determinant part: −½ Q_a diag(w_a) Q_aᵀ.
+        others = [None if b == axis else lam_b for b, lam_b in enumerate(solve.eigenvalues)]
+        weight = trace_mb
+        for b, lam_b in enumerate(others):
+            if lam_b is not None:
+                weight = weight * lam_b.reshape(lam_b.shape[0], *[-1 if i == b else 1 for i in range(len(others))])
+        w_axis = sum_except_axis(weight, axis)
+        grad_logdet = -0.5 * (q * w_axis.unsqueeze(-2)) @ q.transpose(-1, -2)
+        # Data part: ½ Σ_st B_st A_s (×_{b≠a} K_b) A_tᵀ.
+        z = kron_dot(alpha, [None if b == axis else k for b, k in enumerate(factors)])
+        z = z @ task_covariance.reshape(z.shape[0], *([1] * (z.dim() - 3)), *task_covariance.shape[1:])
+        a_unf = alpha.movedim(axis + 1, 1).reshape(alpha.shape[0], alpha.shape[axis + 1], -1)
+        z_unf = z.movedim(axis + 1, 1).reshape(z.shape[0], z.shape[axis + 1], -1)
+        grad_data = 0.5 * a_unf @ z_unf.transpose(-1, -2)
+        grad_factors.append(grad_data + grad_logdet)
+    return {"task_covariance": grad_b, "noise": grad_noise, "factors": grad_factors}
+
+
+def grid_icm_log_likelihood(targets, task_covariance, noise, factors) -> torch.Tensor:
+    """Exact ``log p(y)`` of each model in the batch (see the module docstring).
+
+    Parameters
+    ----------
+    targets
+        ``(P, n_1, ..., n_d, T)`` observed (standardised) maps.
+    task_covariance
+        ``(P, T, T)`` task covariance ``B``.
+    noise
+        ``(P, T)`` noise variances ``σ²_t``.
+    factors
+        Spatial covariance factors ``(P, n_a, n_a)``; their product is ``K``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(P,)`` log marginal likelihoods, differentiable in every argument but
+        ``targets``.
+    """
+    return GridICMLogLikelihood.apply(targets, task_covariance, noise, *factors)
+
+
+__all__ = ["GridICMSolve", "solve_grid_icm", "grid_icm_log_likelihood"]

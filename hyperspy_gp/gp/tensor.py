@@ -1,0 +1,63 @@
+"""Mode products on grid-shaped tensors.
+
+Tensors on the scan grid have the layout ``(P, n_1, ..., n_d, T)``: ``P`` independent
+models in a batch, ``d`` spatial axes in numpy order, ``T`` maps (tasks).  A Kronecker
+product ``K_1 ⊗ ... ⊗ K_d`` acts on such a tensor one axis at a time, which is how
+every large matrix in this engine is avoided.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def mode_dot(x: torch.Tensor, matrix: torch.Tensor, axis: int) -> torch.Tensor:
+    """Multiply spatial ``axis`` of ``x`` by a batch of matrices.
+
+    Parameters
+    ----------
+    x
+        Tensor of shape ``(P, n_1, ..., n_d, T)``.
+    matrix
+        Tensor of shape ``(P, m, n_axis)``.
+    axis
+        Spatial axis (0-based, not counting the batch dimension).
+
+    Returns
+    -------
+    torch.Tensor
+        ``x`` with axis ``axis`` of length ``m``: ``out[p, .., i, .., t] =
+        sum_k matrix[p, i, k] x[p, .., k, .., t]``.
+    """
+    moved = x.movedim(axis + 1, -1)
+    shape = moved.shape
+    out = moved.reshape(shape[0], -1, shape[-1]) @ matrix.transpose(-1, -2)
+    return out.reshape(*shape[:-1], matrix.shape[-2]).movedim(-1, axis + 1)
+
+
+def kron_dot(x: torch.Tensor, matrices: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """Apply ``M_1 ⊗ ... ⊗ M_d`` to ``x`` (skip axes whose matrix is ``None``)."""
+    for axis, matrix in enumerate(matrices):
+        if matrix is not None:
+            x = mode_dot(x, matrix, axis)
+    return x
+
+
+def kron_outer(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Outer product of per-axis batched vectors ``(P, n_a)`` → ``(P, n_1, ..., n_d)``.
+
+    This is the diagonal of ``diag(v_1) ⊗ ... ⊗ diag(v_d)`` in grid layout, e.g. the
+    eigenvalues of a Kronecker product from those of its factors.
+    """
+    out = vectors[0]
+    for vec in vectors[1:]:
+        out = out.unsqueeze(-1) * vec.reshape(vec.shape[0], *([1] * (out.dim() - 1)), -1)
+    return out
+
+
+def sum_except_axis(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """Sum a grid tensor ``(P, n_1, ..., n_d)`` over every spatial axis but ``axis``."""
+    dims = [d for d in range(1, x.dim()) if d != axis + 1]
+    return x.sum(dim=dims) if dims else x
