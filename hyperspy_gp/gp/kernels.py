@@ -31,9 +31,14 @@ KERNELS = ("separable", "matern")
 _SQRT5 = math.sqrt(5.0)
 
 
+#: Beyond this ``√5 r`` the correlation is below 1e-290; clamping keeps ``exp`` out of
+#: subnormal numbers, which are two orders of magnitude slower on x86 CPUs.
+_MAX_SCALED_DISTANCE = 680.0
+
+
 def matern52(r: torch.Tensor) -> torch.Tensor:
     """Matérn-5/2 correlation ``(1 + √5 r + 5r²/3) exp(-√5 r)`` of a scaled distance."""
-    s = _SQRT5 * r
+    s = (_SQRT5 * r).clamp_max(_MAX_SCALED_DISTANCE)
     return (1.0 + s + s * s / 3.0) * torch.exp(-s)
 
 

@@ -1,0 +1,158 @@
+"""Parameters of the grid ICM model: length scales, task covariance and noise.
+
+A batch of ``P`` models is fitted at once: ``P = 1`` model with ``T`` tasks for the
+*parallel* (multi-output) GP, ``P = T`` models with one task each for *independent*
+GPs.  In GPyTorch vocabulary the parallel model is an ``ExactGP`` with a
+``MultitaskKernel(MaternKernel(nu=2.5, ard_num_dims=2), num_tasks=T, rank=r)`` (an
+``IndexKernel`` ``B = W Wᵀ + diag(v)`` on top of a shared spatial kernel) and a
+``MultitaskGaussianLikelihood(rank=0, has_global_noise=False)`` (one noise per task).
+"""
+
+from __future__ import annotations
+
+import math
+
+import gpytorch
+import torch
+from gpytorch.constraints import GreaterThan, Interval
+
+from hyperspy_gp.gp.kernels import GridKernel
+from hyperspy_gp.gp.likelihood import grid_icm_log_likelihood
+
+#: Lower bound (pixels) of the length scale when the user gives none.  Below it,
+#: neighbouring pixels are nearly uncorrelated (k(1 px) < 0.15) and a GP can no longer
+#: tell signal from noise: fits that run there are degenerate, not informative.
+MIN_LENGTHSCALE = 0.5
+#: Floor of the noise variance, in units of the standardised map variance.
+MIN_NOISE = 1e-6
+#: Floor of the diagonal of ``B``.
+MIN_TASK_VARIANCE = 1e-8
+#: Default starting length scale (pixels), moved inside the bounds when needed.
+DEFAULT_LENGTHSCALE_INIT = 3.0
+
+
+def lengthscale_constraint(bounds: tuple[float | None, float | None] | None):
+    """GPyTorch constraint for ``lengthscale_bounds=(lo, hi)`` in pixels (hard)."""
+    lo, hi = (None, None) if bounds is None else bounds
+    lo = MIN_LENGTHSCALE if lo is None else float(lo)
+    if hi is None:
+        return GreaterThan(lo)
+    return Interval(lo, float(hi))
+
+
+def initial_lengthscale(bounds: tuple[float | None, float | None] | None) -> float:
+    """A starting length scale strictly inside ``bounds``."""
+    lo, hi = (None, None) if bounds is None else bounds
+    lo = MIN_LENGTHSCALE if lo is None else float(lo)
+    if hi is None:
+        return max(DEFAULT_LENGTHSCALE_INIT, 2.0 * lo)
+    return math.sqrt(lo * float(hi))
+
+
+class GridICMModel(gpytorch.Module):
+    """A batch of intrinsic-coregionalization GPs on one regular grid.
+
+    Parameters
+    ----------
+    kernel
+        The spatial kernel on the training grid.
+    n_models
+        Batch size ``P`` (independent models fitted together).
+    n_tasks
+        Maps per model ``T``.
+    rank
+        Rank of ``W`` in ``B = W Wᵀ + diag(v)``; 0 gives a diagonal ``B``, i.e. one
+        output scale per map (used for independent GPs).
+    isotropic
+        Tie the length scales of all scan axes.
+    lengthscale_bounds
+        ``(lo, hi)`` in pixels of the training grid; either may be ``None``.
+    """
+
+    def __init__(
+        self,
+        kernel: GridKernel,
+        n_models: int,
+        n_tasks: int,
+        rank: int = 1,
+        isotropic: bool = False,
+        lengthscale_bounds=None,
+    ) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.n_models, self.n_tasks, self.rank = n_models, n_tasks, rank
+        self.isotropic = isotropic or kernel.ndim == 1
+        n_ls = 1 if self.isotropic else kernel.ndim
+        opts = {"dtype": kernel.dtype, "device": kernel.device}
+
+        self.register_parameter("raw_lengthscale", torch.nn.Parameter(torch.zeros(n_models, n_ls, **opts)))
+        self.register_constraint("raw_lengthscale", lengthscale_constraint(lengthscale_bounds))
+        self.register_parameter("raw_task_variance", torch.nn.Parameter(torch.zeros(n_models, n_tasks, **opts)))
+        self.register_constraint("raw_task_variance", GreaterThan(MIN_TASK_VARIANCE))
+        self.register_parameter("raw_noise", torch.nn.Parameter(torch.zeros(n_models, n_tasks, **opts)))
+        self.register_constraint("raw_noise", GreaterThan(MIN_NOISE))
+        if rank > 0:
+            self.register_parameter("task_factor", torch.nn.Parameter(torch.zeros(n_models, n_tasks, rank, **opts)))
+        self.reset_parameters(initial_lengthscale(lengthscale_bounds))
+
+    def reset_parameters(self, lengthscale: float) -> None:
+        """Deterministic start: ``ℓ`` given, ``B_tt ≈ 0.9``, noise 0.1 (standardised maps)."""
+        with torch.no_grad():
+            self._set("raw_lengthscale", torch.full_like(self.raw_lengthscale, lengthscale))
+            shared = 0.45 if self.rank > 0 else 0.0
+            self._set("raw_task_variance", torch.full_like(self.raw_task_variance, 0.9 - shared))
+            self._set("raw_noise", torch.full_like(self.raw_noise, 0.1))
+            if self.rank > 0:
+                t = torch.arange(self.n_tasks, dtype=self.kernel.dtype, device=self.kernel.device)
+                k = torch.arange(self.rank, dtype=self.kernel.dtype, device=self.kernel.device)
+                # First column shares structure; the others break the symmetry.
+                w = torch.cos(math.pi * (t[:, None] + 0.5) * k[None, :] / self.n_tasks)
+                w[:, 1:] *= 0.1
+                self.task_factor.copy_(math.sqrt(shared) * w.expand_as(self.task_factor))
+
+    def _set(self, name: str, value: torch.Tensor) -> None:
+        constraint = self._constraints[f"{name}_constraint"]
+        getattr(self, name).copy_(constraint.inverse_transform(value))
+
+    def _get(self, name: str) -> torch.Tensor:
+        return self._constraints[f"{name}_constraint"].transform(getattr(self, name))
+
+    @property
+    def lengthscale(self) -> torch.Tensor:
+        """Length scales in pixels, ``(P, ndim)`` in numpy axis order."""
+        return self._get("raw_lengthscale").expand(self.n_models, self.kernel.ndim)
+
+    @property
+    def noise(self) -> torch.Tensor:
+        """Noise variances ``σ²``, ``(P, T)``."""
+        return self._get("raw_noise")
+
+    @property
+    def task_covariance(self) -> torch.Tensor:
+        """``B = W Wᵀ + diag(v)``, ``(P, T, T)``."""
+        b = torch.diag_embed(self._get("raw_task_variance"))
+        if self.rank > 0:
+            b = b + self.task_factor @ self.task_factor.transpose(-1, -2)
+        return b
+
+    def as_factor_layout(self, targets: torch.Tensor) -> torch.Tensor:
+        """Reshape ``(P, *grid, T)`` targets to the kernel's factor layout."""
+        return targets.reshape(targets.shape[0], *self.kernel.factor_shape, targets.shape[-1])
+
+    def log_likelihood(self, targets: torch.Tensor) -> torch.Tensor:
+        """Exact log marginal likelihood of each model, ``(P,)``."""
+        return grid_icm_log_likelihood(
+            self.as_factor_layout(targets),
+            self.task_covariance,
+            self.noise,
+            self.kernel.factors(self.lengthscale),
+        )
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Detached copies of the constrained hyperparameters."""
+        with torch.no_grad():
+            return {
+                "lengthscale": self.lengthscale.clone(),
+                "noise": self.noise.clone(),
+                "task_covariance": self.task_covariance.clone(),
+            }

@@ -1,0 +1,96 @@
+r"""Predictive mean and variance of the grid ICM model on a (denser) test grid.
+
+For a test point ``x*`` let ``u_j(x*) = (Qᵀ k(X, x*))_j`` be its cross-covariance
+rotated into the training eigenbasis.  With the blocks ``M_j = S_j^{-1}`` of
+:mod:`~hyperspy_gp.gp.likelihood`, the latent (noise-free) posterior of map ``t`` is
+
+.. math::
+
+    μ_t(x*) = \sum_j u_j(x*) (B α̃_j)_t, \qquad
+    \mathrm{var}_t(x*) = B_{tt} − \sum_j u_j(x*)^2 (B M_j B)_{tt}.
+
+For a separable kernel ``u_j(x*) = Π_a U_a[i_a, j_a]`` with ``U_a = K*_a Q_a``
+(``m_a × n_a``), so both sums are Kronecker mode products and the variance of every
+test pixel is exact without forming an ``(n_test × n_train)`` matrix.  The test grid
+is processed in chunks of rows of its first axis, so peak memory is bounded by the
+chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from hyperspy_gp.gp.likelihood import solve_grid_icm
+from hyperspy_gp.gp.model import GridICMModel
+from hyperspy_gp.gp.tensor import kron_dot
+
+#: Memory budget (bytes) of the largest temporary of one prediction chunk.
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+class GridPosterior:
+    """The fitted model conditioned on its training maps, ready to predict.
+
+    Parameters
+    ----------
+    model
+        A fitted :class:`~hyperspy_gp.gp.model.GridICMModel`.
+    targets
+        ``(P, *grid, T)`` standardised training maps.
+    """
+
+    def __init__(self, model: GridICMModel, targets: torch.Tensor) -> None:
+        self.model = model
+        with torch.no_grad():
+            b = model.task_covariance
+            solve = solve_grid_icm(
+                model.as_factor_layout(targets), b, model.noise, model.kernel.factors(model.lengthscale)
+            )
+            n_grid = solve.eigenvalues_grid.dim() - 1
+            batch_b = b.reshape(b.shape[0], *([1] * n_grid), *b.shape[1:])
+            # μ weights B α̃_j and variance weights (B M_j B)_tt, both (P, *factor_grid, T).
+            self.mean_weights = (batch_b @ solve.rotated_weights.unsqueeze(-1)).squeeze(-1)
+            self.variance_weights = ((batch_b @ solve.block_inverse()) * batch_b).sum(-1)
+            self.prior_variance = torch.diagonal(b, dim1=-2, dim2=-1)  # k(x*, x*) = 1
+            self.eigenvectors = solve.eigenvectors
+            self.lengthscale = model.lengthscale.clone()
+
+    def predict(self, test_coords: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent mean and variance at the grid spanned by ``test_coords``.
+
+        Returns
+        -------
+        mean, variance
+            ``(P, m_1, ..., m_d, T)`` each, in standardised units.
+        """
+        kernel = self.model.kernel
+        cross = kernel.cross_factors(self.lengthscale, test_coords)
+        rotated = [k @ q for k, q in zip(cross, self.eigenvectors)]
+        mean = kron_dot(self.mean_weights, rotated)
+        reduction = kron_dot(self.variance_weights, [u * u for u in rotated])
+        variance = (self.prior_variance.reshape(-1, *([1] * (mean.dim() - 2)), mean.shape[-1]) - reduction)
+        shape = (mean.shape[0], *(len(t) for t in test_coords), mean.shape[-1])
+        return mean.reshape(shape), variance.clamp_min(0.0).reshape(shape)
+
+    def predict_in_chunks(
+        self, test_coords: Sequence[torch.Tensor], chunk_rows: int | None = None
+    ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+        """Yield ``(rows, mean, variance)`` for consecutive rows of the first test axis."""
+        n_rows = len(test_coords[0])
+        if chunk_rows is None:
+            chunk_rows = self.default_chunk_rows(test_coords)
+        for start in range(0, n_rows, chunk_rows):
+            rows = slice(start, min(start + chunk_rows, n_rows))
+            mean, variance = self.predict([test_coords[0][rows], *test_coords[1:]])
+            yield rows, mean, variance
+
+    def default_chunk_rows(self, test_coords: Sequence[torch.Tensor]) -> int:
+        """Rows per chunk keeping the largest temporary under :data:`DEFAULT_CHUNK_BYTES`."""
+        p, t = self.mean_weights.shape[0], self.mean_weights.shape[-1]
+        per_row = math.prod(len(c) for c in test_coords[1:]) * p * max(t, 1) * 8 * 4
+        if self.model.kernel.kind != "separable":
+            per_row *= max(1, math.prod(self.model.kernel.grid_shape) // max(t, 1))
+        return max(1, DEFAULT_CHUNK_BYTES // max(per_row, 1))
