@@ -1,0 +1,445 @@
+"""``gp_reconstruct``: denoise and upsample decomposition loading maps with a GP.
+
+The user-facing entry point.  It validates the request before any expensive work,
+reads the signal's own decomposition (never re-running or changing it), fits an
+exact GP (:mod:`hyperspy_gp.gp`) to the standardised loading maps, predicts mean and
+variance on the upsampled grid and builds HyperSpy signals from them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hyperspy_gp import _hyperspy as hsglue
+
+_logger = logging.getLogger(__name__)
+
+MODES = ("parallel", "independent")
+#: ``components=None`` takes every component only up to this many.
+MAX_DEFAULT_COMPONENTS = 10
+#: Largest grid (pixels) for the dense non-separable kernel.
+MAX_DENSE_PIXELS = 4096
+
+
+@dataclass
+class GPReconstruction:
+    """Everything one GP fit produces.
+
+    Attributes
+    ----------
+    signal
+        The reconstructed spectrum image (GP maps × factors, + mean if centred) on the
+        upsampled navigation grid; same class as the input.  Its learning results hold
+        the GP maps as loadings and the original factors, so
+        ``signal.get_decomposition_loadings()`` and
+        ``signal.plot_decomposition_results()`` work; hyperparameters and training
+        history are in ``signal.metadata.GP_reconstruction``.
+    loadings
+        The GP loading maps, a stack ``(component | y, x)`` (``(component | x)`` for a
+        line scan), with the predictive variance as a signal in
+        ``metadata.Signal.Noise_properties.variance``.
+    hyperparameters
+        Fitted hyperparameters in the units of the maps (see :func:`gp_reconstruct`).
+    history
+        Per-iteration hyperparameters and log likelihood (standardised units).
+    """
+
+    signal: object
+    loadings: object
+    hyperparameters: dict = field(default_factory=dict)
+    history: dict = field(default_factory=dict)
+
+    @property
+    def variance(self):
+        """Predictive variance of the loading maps (a signal shaped like ``loadings``)."""
+        return self.loadings.metadata.Signal.Noise_properties.variance
+
+
+def gp_reconstruct(
+    signal,
+    components: int | Sequence[int] | None = None,
+    mode: str = "parallel",
+    upsampling: int = 1,
+    lengthscale_bounds: tuple[float | None, float | None] | None = None,
+    isotropic: bool = False,
+    kernel: str = "separable",
+    rank: int = 1,
+    max_iter: int = 1000,
+    tol: float = 1e-9,
+    device: str = "cpu",
+    dtype: str = "float64",
+    lazy_output: bool | None = None,
+    show_progressbar: bool | None = None,
+) -> GPReconstruction:
+    """Reconstruct decomposition loading maps with an exact Gaussian process.
+
+    Each chosen loading map ``A_i(y, x)`` of ``signal``'s decomposition is treated as
+    a noisy sample of a smooth 2-D (or 1-D for a line scan) function on the scan grid
+    and reconstructed by GP regression with a Matérn-5/2 kernel, then multiplied by
+    its spectral factor ``w_i(E)`` to give a denoised, optionally upsampled spectrum
+    image.  Works on any :class:`~hyperspy.api.signals.Signal1D` (EELS, CL, ...) with
+    one or two navigation dimensions after ``signal.decomposition()``.
+
+    Parameters
+    ----------
+    signal : :class:`~hyperspy.api.signals.Signal1D`
+        Spectrum image with decomposition results; neither it nor its
+        ``learning_results`` are modified.
+    components : int, list of int or None
+        An int ``N`` takes the first ``N`` components, a list takes those indices.
+        ``None`` takes all of them when there are at most 10.
+    mode : {"parallel", "independent"}
+        ``"parallel"``: one multi-output GP for all maps, with a shared spatial kernel
+        and an intrinsic-coregionalization task covariance ``B = W Wᵀ + diag(v)`` and
+        one noise level per map, so low-noise maps lend their spatial structure to
+        noisy ones.  ``"independent"``: one GP per map, each with its own length
+        scales, output scale and noise.
+    upsampling : int
+        Integer factor of the output grid density.  Original pixel ``i`` is output
+        pixel ``i·upsampling`` (same coordinate); the axis scale is divided by it.
+    lengthscale_bounds : (float or None, float or None), optional
+        Hard bounds on the length scales, in pixels of the original scan.  An upper
+        bound near the atomic spacing keeps atomic contrast that an unconstrained fit
+        may smooth away.  Default: length scale ≥ 0.5 px.
+    isotropic : bool
+        One length scale for both scan axes instead of one per axis.
+    kernel : {"separable", "matern"}
+        ``"separable"`` (default): product of 1-D Matérn-5/2 kernels, exact and fast
+        on any grid size (Kronecker structure).  ``"matern"``: the non-separable
+        anisotropic Matérn-5/2, exact through dense algebra, limited to 4096 pixels.
+    rank : int
+        Rank of ``W`` in the parallel model's task covariance.
+    max_iter, tol : int, float
+        Iteration cap and relative tolerance of the L-BFGS-B likelihood maximisation;
+        a ``ConvergenceWarning`` is issued when the cap is reached.
+    device : str
+        Torch device, ``"cpu"`` or ``"cuda"``.
+    dtype : {"float64", "float32"}
+        Precision of the GP computations.
+    lazy_output : bool or None
+        Return a lazy reconstructed spectrum image; ``None`` follows the input.
+    show_progressbar : bool or None
+        Show training progress; ``None`` follows HyperSpy's preference.
+
+    Returns
+    -------
+    GPReconstruction
+        ``.signal`` (reconstructed spectrum image), ``.loadings`` (GP maps with
+        variance), ``.hyperparameters`` and ``.history``.  Hyperparameters are
+        ``lengthscale_px`` and ``lengthscale_calibrated`` (per map × axis, numpy axis
+        order), ``task_covariance`` ``B`` and ``noise_variance`` (units of the maps),
+        ``log_likelihood``, ``iterations``, ``converged`` and ``gradient_norm``.
+
+    Raises
+    ------
+    ValueError
+        For a signal without decomposition, without navigation axes, with complex
+        data or non-uniform axes, non-finite or constant maps, or invalid parameters.
+
+    Examples
+    --------
+    >>> import hyperspy.api as hs
+    >>> from hyperspy_gp import gp_reconstruct
+    >>> from hyperspy_gp.synthetic import atomic_eels_spectrum_image
+    >>> s = atomic_eels_spectrum_image(shape=(16, 16), n_channels=64, seed=0)
+    >>> s.decomposition(output_dimension=3, print_info=False)
+    >>> rec = gp_reconstruct(s, components=3, upsampling=2)
+    >>> rec.signal.axes_manager.navigation_shape
+    (32, 32)
+    >>> rec.loadings.data.shape, rec.variance.data.shape
+    ((3, 32, 32), (3, 32, 32))
+    """
+    request = _validate(signal, components, mode, upsampling, lengthscale_bounds, kernel, rank, device, dtype)
+    decomposition = hsglue.read_decomposition(signal, request.components)
+    maps = _check_maps(decomposition.maps, request.components)
+    fit = _fit_and_predict(
+        maps,
+        request,
+        isotropic=isotropic,
+        max_iter=max_iter,
+        tol=tol,
+        show_progressbar=hsglue.resolve_show_progressbar(show_progressbar),
+    )
+    lazy = signal._lazy if lazy_output is None else bool(lazy_output)
+    return _build_outputs(signal, decomposition, fit, request, lazy, isotropic)
+
+
+@dataclass
+class _Request:
+    components: list[int]
+    mode: str
+    upsampling: int
+    lengthscale_bounds: tuple | None
+    kernel: str
+    rank: int
+    device: str
+    dtype: str
+
+
+def _validate(signal, components, mode, upsampling, bounds, kernel, rank, device, dtype) -> _Request:
+    from hyperspy.signal import BaseSignal
+
+    if not isinstance(signal, BaseSignal) or signal.axes_manager.signal_dimension != 1:
+        raise ValueError(
+            "gp_reconstruct expects a spectrum image (a Signal1D with navigation axes), "
+            f"got {type(signal).__name__}. Use s.as_signal1D(...) to make the energy axis the signal axis."
+        )
+    if np.issubdtype(signal.data.dtype, np.complexfloating):
+        raise ValueError("gp_reconstruct works on real data; this signal is complex. Use s.real or s.amplitude.")
+    n_nav = signal.axes_manager.navigation_dimension
+    if n_nav == 0:
+        raise ValueError(
+            "This signal is a single spectrum (no navigation axes): there is no scan grid "
+            "to reconstruct over. gp_reconstruct needs a line scan or a spectrum image."
+        )
+    if n_nav > 2:
+        raise ValueError(
+            f"gp_reconstruct supports 1 or 2 navigation dimensions, this signal has {n_nav}. "
+            "Slice it with s.inav[...] into 2-D spectrum images first."
+        )
+    for axis in signal.axes_manager.navigation_axes:
+        if not axis.is_uniform:
+            raise ValueError(
+                f"Navigation axis {axis.name!r} is not uniform; the GP needs a regular scan grid. "
+                "Convert it with axis.convert_to_uniform_axis()."
+            )
+    if not hsglue.has_decomposition(signal):
+        raise ValueError(
+            "This signal has no decomposition results. Call s.decomposition() first "
+            "(e.g. s.decomposition(algorithm='SVD') or algorithm='NMF', output_dimension=...)."
+        )
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}.")
+    from hyperspy_gp.gp.kernels import KERNELS
+
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}.")
+    if isinstance(upsampling, bool) or not isinstance(upsampling, (int, np.integer)) or upsampling < 1:
+        raise ValueError(f"upsampling must be an integer >= 1, not {upsampling!r}.")
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 0:
+        raise ValueError(f"rank must be an integer >= 0, not {rank!r}.")
+    if dtype not in ("float64", "float32"):
+        raise ValueError(f"dtype must be 'float64' or 'float32', not {dtype!r}.")
+    chosen = _parse_components(components, hsglue.n_decomposition_components(signal))
+    if kernel == "matern" and signal.axes_manager.navigation_size > MAX_DENSE_PIXELS:
+        raise ValueError(
+            f"kernel='matern' uses dense algebra, limited to {MAX_DENSE_PIXELS} pixels; this scan has "
+            f"{signal.axes_manager.navigation_size}. Use kernel='separable'."
+        )
+    _check_device(device)
+    return _Request(chosen, mode, int(upsampling), _parse_bounds(bounds), kernel, int(rank), device, dtype)
+
+
+def _parse_components(components, n_available: int) -> list[int]:
+    if components is None:
+        if n_available > MAX_DEFAULT_COMPONENTS:
+            raise ValueError(
+                f"The decomposition has {n_available} components; choose how many to reconstruct, "
+                "e.g. components=6 (see s.plot_explained_variance_ratio())."
+            )
+        return list(range(n_available))
+    if isinstance(components, (int, np.integer)) and not isinstance(components, bool):
+        if not 1 <= components <= n_available:
+            raise ValueError(f"components={components} is out of range: the decomposition has {n_available} components.")
+        return list(range(int(components)))
+    try:
+        chosen = [int(c) for c in components]
+    except (TypeError, ValueError):
+        raise ValueError(f"components must be an int or a list of ints, not {components!r}.") from None
+    if not chosen:
+        raise ValueError("components is empty: give at least one component index.")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"components has duplicated indices: {chosen}.")
+    bad = [c for c in chosen if not 0 <= c < n_available]
+    if bad:
+        raise ValueError(f"components {bad} are out of range: valid indices are 0..{n_available - 1}.")
+    return chosen
+
+
+def _parse_bounds(bounds):
+    if bounds is None:
+        return None
+    try:
+        lo, hi = bounds
+    except (TypeError, ValueError):
+        raise ValueError(f"lengthscale_bounds must be a pair (lo, hi) in pixels, not {bounds!r}.") from None
+    for name, value in (("lower", lo), ("upper", hi)):
+        if value is not None and not (np.isfinite(value) and value > 0):
+            raise ValueError(f"The {name} length-scale bound must be a positive number of pixels, not {value!r}.")
+    if lo is not None and hi is not None and not lo < hi:
+        raise ValueError(f"lengthscale_bounds=({lo}, {hi}): the lower bound must be smaller than the upper bound.")
+    return (None if lo is None else float(lo), None if hi is None else float(hi))
+
+
+def _check_device(device: str) -> None:
+    if str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' was requested but torch sees no GPU. Use device='cpu'.")
+    elif device != "cpu":
+        raise ValueError(f"device must be 'cpu' or 'cuda', not {device!r}.")
+
+
+def _check_maps(maps: np.ndarray, components: list[int]) -> np.ndarray:
+    maps = maps.astype(np.float64, copy=False)
+    finite = np.isfinite(maps)
+    if not finite.all():
+        bad = sorted({components[i] for i in np.nonzero(~finite.reshape(-1, maps.shape[-1]).all(0))[0]})
+        raise ValueError(
+            f"Loading maps of components {bad} contain NaN or inf (e.g. pixels excluded by a "
+            "navigation_mask). Missing pixels are not supported yet: decompose without a mask."
+        )
+    if math.prod(maps.shape[:-1]) < 2:
+        raise ValueError("The scan has a single pixel: there is no spatial structure to fit.")
+    flat = maps.reshape(-1, maps.shape[-1])
+    constant = [components[i] for i in np.nonzero(np.ptp(flat, axis=0) == 0)[0]]
+    if constant:
+        raise ValueError(f"Loading maps of components {constant} are constant; leave them out of components.")
+    return maps
+
+
+@dataclass
+class _FitOutput:
+    mean: np.ndarray  # (*upsampled_grid, T), map units
+    variance: np.ndarray
+    hyperparameters: dict
+    history: dict
+
+
+def _fit_and_predict(maps, request: _Request, isotropic, max_iter, tol, show_progressbar) -> _FitOutput:
+    import torch
+
+    from hyperspy_gp.gp.kernels import GridKernel
+    from hyperspy_gp.gp.model import GridICMModel
+    from hyperspy_gp.gp.prediction import GridPosterior
+    from hyperspy_gp.gp.training import fit_model
+
+    grid = maps.shape[:-1]
+    n_maps = maps.shape[-1]
+    flat = maps.reshape(-1, n_maps)
+    centre, scale = flat.mean(axis=0), flat.std(axis=0)
+    standardised = (maps - centre) / scale
+    torch_dtype = getattr(torch, request.dtype)
+    kernel = GridKernel(grid, request.kernel, dtype=torch_dtype, device=request.device)
+    if request.mode == "parallel":
+        targets = standardised[None]
+        model = GridICMModel(kernel, 1, n_maps, rank=request.rank, isotropic=isotropic,
+                             lengthscale_bounds=request.lengthscale_bounds)
+    else:
+        targets = np.moveaxis(standardised, -1, 0)[..., None]
+        model = GridICMModel(kernel, n_maps, 1, rank=0, isotropic=isotropic,
+                             lengthscale_bounds=request.lengthscale_bounds)
+    targets_t = torch.as_tensor(np.ascontiguousarray(targets), dtype=torch_dtype, device=request.device)
+    result = fit_model(model, targets_t, max_iter=max_iter, tol=tol, show_progressbar=show_progressbar)
+
+    posterior = GridPosterior(model, targets_t)
+    test_coords = [kernel.axis_coordinates(n, request.upsampling) for n in grid]
+    out_shape = tuple(len(c) for c in test_coords)
+    mean = np.empty(out_shape + (n_maps,))
+    variance = np.empty(out_shape + (n_maps,))
+    for rows, m, v in posterior.predict_in_chunks(test_coords):
+        mean[rows], variance[rows] = _per_map(m, request.mode), _per_map(v, request.mode)
+    mean = centre + scale * mean
+    variance = scale**2 * variance
+    hyper = _hyperparameters(model, result, request.mode, scale, math.prod(grid))
+    return _FitOutput(mean, variance, hyper, result.history)
+
+
+def _per_map(x, mode: str) -> np.ndarray:
+    """``(P, *grid, T)`` → ``(*grid, n_maps)``."""
+    x = x.detach().cpu().numpy()
+    return x[0] if mode == "parallel" else np.moveaxis(x[..., 0], 0, -1)
+
+
+def _hyperparameters(model, result, mode: str, scale: np.ndarray, n_pixels: int) -> dict:
+    state = {k: v.detach().cpu().numpy() for k, v in model.state().items()}
+    n_maps = scale.size
+    if mode == "parallel":
+        lengthscale = np.repeat(state["lengthscale"], n_maps, axis=0)
+        b = state["task_covariance"][0] * np.outer(scale, scale)
+        noise = state["noise"][0] * scale**2
+        loglik = result.log_likelihood - n_pixels * np.log(scale).sum()
+    else:
+        lengthscale = state["lengthscale"]
+        b = np.diag(state["task_covariance"][:, 0, 0] * scale**2)
+        noise = state["noise"][:, 0] * scale**2
+        loglik = result.log_likelihood - n_pixels * np.log(scale)
+    return {
+        "lengthscale_px": lengthscale,
+        "task_covariance": b,
+        "noise_variance": noise,
+        "log_likelihood": np.atleast_1d(loglik),
+        "iterations": int(result.n_iterations),
+        "converged": bool(result.converged),
+        "gradient_norm": float(result.gradient_norm),
+        "optimizer_message": result.message,
+    }
+
+
+def _build_outputs(signal, decomposition, fit: _FitOutput, request: _Request, lazy: bool, isotropic: bool):
+    nav_axes = hsglue.navigation_axes(signal)
+    scales = np.array([a.scale for a in nav_axes])
+    hyper = dict(fit.hyperparameters)
+    hyper["lengthscale_calibrated"] = hyper["lengthscale_px"] * scales
+    hyper["axes_names"] = [str(a.name) for a in nav_axes]
+    hyper["axes_units"] = [str(a.units) for a in nav_axes]
+    settings = {
+        "mode": request.mode,
+        "kernel": request.kernel,
+        "components": list(decomposition.components),
+        "upsampling": request.upsampling,
+        "lengthscale_bounds": "None" if request.lengthscale_bounds is None else
+        [np.nan if b is None else b for b in request.lengthscale_bounds],
+        "isotropic": bool(isotropic),
+        "rank": request.rank if request.mode == "parallel" else 0,
+    }
+    gp_metadata = {"settings": settings, "hyperparameters": hyper, "history": fit.history}
+    up_axes = hsglue.upsampled_axis_dicts(nav_axes, request.upsampling)
+    loadings = _loadings_signal(signal, fit, up_axes, gp_metadata)
+    reconstructed = _spectrum_image(signal, decomposition, fit, up_axes, gp_metadata, lazy)
+    return GPReconstruction(reconstructed, loadings, hyper, fit.history)
+
+
+def _component_axis(n: int) -> dict:
+    return {"name": "Decomposition component index", "units": "", "size": n, "navigate": True}
+
+
+def _loadings_signal(signal, fit: _FitOutput, up_axes, gp_metadata):
+    def stack(data, title):
+        axes = [_component_axis(data.shape[-1])] + [dict(a, navigate=False) for a in up_axes]
+        md = {"General": {"title": title}, "Signal": {"signal_type": ""}}
+        return hsglue.build_signal(np.ascontiguousarray(np.moveaxis(data, -1, 0)), axes, md)
+
+    title = signal.metadata.General.title or "signal"
+    maps = stack(fit.mean, f"GP loadings of {title}")
+    maps.metadata.set_item("Signal.Noise_properties.variance", stack(fit.variance, f"GP loadings variance of {title}"))
+    maps.metadata.set_item("GP_reconstruction", gp_metadata)
+    return maps
+
+
+def _spectrum_image(signal, decomposition, fit: _FitOutput, up_axes, gp_metadata, lazy: bool):
+    maps, factors, mean = fit.mean, decomposition.factors, decomposition.mean
+    if lazy:
+        import dask.array as da
+
+        nav_chunks = tuple(min(64, n) for n in maps.shape[:-1])
+        data = da.einsum("...c,sc->...s", da.from_array(maps, chunks=nav_chunks + (-1,)), da.from_array(factors))
+    else:
+        data = maps @ factors.T
+    if mean is not None:
+        data = data + mean
+    sig_axis = hsglue.axis_dict(signal.axes_manager.signal_axes[0], navigate=False)
+    md = hsglue.metadata_dict(signal)
+    md.setdefault("General", {})["title"] = f"{signal.metadata.General.title} (GP reconstruction)".strip()
+    md.pop("_HyperSpy", None)
+    out = hsglue.build_signal(data, up_axes + [sig_axis], md, hsglue.original_metadata_dict(signal), lazy=lazy)
+    hsglue.set_learning_results(out, maps.reshape(-1, maps.shape[-1]), factors, mean, decomposition.algorithm)
+    out.metadata.set_item("GP_reconstruction", gp_metadata)
+    out.metadata.set_item("GP_reconstruction.loadings_variance", np.moveaxis(fit.variance, -1, 0))
+    return out
