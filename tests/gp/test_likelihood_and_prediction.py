@@ -1,0 +1,163 @@
+"""The structured engine equals dense exact GP algebra (and GPyTorch) to 1e-6 relative."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hyperspy_gp.gp.kernels import GridKernel
+from hyperspy_gp.gp.likelihood import grid_icm_log_likelihood
+from hyperspy_gp.gp.model import GridICMModel
+from hyperspy_gp.gp.prediction import GridPosterior
+
+from .dense_reference import dense_icm, grid_points
+
+RTOL = 1e-6
+
+CASES = [
+    ("separable", (7, 9)),
+    ("separable", (16, 16)),
+    ("matern", (6, 8)),
+    ("matern", (12, 12)),
+    ("separable", (15,)),
+]
+
+
+def _random_model(kind, shape, n_tasks, rank, seed, equal_lengthscales=False):
+    gen = torch.Generator().manual_seed(seed)
+    model = GridICMModel(GridKernel(shape, kind), 1, n_tasks, rank=rank)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        if equal_lengthscales:
+            model.raw_lengthscale.fill_(model.raw_lengthscale[0, 0].item())
+    targets = torch.randn(1, *shape, n_tasks, generator=gen, dtype=torch.float64)
+    return model, targets
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("kind,shape", CASES)
+@pytest.mark.parametrize("n_tasks,rank", [(1, 0), (3, 1), (4, 2)])
+def test_mll_mean_variance_equal_dense_reference(kind, shape, n_tasks, rank):
+    model, targets = _random_model(kind, shape, n_tasks, rank, seed=len(shape) + n_tasks)
+    state = model.state()
+    ref_mll, ref_mean, ref_var = dense_icm(
+        targets[0], state["lengthscale"][0], state["task_covariance"][0], state["noise"][0], kind, upsampling=2
+    )
+    with torch.no_grad():
+        mll = model.log_likelihood(targets)[0]
+    coords = [model.kernel.axis_coordinates(n, 2) for n in shape]
+    mean, var = GridPosterior(model, targets).predict(coords)
+    assert _rel(mll, ref_mll) < RTOL
+    assert _rel(mean[0], ref_mean) < RTOL
+    assert _rel(var[0], ref_var) < RTOL
+
+
+@pytest.mark.parametrize("kind,shape", [("separable", (8, 8)), ("matern", (6, 6)), ("separable", (10,))])
+def test_gradient_equals_dense_autograd_even_with_repeated_eigenvalues(kind, shape):
+    # Square grid + equal length scales: every eigenvalue of K_y ⊗ K_x is repeated,
+    # where autograd through eigh gives NaN.  Identical maps and a rank-deficient B.
+    model, targets = _random_model(kind, shape, 3, 1, seed=3, equal_lengthscales=True)
+    targets = targets[..., :1].expand(*targets.shape[:-1], 3).contiguous()
+    with torch.no_grad():
+        model.raw_task_variance.fill_(-20.0)  # v at its floor: B ≈ W Wᵀ, rank 1
+    model.log_likelihood(targets).sum().backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = None
+
+    s = model.state()
+    ls = model.lengthscale[0]
+    b = model.task_covariance[0]
+    noise = model.noise[0]
+    ref, _, _ = dense_icm(targets[0], ls, b, noise, kind)
+    ref.backward()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(ours[name]).all(), name
+        assert _rel(ours[name], p.grad) < RTOL, name
+    assert torch.isfinite(torch.as_tensor(s["lengthscale"])).all()
+
+
+def test_equals_gpytorch_multitask_exact_gp():
+    """Our parallel model is GPyTorch's multitask ExactGP recipe, computed exactly."""
+    gpytorch = pytest.importorskip("gpytorch")
+    shape, n_tasks, rank = (8, 10), 3, 1
+    model, targets = _random_model("matern", shape, n_tasks, rank, seed=11)
+    x = grid_points(shape)
+    y = targets[0].reshape(-1, n_tasks)
+    s = model.state()
+
+    class MultitaskGP(gpytorch.models.ExactGP):
+        def __init__(self, likelihood):
+            super().__init__(x, y, likelihood)
+            self.mean_module = gpytorch.means.MultitaskMean(gpytorch.means.ZeroMean(), num_tasks=n_tasks)
+            self.covar_module = gpytorch.kernels.MultitaskKernel(
+                gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=2), num_tasks=n_tasks, rank=rank
+            )
+
+        def forward(self, inputs):
+            return gpytorch.distributions.MultitaskMultivariateNormal(
+                self.mean_module(inputs), self.covar_module(inputs)
+            )
+
+    likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(
+        num_tasks=n_tasks, rank=0, has_global_noise=False,
+        noise_constraint=gpytorch.constraints.GreaterThan(1e-8),
+    ).double()
+    gp = MultitaskGP(likelihood).double()
+    gp.covar_module.data_covar_module.lengthscale = s["lengthscale"][0]
+    gp.covar_module.task_covar_module.covar_factor.data = model.task_factor.detach()[0].clone()
+    gp.covar_module.task_covar_module.var = torch.diagonal(s["task_covariance"][0]) - (
+        model.task_factor.detach()[0] ** 2
+    ).sum(-1)
+    likelihood.task_noises = s["noise"][0]
+
+    with gpytorch.settings.fast_computations(False, False, False), gpytorch.settings.max_cholesky_size(10**6):
+        gp.train(), likelihood.train()
+        mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, gp)(gp(x), y) * y.numel()
+        gp.eval(), likelihood.eval()
+        xs = grid_points(shape, 2)
+        pred = gp(xs)
+        ref_mean, ref_var = pred.mean, pred.variance
+
+    with torch.no_grad():
+        ours = model.log_likelihood(targets)[0]
+    coords = [model.kernel.axis_coordinates(n, 2) for n in shape]
+    mean, var = GridPosterior(model, targets).predict(coords)
+    assert _rel(ours, mll.detach()) < RTOL
+    assert _rel(mean[0].reshape(-1, n_tasks), ref_mean.detach()) < RTOL
+    assert _rel(var[0].reshape(-1, n_tasks), ref_var.detach()) < RTOL
+
+
+def test_prediction_at_training_pixels_is_the_upsampled_grid_subsample():
+    model, targets = _random_model("separable", (9, 11), 2, 1, seed=5)
+    post = GridPosterior(model, targets)
+    m1, v1 = post.predict([model.kernel.axis_coordinates(n, 1) for n in (9, 11)])
+    m3, v3 = post.predict([model.kernel.axis_coordinates(n, 3) for n in (9, 11)])
+    torch.testing.assert_close(m3[:, ::3, ::3], m1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v3[:, ::3, ::3], v1, rtol=1e-12, atol=1e-12)
+
+
+def test_chunked_prediction_equals_one_shot():
+    model, targets = _random_model("separable", (10, 12), 3, 1, seed=8)
+    post = GridPosterior(model, targets)
+    coords = [model.kernel.axis_coordinates(n, 2) for n in (10, 12)]
+    mean, var = post.predict(coords)
+    for rows, m, v in post.predict_in_chunks(coords, chunk_rows=3):
+        torch.testing.assert_close(m, mean[:, rows])
+        torch.testing.assert_close(v, var[:, rows])
+
+
+def test_variances_are_positive_and_below_prior():
+    model, targets = _random_model("separable", (12, 12), 3, 1, seed=2)
+    post = GridPosterior(model, targets)
+    _, var = post.predict([model.kernel.axis_coordinates(12, 4)] * 2)
+    prior = torch.diagonal(model.task_covariance[0])
+    assert (var > 0).all()
+    assert (var <= prior + 1e-12).all()
+    assert math.isfinite(float(var.sum()))
+    assert np.isfinite(var.numpy()).all()
