@@ -35,9 +35,12 @@ def lengthscale_constraint(bounds: tuple[float | None, float | None] | None):
     """GPyTorch constraint for ``lengthscale_bounds=(lo, hi)`` in pixels (hard)."""
     lo, hi = (None, None) if bounds is None else bounds
     lo = MIN_LENGTHSCALE if lo is None else float(lo)
-    if hi is None:
-        return GreaterThan(lo)
-    return Interval(lo, float(hi))
+    constraint = GreaterThan(lo) if hi is None else Interval(lo, float(hi))
+    # GPyTorch rounds bounds to float32 (1.2 → 1.2000000477); keep them exact.
+    constraint.lower_bound = torch.tensor(lo, dtype=torch.float64)
+    if hi is not None:
+        constraint.upper_bound = torch.tensor(float(hi), dtype=torch.float64)
+    return constraint
 
 
 def initial_lengthscale(bounds: tuple[float | None, float | None] | None) -> float:
@@ -93,6 +96,7 @@ class GridICMModel(gpytorch.Module):
         self.register_constraint("raw_noise", GreaterThan(MIN_NOISE))
         if rank > 0:
             self.register_parameter("task_factor", torch.nn.Parameter(torch.zeros(n_models, n_tasks, rank, **opts)))
+        self.to(**opts)  # constraint bounds follow the model's dtype and device
         self.reset_parameters(initial_lengthscale(lengthscale_bounds))
 
     def reset_parameters(self, lengthscale: float) -> None:

@@ -1,0 +1,78 @@
+"""Maximum-likelihood training: bounds, convergence reporting, history."""
+
+import numpy as np
+import pytest
+import torch
+
+from hyperspy_gp.gp.kernels import GridKernel
+from hyperspy_gp.gp.model import GridICMModel
+from hyperspy_gp.gp.training import ConvergenceWarning, fit_model
+
+
+def _lattice_maps(shape=(20, 20), noise=(0.05, 0.6), seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    truth = np.sin(2 * np.pi * xx / 7) * np.sin(2 * np.pi * yy / 9)
+    maps = np.stack([truth + s * rng.standard_normal(shape) for s in noise], -1)
+    maps = (maps - maps.mean((0, 1))) / maps.std((0, 1))
+    return torch.tensor(maps[None])
+
+
+@pytest.mark.parametrize("bounds", [(1.0, 1.5), (4.0, 6.0), (None, 1.2), (3.5, None)])
+def test_lengthscale_bounds_are_hard(bounds):
+    model = GridICMModel(GridKernel((20, 20)), 1, 2, rank=1, lengthscale_bounds=bounds)
+    fit_model(model, _lattice_maps())
+    ls = model.lengthscale.detach().numpy()
+    lo, hi = bounds
+    if lo is not None:
+        assert (ls >= lo - 1e-9).all()
+    if hi is not None:
+        assert (ls <= hi + 1e-9).all()
+
+
+def test_fit_finds_the_lattice_lengthscale_and_orders_the_noise():
+    model = GridICMModel(GridKernel((20, 20)), 1, 2, rank=1)
+    result = fit_model(model, _lattice_maps())
+    assert result.converged
+    ls = model.lengthscale.detach().numpy()[0]
+    assert (ls > 1.0).all() and (ls < 6.0).all()
+    noise = model.noise.detach().numpy()[0]
+    assert noise[0] < noise[1]
+    assert result.log_likelihood.shape == (1,)
+
+
+def test_history_records_every_iteration_and_likelihood_increases_overall():
+    model = GridICMModel(GridKernel((16, 16)), 2, 1, rank=0)
+    targets = _lattice_maps((16, 16))[0].movedim(-1, 0)[..., None]
+    result = fit_model(model, targets)
+    h = result.history
+    n = result.n_iterations + 1
+    assert h["lengthscale"].shape == (n, 2, 2)
+    assert h["noise"].shape == (n, 2, 1)
+    assert h["task_covariance"].shape == (n, 2, 1, 1)
+    assert h["log_likelihood"].shape == (n, 2)
+    assert h["log_likelihood"][-1].sum() > h["log_likelihood"][0].sum()
+
+
+def test_iteration_cap_warns_with_gradient_norm():
+    model = GridICMModel(GridKernel((16, 16)), 1, 2, rank=1)
+    with pytest.warns(ConvergenceWarning, match="gradient norm"):
+        result = fit_model(model, _lattice_maps((16, 16)), max_iter=2)
+    assert not result.converged
+    assert result.n_iterations == 2
+
+
+def test_isotropic_ties_the_axes():
+    model = GridICMModel(GridKernel((16, 20)), 1, 2, rank=1, isotropic=True)
+    fit_model(model, _lattice_maps((16, 20)))
+    ls = model.lengthscale.detach().numpy()[0]
+    assert ls[0] == ls[1]
+
+
+def test_fit_is_deterministic():
+    out = []
+    for _ in range(2):
+        model = GridICMModel(GridKernel((16, 16)), 1, 2, rank=1)
+        fit_model(model, _lattice_maps((16, 16)))
+        out.append(model.lengthscale.detach().numpy().copy())
+    np.testing.assert_array_equal(out[0], out[1])
