@@ -1,0 +1,299 @@
+"""gp_reconstruct end to end: API, outputs, real files, the input left untouched."""
+
+import hyperspy.api as hs
+import numpy as np
+import pytest
+
+from hyperspy_gp import GPReconstruction, gp_reconstruct
+from hyperspy_gp.signals import EELSGPSpectrum, LazyEELSGPSpectrum
+from hyperspy_gp.synthetic import atomic_eels_spectrum_image, normalized_cross_correlation
+
+
+@pytest.fixture(scope="module")
+def decomposed():
+    """A small synthetic EELS spectrum image (EELS_GP) after SVD."""
+    s = atomic_eels_spectrum_image(shape=(20, 18), n_channels=80, seed=1, signal_type="EELS_GP")
+    s.decomposition(output_dimension=4, print_info=False)
+    return s
+
+
+@pytest.fixture(scope="module")
+def reconstruction(decomposed):
+    return gp_reconstruct(decomposed, components=3, upsampling=2)
+
+
+def _with_decomposition(maps, factors, **signal_kwargs):
+    """A Signal1D whose learning results are exactly ``maps`` (ny, nx, T) and ``factors``."""
+    data = np.einsum("yxt,et->yxe", maps, factors)
+    s = hs.signals.Signal1D(data, **signal_kwargs)
+    s.learning_results.loadings = maps.reshape(-1, maps.shape[-1]).copy()
+    s.learning_results.factors = factors.copy()
+    s.learning_results.decomposition_algorithm = "SVD"
+    return s
+
+
+# --------------------------------------------------------------------------- API
+
+
+def test_returns_signals_of_the_input_class_with_upsampled_axes(decomposed, reconstruction, unchanged):
+    rec = reconstruction
+    assert isinstance(rec, GPReconstruction)
+    assert isinstance(rec.signal, EELSGPSpectrum)
+    nav_in = decomposed.axes_manager.navigation_axes
+    nav_out = rec.signal.axes_manager.navigation_axes
+    for a_in, a_out in zip(nav_in, nav_out):
+        assert a_out.size == 2 * a_in.size
+        assert a_out.scale == pytest.approx(a_in.scale / 2)
+        assert a_out.offset == a_in.offset
+        assert (a_out.name, a_out.units) == (a_in.name, a_in.units)
+        # Original pixel centres keep their coordinates.
+        np.testing.assert_allclose(a_out.axis[::2], a_in.axis)
+    assert rec.signal.axes_manager.signal_axes[0].get_axis_dictionary() == (
+        decomposed.axes_manager.signal_axes[0].get_axis_dictionary()
+    )
+    assert rec.signal.metadata.Acquisition_instrument.TEM.beam_energy == (
+        decomposed.metadata.Acquisition_instrument.TEM.beam_energy
+    )
+    assert rec.loadings.data.shape == (3, 40, 36)
+    assert rec.variance.data.shape == (3, 40, 36)
+    assert (rec.variance.data > 0).all()
+
+
+def test_spectrum_image_is_maps_times_factors(decomposed, reconstruction):
+    rec = reconstruction
+    factors = decomposed.learning_results.factors[:, :3]
+    expected = np.einsum("tyx,et->yxe", rec.loadings.data, factors)
+    np.testing.assert_allclose(rec.signal.data, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_learning_results_of_the_output_are_the_gp_maps(decomposed, reconstruction):
+    out = reconstruction.signal
+    loadings = out.get_decomposition_loadings()
+    np.testing.assert_allclose(loadings.data, reconstruction.loadings.data)
+    factors = out.get_decomposition_factors()
+    np.testing.assert_array_equal(factors.data, decomposed.learning_results.factors[:, :3].T)
+
+
+def test_hyperparameters_are_reported_in_metadata(decomposed, reconstruction):
+    hp = reconstruction.hyperparameters
+    md = reconstruction.signal.metadata.GP_reconstruction
+    assert hp["lengthscale_px"].shape == (3, 2)
+    scales = np.array([a.scale for a in decomposed.axes_manager.navigation_axes[::-1]])
+    np.testing.assert_allclose(hp["lengthscale_calibrated"], hp["lengthscale_px"] * scales)
+    assert hp["task_covariance"].shape == (3, 3)
+    assert np.allclose(hp["task_covariance"], hp["task_covariance"].T)
+    assert (hp["noise_variance"] > 0).all()
+    assert hp["converged"] and hp["iterations"] > 0
+    np.testing.assert_array_equal(md.hyperparameters.lengthscale_px, hp["lengthscale_px"])
+    assert md.settings.mode == "parallel" and md.settings.upsampling == 2
+    assert md.history.log_likelihood.shape[0] == hp["iterations"] + 1
+
+
+@pytest.mark.parametrize("ext", ["hspy", "zspy"])
+def test_results_survive_save_and_load(reconstruction, tmp_path, ext):
+    path = tmp_path / f"rec.{ext}"
+    reconstruction.signal.save(path)
+    back = hs.load(path)
+    assert isinstance(back, EELSGPSpectrum)
+    np.testing.assert_allclose(back.data, reconstruction.signal.data)
+    md = back.metadata.GP_reconstruction
+    np.testing.assert_array_equal(md.hyperparameters.lengthscale_px, reconstruction.hyperparameters["lengthscale_px"])
+    np.testing.assert_array_equal(md.history.lengthscale, reconstruction.history["lengthscale"])
+    np.testing.assert_array_equal(md.loadings_variance, reconstruction.variance.data)
+    np.testing.assert_allclose(back.learning_results.loadings, reconstruction.signal.learning_results.loadings)
+
+    maps_path = tmp_path / f"maps.{ext}"
+    reconstruction.loadings.save(maps_path)
+    maps = hs.load(maps_path)
+    np.testing.assert_array_equal(maps.metadata.Signal.Noise_properties.variance.data, reconstruction.variance.data)
+
+
+def test_method_on_our_class_is_the_function(decomposed, reconstruction, unchanged):
+    with unchanged(decomposed):
+        rec = decomposed.gp_reconstruct(components=3, upsampling=2)
+    np.testing.assert_allclose(rec.loadings.data, reconstruction.loadings.data)
+
+
+def test_components_as_list_and_independent_mode(decomposed, unchanged):
+    with unchanged(decomposed):
+        rec = gp_reconstruct(decomposed, components=[0, 2], mode="independent")
+    assert rec.loadings.data.shape == (2, 20, 18)
+    assert rec.signal.metadata.GP_reconstruction.settings.components == [0, 2]
+    # Independent GPs: one length scale pair per map, diagonal B.
+    hp = rec.hyperparameters
+    assert not np.allclose(hp["lengthscale_px"][0], hp["lengthscale_px"][1])
+    assert np.count_nonzero(hp["task_covariance"] - np.diag(np.diag(hp["task_covariance"]))) == 0
+
+
+def test_lazy_output_equals_eager(decomposed, reconstruction):
+    lazy = gp_reconstruct(decomposed, components=3, upsampling=2, lazy_output=True)
+    assert isinstance(lazy.signal, LazyEELSGPSpectrum)
+    np.testing.assert_allclose(lazy.signal.data.compute(), reconstruction.signal.data)
+
+
+def test_lazy_input_with_dask_learning_results(unchanged):
+    s = atomic_eels_spectrum_image(shape=(16, 16), n_channels=64, seed=2, lazy=True)
+    s.decomposition(output_dimension=3, print_info=False)
+    with unchanged(s):
+        rec = gp_reconstruct(s, components=2)
+    assert rec.signal._lazy
+    assert rec.signal.data.shape == (16, 16, 64)
+
+
+def test_centred_decomposition_adds_the_mean_back():
+    s = atomic_eels_spectrum_image(shape=(14, 14), n_channels=50, seed=4)
+    s.decomposition(output_dimension=3, centre="navigation", print_info=False)
+    rec = gp_reconstruct(s, components=3)
+    mean = s.learning_results.mean.reshape(-1)
+    expected = np.einsum("tyx,et->yxe", rec.loadings.data, s.learning_results.factors[:, :3]) + mean
+    np.testing.assert_allclose(rec.signal.data, expected, rtol=1e-10)
+    # and the reconstruction is close to the data it denoises
+    assert normalized_cross_correlation(rec.signal.data, s.data) > 0.9
+
+
+def test_lengthscale_bounds_are_respected_in_both_modes(decomposed):
+    for mode in ("parallel", "independent"):
+        rec = gp_reconstruct(decomposed, components=2, mode=mode, lengthscale_bounds=(1.0, 1.8))
+        ls = rec.hyperparameters["lengthscale_px"]
+        assert (ls >= 1.0).all() and (ls <= 1.8).all(), mode
+
+
+def test_mean_at_original_pixels_equals_prediction_at_training_inputs(decomposed):
+    rec1 = gp_reconstruct(decomposed, components=2, upsampling=1)
+    rec3 = gp_reconstruct(decomposed, components=2, upsampling=3)
+    np.testing.assert_array_equal(rec1.hyperparameters["lengthscale_px"], rec3.hyperparameters["lengthscale_px"])
+    np.testing.assert_allclose(rec3.loadings.data[:, ::3, ::3], rec1.loadings.data, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(rec3.variance.data[:, ::3, ::3], rec1.variance.data, rtol=1e-9, atol=1e-15)
+
+
+def test_parallel_gp_reconstructs_a_noisy_map_better_than_independent():
+    """A clean map lends its spatial structure to a very noisy one with the same structure."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:24, :24]
+    truth = 0.5 + 0.5 * np.sin(2 * np.pi * xx / 6) * np.sin(2 * np.pi * yy / 6)
+    maps = np.stack([truth + 0.02 * rng.standard_normal(truth.shape),
+                     truth + 0.8 * rng.standard_normal(truth.shape)], -1)
+    factors = np.abs(rng.standard_normal((30, 2))) + 0.1
+    s = _with_decomposition(maps, factors)
+    scores = {}
+    for mode in ("parallel", "independent"):
+        rec = gp_reconstruct(s, components=2, mode=mode)
+        scores[mode] = normalized_cross_correlation(rec.loadings.data[1], truth)
+    noisy_score = normalized_cross_correlation(maps[..., 1], truth)
+    assert scores["parallel"] > scores["independent"] + 0.05
+    assert scores["parallel"] > noisy_score + 0.2
+
+
+# --------------------------------------------------------------- real files
+
+
+def test_eels_dm4_loads_into_our_class_and_reconstructs(data_file, unchanged):
+    s = hs.load(data_file("EELS_SI.dm4"), signal_type="EELS_GP")
+    assert isinstance(s, EELSGPSpectrum)
+    s.decomposition(output_dimension=2, print_info=False)
+    with unchanged(s):
+        rec = s.gp_reconstruct(components=2, upsampling=2)
+    assert isinstance(rec.signal, EELSGPSpectrum)
+    assert rec.signal.axes_manager.navigation_shape == (4, 4)
+    assert [a.units for a in rec.signal.axes_manager.navigation_axes] == ["µm", "µm"]
+    assert rec.signal.axes_manager.signal_axes[0].offset == s.axes_manager.signal_axes[0].offset
+    assert rec.signal.metadata.Acquisition_instrument.TEM.beam_energy == s.metadata.Acquisition_instrument.TEM.beam_energy
+    assert np.isfinite(rec.signal.data).all()
+
+
+def test_cl_spectrum_image_reconstructs(data_file, unchanged):
+    s = hs.load(data_file("test-MonarcCL_spectrum-SI.dm4"))
+    s.decomposition(output_dimension=2, print_info=False)
+    with unchanged(s):
+        rec = gp_reconstruct(s, components=2, upsampling=2)
+    assert type(rec.signal) is type(s)
+    assert rec.signal.metadata.Signal.signal_type == s.metadata.Signal.signal_type
+    assert rec.signal.axes_manager.navigation_shape == (6, 6)
+
+
+def test_line_scan_uses_a_1d_gp(data_file, unchanged):
+    s = hs.load(data_file("test-MonoCL_spectrum-SI.dm4"))
+    s.decomposition(output_dimension=3, print_info=False)
+    with unchanged(s):
+        rec = gp_reconstruct(s, components=3, upsampling=2)
+    assert rec.signal.axes_manager.navigation_shape == (134,)
+    assert rec.loadings.data.shape == (3, 134)
+    assert rec.hyperparameters["lengthscale_px"].shape == (3, 1)
+
+
+def test_single_spectrum_raises_a_clear_error(data_file):
+    s = hs.load(data_file("test-EELS_spectrum.dm3"))
+    with pytest.raises(ValueError, match="single spectrum"):
+        gp_reconstruct(s, components=1)
+
+
+def test_complex_data_raises_a_clear_error(data_file):
+    s = hs.load(data_file("complex_image_stack.dm3"))
+    with pytest.raises(ValueError, match="complex|Signal1D"):
+        gp_reconstruct(s, components=1)
+
+
+def test_integer_data_works_without_conversion(unchanged):
+    s = atomic_eels_spectrum_image(shape=(12, 12), n_channels=40, seed=3)
+    counts = s.deepcopy()
+    counts.change_dtype("int32")
+    # HyperSpy's decomposition refuses integers and says how to convert:
+    with pytest.raises(TypeError, match="change_dtype"):
+        counts.deepcopy().decomposition(print_info=False)
+    # gp_reconstruct on integer data with decomposition results needs no conversion.
+    s.decomposition(output_dimension=2, print_info=False)
+    counts.learning_results = s.learning_results
+    with unchanged(counts):
+        rec = gp_reconstruct(counts, components=2)
+    assert np.issubdtype(rec.signal.data.dtype, np.floating)
+    assert counts.data.dtype == np.int32
+
+
+# -------------------------------------------------------------- bad requests
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"components": 0}, "out of range"),
+        ({"components": 99}, "out of range"),
+        ({"components": [0, 0]}, "duplicated"),
+        ({"components": []}, "empty"),
+        ({"components": [0, 7]}, "out of range"),
+        ({"components": 2, "mode": "joint"}, "mode"),
+        ({"components": 2, "upsampling": 0}, "upsampling"),
+        ({"components": 2, "upsampling": 1.5}, "upsampling"),
+        ({"components": 2, "lengthscale_bounds": (3, 2)}, "lower bound must be smaller"),
+        ({"components": 2, "lengthscale_bounds": (-1, 2)}, "positive"),
+        ({"components": 2, "lengthscale_bounds": 5}, "pair"),
+        ({"components": 2, "kernel": "rbf"}, "kernel"),
+        ({"components": 2, "device": "tpu"}, "device"),
+    ],
+)
+def test_bad_requests_raise_before_fitting(decomposed, unchanged, kwargs, match):
+    with unchanged(decomposed), pytest.raises(ValueError, match=match):
+        gp_reconstruct(decomposed, **kwargs)
+
+
+def test_without_decomposition_says_to_decompose(unchanged):
+    s = atomic_eels_spectrum_image(shape=(8, 8), n_channels=30, seed=0)
+    with unchanged(s), pytest.raises(ValueError, match=r"s\.decomposition\(\)"):
+        gp_reconstruct(s, components=1)
+
+
+def test_cuda_without_gpu_is_a_clear_error(decomposed):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="no GPU"):
+        gp_reconstruct(decomposed, components=2, device="cuda")
+
+
+def test_navigation_mask_gives_a_clear_error(unchanged):
+    s = atomic_eels_spectrum_image(shape=(10, 10), n_channels=30, seed=0)
+    mask = np.zeros(s.axes_manager.navigation_shape, dtype=bool)
+    mask[3, 4] = True
+    s.decomposition(output_dimension=2, navigation_mask=mask, print_info=False)
+    with unchanged(s), pytest.raises(ValueError, match="NaN"):
+        gp_reconstruct(s, components=2)
