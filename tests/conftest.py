@@ -1,4 +1,4 @@
-"""Shared pytest configuration and fixtures for the hyperspy_gp test suite.
+"""Fixtures of the hyperspy_gp test suite (session settings are in ../conftest.py).
 
 Add new fixtures below, grouped by section.
 """
@@ -6,32 +6,10 @@ Add new fixtures below, grouped by section.
 import os
 from pathlib import Path
 
-import matplotlib
-
-# Non-interactive backend: tests must never open windows. Set at import so it
-# is in effect before any test module imports matplotlib.pyplot.
-matplotlib.use("Agg")
-
-import pytest  # noqa: E402
+import pytest
 
 #: Test data shared between checkouts: <repository>/../shared/data
 SHARED_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-# --------------------------------------------------------------------------
-# Session-wide settings
-# --------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _hyperspy_progressbar_off():
-    """Turn HyperSpy's progress bars off for the test session, then restore."""
-    import hyperspy.api as hs
-
-    old = hs.preferences.General.show_progressbar
-    hs.preferences.General.show_progressbar = False
-    yield
-    hs.preferences.General.show_progressbar = old
 
 
 # --------------------------------------------------------------------------

@@ -66,26 +66,6 @@ def _comparable_metadata(s):
     return md
 
 
-@pytest.fixture(scope="session")
-def zspy_unsupported(tmp_path_factory):
-    """None if .zspy files can be written here, else why not.
-
-    rosettasciio <= 0.15 writes .zspy only with zarr 2 (its ``zspy`` extra pins
-    ``zarr<3``); with zarr 3 it raises AttributeError (NestedDirectoryStore).
-    """
-    import rsciio
-    import zarr
-
-    try:
-        hs.signals.Signal1D(np.zeros((2, 3))).save(
-            tmp_path_factory.mktemp("zspy_probe") / "probe.zspy"
-        )
-    except Exception as e:  # environment problem, not ours
-        return (
-            f"cannot write .zspy with rosettasciio {rsciio.__version__} and "
-            f"zarr {zarr.__version__} ({type(e).__name__}: {e})"
-        )
-    return None
 
 
 # --------------------------------------------------------------------------
@@ -272,9 +252,7 @@ def test_as_lazy_and_compute(s_gp):
 
 @pytest.mark.parametrize("ext", ["hspy", "zspy"])
 @pytest.mark.parametrize("lazy", [False, True])
-def test_save_load_round_trip(s_gp, tmp_path, ext, lazy, zspy_unsupported):
-    if ext == "zspy" and zspy_unsupported:
-        pytest.skip(zspy_unsupported)
+def test_save_load_round_trip(s_gp, tmp_path, ext, lazy):
     s_gp.metadata.set_item("GP.test", np.arange(3))
     fname = tmp_path / f"eels_gp.{ext}"
     s_gp.save(fname)
