@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _readme_commands():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     section = text.split("## The two commands", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```bash\n(.+?)\n```", section)
+    return [c.strip() for c in re.findall(r"```bash\n(.+?)\n\s*```", section)]
 
 
 def test_readme_has_exactly_two_commands_demo_and_tests():
