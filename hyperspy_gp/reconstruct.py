@@ -74,6 +74,7 @@ def gp_reconstruct(
     device: str = "cpu",
     dtype: str = "float64",
     lazy_output: bool | None = None,
+    chunks: int | None = None,
     show_progressbar: bool | None = None,
 ) -> GPReconstruction:
     """Reconstruct decomposition loading maps with an exact Gaussian process.
@@ -123,6 +124,10 @@ def gp_reconstruct(
         Precision of the GP computations.
     lazy_output : bool or None
         Return a lazy reconstructed spectrum image; ``None`` follows the input.
+    chunks : int or None
+        Rows of the upsampled grid predicted per dask task; ``None`` chooses them to
+        keep each task's temporaries under 64 MB.  Prediction runs on the current dask
+        scheduler (a ``dask.distributed`` client, if one is active).
     show_progressbar : bool or None
         Show training progress; ``None`` follows HyperSpy's preference.
 
@@ -154,7 +159,7 @@ def gp_reconstruct(
     >>> rec.loadings.data.shape, rec.variance.data.shape
     ((3, 32, 32), (3, 32, 32))
     """
-    request = _validate(signal, components, mode, upsampling, lengthscale_bounds, kernel, rank, device, dtype)
+    request = _validate(signal, components, mode, upsampling, lengthscale_bounds, kernel, rank, device, dtype, chunks)
     decomposition = hsglue.read_decomposition(signal, request.components)
     maps = _check_maps(decomposition.maps, request.components)
     fit = _fit_and_predict(
@@ -179,9 +184,10 @@ class _Request:
     rank: int
     device: str
     dtype: str
+    chunks: int | None
 
 
-def _validate(signal, components, mode, upsampling, bounds, kernel, rank, device, dtype) -> _Request:
+def _validate(signal, components, mode, upsampling, bounds, kernel, rank, device, dtype, chunks) -> _Request:
     from hyperspy.signal import BaseSignal
 
     if not isinstance(signal, BaseSignal) or signal.axes_manager.signal_dimension != 1:
@@ -223,6 +229,8 @@ def _validate(signal, components, mode, upsampling, bounds, kernel, rank, device
         raise ValueError(f"upsampling must be an integer >= 1, not {upsampling!r}.")
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 0:
         raise ValueError(f"rank must be an integer >= 0, not {rank!r}.")
+    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1):
+        raise ValueError(f"chunks must be a positive number of rows of the upsampled grid, or None, not {chunks!r}.")
     if dtype not in ("float64", "float32"):
         raise ValueError(f"dtype must be 'float64' or 'float32', not {dtype!r}.")
     chosen = _parse_components(components, hsglue.n_decomposition_components(signal))
@@ -232,7 +240,10 @@ def _validate(signal, components, mode, upsampling, bounds, kernel, rank, device
             f"{signal.axes_manager.navigation_size}. Use kernel='separable'."
         )
     _check_device(device)
-    return _Request(chosen, mode, int(upsampling), _parse_bounds(bounds), kernel, int(rank), device, dtype)
+    return _Request(
+        chosen, mode, int(upsampling), _parse_bounds(bounds), kernel, int(rank), device, dtype,
+        None if chunks is None else int(chunks),
+    )
 
 
 def _parse_components(components, n_available: int) -> list[int]:
@@ -313,6 +324,7 @@ class _FitOutput:
 
 
 def _fit_and_predict(maps, request: _Request, isotropic, max_iter, tol, show_progressbar) -> _FitOutput:
+    import dask
     import torch
 
     from hyperspy_gp.gp.kernels import GridKernel
@@ -340,20 +352,16 @@ def _fit_and_predict(maps, request: _Request, isotropic, max_iter, tol, show_pro
 
     posterior = GridPosterior(model, targets_t)
     test_coords = [kernel.axis_coordinates(n, request.upsampling) for n in grid]
-    out_shape = tuple(len(c) for c in test_coords)
-    mean = np.empty(out_shape + (n_maps,))
-    variance = np.empty(out_shape + (n_maps,))
-    for rows, m, v in posterior.predict_in_chunks(test_coords):
-        mean[rows], variance[rows] = _per_map(m, request.mode), _per_map(v, request.mode)
+    mean, variance = dask.compute(*posterior.predict_dask(test_coords, chunk_rows=request.chunks))
+    mean, variance = _per_map(mean, request.mode), _per_map(variance, request.mode)
     mean = centre + scale * mean
     variance = scale**2 * variance
     hyper = _hyperparameters(model, result, request.mode, scale, math.prod(grid))
     return _FitOutput(mean, variance, hyper, result.history)
 
 
-def _per_map(x, mode: str) -> np.ndarray:
+def _per_map(x: np.ndarray, mode: str) -> np.ndarray:
     """``(P, *grid, T)`` → ``(*grid, n_maps)``."""
-    x = x.detach().cpu().numpy()
     return x[0] if mode == "parallel" else np.moveaxis(x[..., 0], 0, -1)
 
 

@@ -125,6 +125,12 @@ def test_components_as_list_and_independent_mode(decomposed, unchanged):
     assert np.count_nonzero(hp["task_covariance"] - np.diag(np.diag(hp["task_covariance"]))) == 0
 
 
+def test_chunked_prediction_equals_single_chunk(decomposed, reconstruction):
+    rec = gp_reconstruct(decomposed, components=3, upsampling=2, chunks=7)
+    np.testing.assert_allclose(rec.loadings.data, reconstruction.loadings.data, rtol=1e-12)
+    np.testing.assert_allclose(rec.variance.data, reconstruction.variance.data, rtol=1e-12)
+
+
 def test_lazy_output_equals_eager(decomposed, reconstruction):
     lazy = gp_reconstruct(decomposed, components=3, upsampling=2, lazy_output=True)
     assert isinstance(lazy.signal, LazyEELSGPSpectrum)
@@ -268,6 +274,7 @@ def test_integer_data_works_without_conversion(unchanged):
         ({"components": 2, "lengthscale_bounds": 5}, "pair"),
         ({"components": 2, "kernel": "rbf"}, "kernel"),
         ({"components": 2, "device": "tpu"}, "device"),
+        ({"components": 2, "chunks": 0}, "chunks"),
     ],
 )
 def test_bad_requests_raise_before_fitting(decomposed, unchanged, kwargs, match):

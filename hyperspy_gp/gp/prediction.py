@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from hyperspy_gp.gp.likelihood import solve_grid_icm
@@ -87,6 +88,36 @@ class GridPosterior:
             mean, variance = self.predict([test_coords[0][rows], *test_coords[1:]])
             yield rows, mean, variance
 
+    def predict_dask(self, test_coords: Sequence[torch.Tensor], chunk_rows: int | None = None):
+        """Mean and variance as dask arrays, one task per chunk of test rows.
+
+        Each task computes its rows from the (small) posterior state only, so the same
+        graph runs on the threaded scheduler or a ``dask.distributed`` cluster, and peak
+        memory is bounded by the chunk, not by the output grid.
+
+        Returns
+        -------
+        mean, variance : dask.array.Array
+            ``(P, m_1, ..., m_d, T)`` each, float64 numpy chunks, standardised units.
+        """
+        import dask
+        import dask.array as da
+
+        n_rows = len(test_coords[0])
+        if chunk_rows is None:
+            chunk_rows = self.default_chunk_rows(test_coords)
+        coords = [c.detach().cpu() for c in test_coords]
+        p, t = self.mean_weights.shape[0], self.mean_weights.shape[-1]
+        tail = tuple(len(c) for c in coords[1:])
+        means, variances = [], []
+        for start in range(0, n_rows, chunk_rows):
+            stop = min(start + chunk_rows, n_rows)
+            task = dask.delayed(_predict_rows, pure=True, nout=2)(self, coords, start, stop)
+            shape = (p, stop - start, *tail, t)
+            means.append(da.from_delayed(task[0], shape=shape, dtype=np.float64))
+            variances.append(da.from_delayed(task[1], shape=shape, dtype=np.float64))
+        return da.concatenate(means, axis=1), da.concatenate(variances, axis=1)
+
     def default_chunk_rows(self, test_coords: Sequence[torch.Tensor]) -> int:
         """Rows per chunk keeping the largest temporary under :data:`DEFAULT_CHUNK_BYTES`."""
         p, t = self.mean_weights.shape[0], self.mean_weights.shape[-1]
@@ -94,3 +125,11 @@ class GridPosterior:
         if self.model.kernel.kind != "separable":
             per_row *= max(1, math.prod(self.model.kernel.grid_shape) // max(t, 1))
         return max(1, DEFAULT_CHUNK_BYTES // max(per_row, 1))
+
+
+def _predict_rows(posterior: GridPosterior, test_coords, start: int, stop: int):
+    """One dask task: mean and variance (numpy) of test rows ``start:stop``."""
+    device = posterior.mean_weights.device
+    rows = [test_coords[0][start:stop].to(device), *(c.to(device) for c in test_coords[1:])]
+    mean, variance = posterior.predict(rows)
+    return mean.detach().cpu().numpy().astype(np.float64), variance.detach().cpu().numpy().astype(np.float64)

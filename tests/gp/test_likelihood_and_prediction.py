@@ -161,3 +161,14 @@ def test_variances_are_positive_and_below_prior():
     assert (var <= prior + 1e-12).all()
     assert math.isfinite(float(var.sum()))
     assert np.isfinite(var.numpy()).all()
+
+
+def test_dask_prediction_equals_one_shot_and_is_chunked():
+    model, targets = _random_model("separable", (10, 12), 3, 1, seed=9)
+    post = GridPosterior(model, targets)
+    coords = [model.kernel.axis_coordinates(n, 2) for n in (10, 12)]
+    mean, var = post.predict(coords)
+    dmean, dvar = post.predict_dask(coords, chunk_rows=6)
+    assert dmean.chunks[1] == (6, 6, 6, 2)
+    np.testing.assert_allclose(dmean.compute(), mean.numpy(), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(dvar.compute(), var.numpy(), rtol=1e-10, atol=1e-14)
