@@ -42,10 +42,15 @@ def has_decomposition(signal) -> bool:
     return lr is not None and lr.loadings is not None and lr.factors is not None
 
 
+def navigation_shape(signal) -> tuple[int, ...]:
+    """Navigation shape in numpy (array) order, e.g. ``(ny, nx)``."""
+    return tuple(signal.axes_manager._navigation_shape_in_array)
+
+
 def read_decomposition(signal, components: list[int]) -> Decomposition:
     """Copy the chosen components out of ``signal.learning_results`` (never modified)."""
     lr = signal.learning_results
-    nav_shape = tuple(signal.axes_manager._navigation_shape_in_array)
+    nav_shape = navigation_shape(signal)
     loadings = _to_numpy(lr.loadings[:, components])
     factors = _to_numpy(lr.factors[:, components])
     mean = None
