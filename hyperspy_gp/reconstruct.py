@@ -20,6 +20,7 @@ from hyperspy_gp import _hyperspy as hsglue
 _logger = logging.getLogger(__name__)
 
 MODES = ("parallel", "independent")
+SOLVERS = ("auto", "kronecker", "dense")
 #: ``components=None`` takes every component only up to this many.
 MAX_DEFAULT_COMPONENTS = 10
 #: Largest grid (pixels) for the dense non-separable kernel.
@@ -69,6 +70,7 @@ def gp_reconstruct(
     isotropic: bool = False,
     kernel: str = "separable",
     rank: int = 1,
+    solver: str = "auto",
     max_iter: int = 1000,
     tol: float = 1e-9,
     device: str = "cpu",
@@ -115,6 +117,13 @@ def gp_reconstruct(
         anisotropic Matérn-5/2, exact through dense algebra, limited to 4096 pixels.
     rank : int
         Rank of ``W`` in the parallel model's task covariance.
+    solver : {"auto", "kronecker", "dense"}
+        Exact inference path.  ``"kronecker"``: the spatial eigenbasis of the full grid,
+        fast at any size.  ``"dense"``: Cholesky on the observed pixels, needed when
+        pixels are missing (NaN loadings, e.g. from a decomposition's
+        ``navigation_mask``) and limited to 6000 observed values (pixels × maps in a
+        parallel GP).  ``"auto"`` takes ``"kronecker"`` for complete grids and
+        ``"dense"`` otherwise.  Missing pixels are predicted like any other.
     max_iter, tol : int, float
         Iteration cap and relative tolerance of the L-BFGS-B likelihood maximisation;
         a ``ConvergenceWarning`` is issued when the cap is reached.
@@ -159,9 +168,12 @@ def gp_reconstruct(
     >>> rec.loadings.data.shape, rec.variance.data.shape
     ((3, 32, 32), (3, 32, 32))
     """
-    request = _validate(signal, components, mode, upsampling, lengthscale_bounds, kernel, rank, device, dtype, chunks)
+    request = _validate(
+        signal, components, mode, upsampling, lengthscale_bounds, kernel, rank, solver, device, dtype, chunks
+    )
     decomposition = hsglue.read_decomposition(signal, request.components)
     maps = _check_maps(decomposition.maps, request.components)
+    request.observed = _choose_solver(maps, request)
     fit = _fit_and_predict(
         maps,
         request,
@@ -182,12 +194,14 @@ class _Request:
     lengthscale_bounds: tuple | None
     kernel: str
     rank: int
+    solver: str
     device: str
     dtype: str
     chunks: int | None
+    observed: np.ndarray | None = None  # measured pixels, None for the Kronecker path
 
 
-def _validate(signal, components, mode, upsampling, bounds, kernel, rank, device, dtype, chunks) -> _Request:
+def _validate(signal, components, mode, upsampling, bounds, kernel, rank, solver, device, dtype, chunks) -> _Request:
     from hyperspy.signal import BaseSignal
 
     if not isinstance(signal, BaseSignal) or signal.axes_manager.signal_dimension != 1:
@@ -225,6 +239,8 @@ def _validate(signal, components, mode, upsampling, bounds, kernel, rank, device
 
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}.")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, not {solver!r}.")
     if isinstance(upsampling, bool) or not isinstance(upsampling, (int, np.integer)) or upsampling < 1:
         raise ValueError(f"upsampling must be an integer >= 1, not {upsampling!r}.")
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 0:
@@ -241,7 +257,7 @@ def _validate(signal, components, mode, upsampling, bounds, kernel, rank, device
         )
     _check_device(device)
     return _Request(
-        chosen, mode, int(upsampling), _parse_bounds(bounds), kernel, int(rank), device, dtype,
+        chosen, mode, int(upsampling), _parse_bounds(bounds), kernel, int(rank), solver, device, dtype,
         None if chunks is None else int(chunks),
     )
 
@@ -298,21 +314,45 @@ def _check_device(device: str) -> None:
 
 
 def _check_maps(maps: np.ndarray, components: list[int]) -> np.ndarray:
+    """Float64 maps; NaN marks a missing pixel, inf is refused."""
     maps = maps.astype(np.float64, copy=False)
-    finite = np.isfinite(maps)
-    if not finite.all():
-        bad = sorted({components[i] for i in np.nonzero(~finite.reshape(-1, maps.shape[-1]).all(0))[0]})
+    if np.isinf(maps).any():
+        bad = sorted({components[i] for i in np.nonzero(np.isinf(maps.reshape(-1, maps.shape[-1])).any(0))[0]})
         raise ValueError(
-            f"Loading maps of components {bad} contain NaN or inf (e.g. pixels excluded by a "
-            "navigation_mask). Missing pixels are not supported yet: decompose without a mask."
+            f"Loading maps of components {bad} contain inf: the decomposition failed on this data. "
+            "Check the data for inf values and decompose again."
         )
-    if math.prod(maps.shape[:-1]) < 2:
-        raise ValueError("The scan has a single pixel: there is no spatial structure to fit.")
-    flat = maps.reshape(-1, maps.shape[-1])
+    observed = np.isfinite(maps).all(axis=-1)
+    if observed.sum() < 2:
+        raise ValueError("Fewer than two scan pixels have finite loadings: there is no spatial structure to fit.")
+    flat = maps[observed]
     constant = [components[i] for i in np.nonzero(np.ptp(flat, axis=0) == 0)[0]]
     if constant:
         raise ValueError(f"Loading maps of components {constant} are constant; leave them out of components.")
     return maps
+
+
+def _choose_solver(maps: np.ndarray, request: _Request) -> np.ndarray | None:
+    """The observed-pixel mask for the dense path, or ``None`` for the Kronecker path."""
+    from hyperspy_gp.gp.dense import MAX_DENSE_VALUES
+
+    observed = np.isfinite(maps).all(axis=-1)
+    complete = bool(observed.all())
+    if request.solver == "kronecker" and not complete:
+        raise ValueError(
+            f"{int((~observed).sum())} scan pixels have no finite loadings (e.g. a navigation_mask); "
+            "solver='kronecker' needs a complete grid. Use solver='auto' or 'dense'."
+        )
+    if request.solver == "kronecker" or (request.solver == "auto" and complete):
+        return None
+    values = int(observed.sum()) * (maps.shape[-1] if request.mode == "parallel" else 1)
+    if values > MAX_DENSE_VALUES:
+        raise ValueError(
+            f"The dense solver (used when pixels are missing) would factorise {values} observed values "
+            f"(limit {MAX_DENSE_VALUES}). Crop the scan with s.inav[...], choose fewer components or "
+            "mode='independent', or decompose without a navigation_mask."
+        )
+    return observed
 
 
 @dataclass
@@ -329,34 +369,34 @@ def _fit_and_predict(maps, request: _Request, isotropic, max_iter, tol, show_pro
 
     from hyperspy_gp.gp.kernels import GridKernel
     from hyperspy_gp.gp.model import GridICMModel
-    from hyperspy_gp.gp.prediction import GridPosterior
+    from hyperspy_gp.gp.prediction import make_posterior
     from hyperspy_gp.gp.training import fit_model
 
     grid = maps.shape[:-1]
     n_maps = maps.shape[-1]
-    flat = maps.reshape(-1, n_maps)
-    centre, scale = flat.mean(axis=0), flat.std(axis=0)
-    standardised = (maps - centre) / scale
+    measured = np.isfinite(maps).all(axis=-1)
+    centre, scale = maps[measured].mean(axis=0), maps[measured].std(axis=0)
+    standardised = np.where(measured[..., None], (maps - centre) / scale, 0.0)
     torch_dtype = getattr(torch, request.dtype)
     kernel = GridKernel(grid, request.kernel, dtype=torch_dtype, device=request.device)
     if request.mode == "parallel":
         targets = standardised[None]
         model = GridICMModel(kernel, 1, n_maps, rank=request.rank, isotropic=isotropic,
-                             lengthscale_bounds=request.lengthscale_bounds)
+                             lengthscale_bounds=request.lengthscale_bounds, observed=request.observed)
     else:
         targets = np.moveaxis(standardised, -1, 0)[..., None]
         model = GridICMModel(kernel, n_maps, 1, rank=0, isotropic=isotropic,
-                             lengthscale_bounds=request.lengthscale_bounds)
+                             lengthscale_bounds=request.lengthscale_bounds, observed=request.observed)
     targets_t = torch.as_tensor(np.ascontiguousarray(targets), dtype=torch_dtype, device=request.device)
     result = fit_model(model, targets_t, max_iter=max_iter, tol=tol, show_progressbar=show_progressbar)
 
-    posterior = GridPosterior(model, targets_t)
+    posterior = make_posterior(model, targets_t)
     test_coords = [kernel.axis_coordinates(n, request.upsampling) for n in grid]
     mean, variance = dask.compute(*posterior.predict_dask(test_coords, chunk_rows=request.chunks))
     mean, variance = _per_map(mean, request.mode), _per_map(variance, request.mode)
     mean = centre + scale * mean
     variance = scale**2 * variance
-    hyper = _hyperparameters(model, result, request.mode, scale, math.prod(grid))
+    hyper = _hyperparameters(model, result, request.mode, scale, int(measured.sum()))
     return _FitOutput(mean, variance, hyper, result.history)
 
 
@@ -406,6 +446,8 @@ def _build_outputs(signal, decomposition, fit: _FitOutput, request: _Request, la
         [np.nan if b is None else b for b in request.lengthscale_bounds],
         "isotropic": bool(isotropic),
         "rank": request.rank if request.mode == "parallel" else 0,
+        "solver": "kronecker" if request.observed is None else "dense",
+        "missing_pixels": 0 if request.observed is None else int((~request.observed).sum()),
     }
     gp_metadata = {"settings": settings, "hyperparameters": hyper, "history": fit.history}
     up_axes = hsglue.upsampled_axis_dicts(nav_axes, request.upsampling)

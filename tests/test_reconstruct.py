@@ -275,6 +275,7 @@ def test_integer_data_works_without_conversion(unchanged):
         ({"components": 2, "kernel": "rbf"}, "kernel"),
         ({"components": 2, "device": "tpu"}, "device"),
         ({"components": 2, "chunks": 0}, "chunks"),
+        ({"components": 2, "solver": "cg"}, "solver"),
     ],
 )
 def test_bad_requests_raise_before_fitting(decomposed, unchanged, kwargs, match):
@@ -297,10 +298,45 @@ def test_cuda_without_gpu_is_a_clear_error(decomposed):
         gp_reconstruct(decomposed, components=2, device="cuda")
 
 
-def test_navigation_mask_gives_a_clear_error(unchanged):
+def test_navigation_mask_pixels_are_predicted(unchanged):
+    s = atomic_eels_spectrum_image(shape=(12, 12), n_channels=40, seed=0)
+    mask = np.zeros(s.axes_manager.navigation_shape, dtype=bool)  # (x, y) order
+    mask[4, 3] = True
+    s.decomposition(output_dimension=2, navigation_mask=mask, print_info=False)
+    with unchanged(s):
+        rec = gp_reconstruct(s, components=2, upsampling=2)
+    assert rec.signal.metadata.GP_reconstruction.settings.solver == "dense"
+    assert rec.signal.metadata.GP_reconstruction.settings.missing_pixels == 1
+    assert np.isfinite(rec.signal.data).all()
+    assert np.isfinite(rec.loadings.data[:, 6, 8]).all()  # the masked pixel (y=3, x=4)
+
+
+def test_missing_pixel_is_filled_from_its_neighbours_with_more_uncertainty():
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:16, :16]
+    truth = 0.5 + 0.5 * np.sin(2 * np.pi * xx / 8) * np.sin(2 * np.pi * yy / 8)
+    maps = np.stack([truth, truth[::-1]], -1) + 0.02 * rng.standard_normal((16, 16, 2))
+    maps[5, 9] = np.nan
+    s = _with_decomposition(np.nan_to_num(maps), np.abs(rng.standard_normal((20, 2))) + 0.1)
+    s.learning_results.loadings = maps.reshape(-1, 2)
+    rec = gp_reconstruct(s, components=2)
+    filled = rec.loadings.data[:, 5, 9]
+    np.testing.assert_allclose(filled, [truth[5, 9], truth[::-1][5, 9]], atol=0.05)
+    var = rec.variance.data
+    neighbours = np.stack([var[:, 4, 9], var[:, 6, 9], var[:, 5, 8], var[:, 5, 10]], axis=-1)
+    assert (var[:, 5, 9] > 2 * neighbours.max(axis=-1)).all()
+
+
+def test_kronecker_solver_refuses_missing_pixels():
     s = atomic_eels_spectrum_image(shape=(10, 10), n_channels=30, seed=0)
     mask = np.zeros(s.axes_manager.navigation_shape, dtype=bool)
-    mask[3, 4] = True
+    mask[1, 2] = True
     s.decomposition(output_dimension=2, navigation_mask=mask, print_info=False)
-    with unchanged(s), pytest.raises(ValueError, match="NaN"):
-        gp_reconstruct(s, components=2)
+    with pytest.raises(ValueError, match="solver='kronecker' needs a complete grid"):
+        gp_reconstruct(s, components=2, solver="kronecker")
+
+
+def test_forcing_the_dense_solver_gives_the_kronecker_result(decomposed, reconstruction):
+    dense = gp_reconstruct(decomposed, components=3, upsampling=2, solver="dense")
+    np.testing.assert_allclose(dense.hyperparameters["lengthscale_px"], reconstruction.hyperparameters["lengthscale_px"], rtol=1e-4)
+    np.testing.assert_allclose(dense.loadings.data, reconstruction.loadings.data, rtol=1e-4, atol=1e-8)

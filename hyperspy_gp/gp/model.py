@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import gpytorch
+import numpy as np
 import torch
 from gpytorch.constraints import GreaterThan, Interval
 
@@ -70,6 +71,11 @@ class GridICMModel(gpytorch.Module):
         Tie the length scales of all scan axes.
     lengthscale_bounds
         ``(lo, hi)`` in pixels of the training grid; either may be ``None``.
+    observed
+        Boolean grid (numpy order) of the pixels that were measured, or ``None`` for a
+        complete grid.  With it, the exact likelihood is computed by dense algebra on
+        the observed pixels (:mod:`~hyperspy_gp.gp.dense`); without, by the Kronecker
+        eigenbasis (:mod:`~hyperspy_gp.gp.likelihood`).
     """
 
     def __init__(
@@ -80,6 +86,7 @@ class GridICMModel(gpytorch.Module):
         rank: int = 1,
         isotropic: bool = False,
         lengthscale_bounds=None,
+        observed=None,
     ) -> None:
         super().__init__()
         self.kernel = kernel
@@ -97,6 +104,13 @@ class GridICMModel(gpytorch.Module):
         if rank > 0:
             self.register_parameter("task_factor", torch.nn.Parameter(torch.zeros(n_models, n_tasks, rank, **opts)))
         self.to(**opts)  # constraint bounds follow the model's dtype and device
+        self.observed = None if observed is None else np.asarray(observed, dtype=bool)
+        if self.observed is not None:
+            from hyperspy_gp.gp.dense import observed_index_from_mask
+
+            if self.observed.shape != kernel.grid_shape:
+                raise ValueError(f"observed mask shape {self.observed.shape} != grid {kernel.grid_shape}")
+            self.observed_index = observed_index_from_mask(self.observed, kernel.factor_shape).to(kernel.device)
         self.reset_parameters(initial_lengthscale(lengthscale_bounds))
 
     def reset_parameters(self, lengthscale: float) -> None:
@@ -143,8 +157,24 @@ class GridICMModel(gpytorch.Module):
         """Reshape ``(P, *grid, T)`` targets to the kernel's factor layout."""
         return targets.reshape(targets.shape[0], *self.kernel.factor_shape, targets.shape[-1])
 
+    def observed_values(self, targets: torch.Tensor) -> torch.Tensor:
+        """``(P, |O|, T)`` values of ``(P, *grid, T)`` targets at the observed pixels."""
+        flat = targets.reshape(targets.shape[0], -1, targets.shape[-1])
+        mask = torch.as_tensor(self.observed.reshape(-1), device=targets.device)
+        return flat[:, mask]
+
     def log_likelihood(self, targets: torch.Tensor) -> torch.Tensor:
         """Exact log marginal likelihood of each model, ``(P,)``."""
+        if self.observed is not None:
+            from hyperspy_gp.gp.dense import masked_log_likelihood
+
+            return masked_log_likelihood(
+                self.observed_values(targets),
+                self.task_covariance,
+                self.noise,
+                self.kernel.factors(self.lengthscale),
+                self.observed_index,
+            )
         return grid_icm_log_likelihood(
             self.as_factor_layout(targets),
             self.task_covariance,

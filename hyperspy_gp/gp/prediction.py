@@ -32,8 +32,59 @@ from hyperspy_gp.gp.tensor import kron_dot
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 
 
-class GridPosterior:
-    """The fitted model conditioned on its training maps, ready to predict.
+class Posterior:
+    """Chunked and dask prediction shared by the structured and the dense posteriors.
+
+    Subclasses define ``predict(test_coords)``, ``default_chunk_rows(test_coords)`` and
+    ``mean_weights`` (whose first dimension is the batch ``P``, last the maps ``T``).
+    """
+
+    def predict_in_chunks(
+        self, test_coords: Sequence[torch.Tensor], chunk_rows: int | None = None
+    ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+        """Yield ``(rows, mean, variance)`` for consecutive rows of the first test axis."""
+        n_rows = len(test_coords[0])
+        if chunk_rows is None:
+            chunk_rows = self.default_chunk_rows(test_coords)
+        for start in range(0, n_rows, chunk_rows):
+            rows = slice(start, min(start + chunk_rows, n_rows))
+            mean, variance = self.predict([test_coords[0][rows], *test_coords[1:]])
+            yield rows, mean, variance
+
+    def predict_dask(self, test_coords: Sequence[torch.Tensor], chunk_rows: int | None = None):
+        """Mean and variance as dask arrays, one task per chunk of test rows.
+
+        Each task computes its rows from the (small) posterior state only, so the same
+        graph runs on the threaded scheduler or a ``dask.distributed`` cluster, and peak
+        memory is bounded by the chunk, not by the output grid.
+
+        Returns
+        -------
+        mean, variance : dask.array.Array
+            ``(P, m_1, ..., m_d, T)`` each, float64 numpy chunks, standardised units.
+        """
+        import dask
+        import dask.array as da
+
+        n_rows = len(test_coords[0])
+        if chunk_rows is None:
+            chunk_rows = self.default_chunk_rows(test_coords)
+        coords = [c.detach().cpu() for c in test_coords]
+        p, t = self.mean_weights.shape[0], self.model.n_tasks
+        tail = tuple(len(c) for c in coords[1:])
+        means, variances = [], []
+        for start in range(0, n_rows, chunk_rows):
+            stop = min(start + chunk_rows, n_rows)
+            task = dask.delayed(_predict_rows, pure=True, nout=2)(self, coords, start, stop)
+            shape = (p, stop - start, *tail, t)
+            means.append(da.from_delayed(task[0], shape=shape, dtype=np.float64))
+            variances.append(da.from_delayed(task[1], shape=shape, dtype=np.float64))
+        return da.concatenate(means, axis=1), da.concatenate(variances, axis=1)
+
+
+
+class GridPosterior(Posterior):
+    """The fitted model on a full grid, conditioned on its training maps.
 
     Parameters
     ----------
@@ -76,48 +127,6 @@ class GridPosterior:
         shape = (mean.shape[0], *(len(t) for t in test_coords), mean.shape[-1])
         return mean.reshape(shape), variance.clamp_min(0.0).reshape(shape)
 
-    def predict_in_chunks(
-        self, test_coords: Sequence[torch.Tensor], chunk_rows: int | None = None
-    ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-        """Yield ``(rows, mean, variance)`` for consecutive rows of the first test axis."""
-        n_rows = len(test_coords[0])
-        if chunk_rows is None:
-            chunk_rows = self.default_chunk_rows(test_coords)
-        for start in range(0, n_rows, chunk_rows):
-            rows = slice(start, min(start + chunk_rows, n_rows))
-            mean, variance = self.predict([test_coords[0][rows], *test_coords[1:]])
-            yield rows, mean, variance
-
-    def predict_dask(self, test_coords: Sequence[torch.Tensor], chunk_rows: int | None = None):
-        """Mean and variance as dask arrays, one task per chunk of test rows.
-
-        Each task computes its rows from the (small) posterior state only, so the same
-        graph runs on the threaded scheduler or a ``dask.distributed`` cluster, and peak
-        memory is bounded by the chunk, not by the output grid.
-
-        Returns
-        -------
-        mean, variance : dask.array.Array
-            ``(P, m_1, ..., m_d, T)`` each, float64 numpy chunks, standardised units.
-        """
-        import dask
-        import dask.array as da
-
-        n_rows = len(test_coords[0])
-        if chunk_rows is None:
-            chunk_rows = self.default_chunk_rows(test_coords)
-        coords = [c.detach().cpu() for c in test_coords]
-        p, t = self.mean_weights.shape[0], self.mean_weights.shape[-1]
-        tail = tuple(len(c) for c in coords[1:])
-        means, variances = [], []
-        for start in range(0, n_rows, chunk_rows):
-            stop = min(start + chunk_rows, n_rows)
-            task = dask.delayed(_predict_rows, pure=True, nout=2)(self, coords, start, stop)
-            shape = (p, stop - start, *tail, t)
-            means.append(da.from_delayed(task[0], shape=shape, dtype=np.float64))
-            variances.append(da.from_delayed(task[1], shape=shape, dtype=np.float64))
-        return da.concatenate(means, axis=1), da.concatenate(variances, axis=1)
-
     def default_chunk_rows(self, test_coords: Sequence[torch.Tensor]) -> int:
         """Rows per chunk keeping the largest temporary under :data:`DEFAULT_CHUNK_BYTES`."""
         p, t = self.mean_weights.shape[0], self.mean_weights.shape[-1]
@@ -133,3 +142,12 @@ def _predict_rows(posterior: GridPosterior, test_coords, start: int, stop: int):
     rows = [test_coords[0][start:stop].to(device), *(c.to(device) for c in test_coords[1:])]
     mean, variance = posterior.predict(rows)
     return mean.detach().cpu().numpy().astype(np.float64), variance.detach().cpu().numpy().astype(np.float64)
+
+
+def make_posterior(model: GridICMModel, targets: torch.Tensor) -> Posterior:
+    """The structured posterior on a full grid, the dense one when pixels are missing."""
+    if model.observed is None:
+        return GridPosterior(model, targets)
+    from hyperspy_gp.gp.dense import MaskedPosterior
+
+    return MaskedPosterior(model, targets)

@@ -25,18 +25,20 @@ def kernel_matrix(x1, x2, lengthscale, kind):
     return matern52(torch.sqrt(diff.pow(2).sum(-1).clamp_min(1e-300)))
 
 
-def dense_icm(targets, lengthscale, task_covariance, noise, kind, upsampling=1):
+def dense_icm(targets, lengthscale, task_covariance, noise, kind, upsampling=1, observed=None):
     """Exact log likelihood, latent predictive mean and variance by dense algebra.
 
-    ``targets`` is ``(*grid, T)`` for one model; returns ``(mll, mean, variance)`` with
+    ``targets`` is ``(*grid, T)`` for one model; ``observed`` an optional boolean grid
+    of the pixels used for training.  Returns ``(mll, mean, variance)`` with
     mean/variance shaped ``(*upsampled_grid, T)``.
     """
     shape, n_tasks = targets.shape[:-1], targets.shape[-1]
-    x = grid_points(shape)
+    keep = torch.ones(math.prod(shape), dtype=torch.bool) if observed is None else torch.as_tensor(observed).reshape(-1)
+    x = grid_points(shape)[keep]
     xs = grid_points(shape, upsampling)
     k = kernel_matrix(x, x, lengthscale, kind)
     sigma = torch.kron(task_covariance, k) + torch.kron(torch.diag(noise), torch.eye(len(x), dtype=k.dtype))
-    y = targets.reshape(-1, n_tasks).T.reshape(-1)  # task-major
+    y = targets.reshape(-1, n_tasks)[keep].T.reshape(-1)  # task-major
     chol = torch.linalg.cholesky(sigma)
     alpha = torch.cholesky_solve(y[:, None], chol)[:, 0]
     mll = -0.5 * (y @ alpha + 2 * torch.log(torch.diagonal(chol)).sum() + y.numel() * math.log(2 * math.pi))

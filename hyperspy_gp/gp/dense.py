@@ -1,0 +1,140 @@
+r"""Exact inference when some scan pixels are missing (dense algebra on the observed set).
+
+Missing pixels (NaN loadings, a decomposition's ``navigation_mask``) break the grid's
+Kronecker structure: the covariance of the observed values is the principal submatrix
+
+.. math::  Σ_{OO} = B ⊗ K_{OO} + D ⊗ I_{|O|}
+
+of the full-grid covariance.  This module factorises it by Cholesky, exactly, so it is
+limited to ``|O| · T ≤`` :data:`MAX_DENSE_VALUES`.  ``K_{OO}`` is gathered from the
+same per-axis factors as the structured path (``K_{OO}[i, j] = Π_a K_a[o_{i,a},
+o_{j,a}]``), so both paths share one kernel definition.  Gradients come from autograd
+through the Cholesky factorisation (no eigendecomposition is involved).
+
+Predictions at the full (upsampled) grid are computed in chunks of test rows, with
+memory bounded by ``chunk × |O| × T²``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from hyperspy_gp.gp.prediction import Posterior
+
+#: Largest number of observed values ``|O| · T`` for the dense path.
+MAX_DENSE_VALUES = 6000
+
+
+def observed_kernel(factors: list[torch.Tensor], observed_index: torch.Tensor) -> torch.Tensor:
+    """``K_{OO}`` of a batch, ``(P, |O|, |O|)``, from the factors in factor layout.
+
+    Parameters
+    ----------
+    factors
+        ``(P, n_a, n_a)`` per factor axis.
+    observed_index
+        ``(|O|, n_factors)`` integer coordinates of the observed pixels in factor layout.
+    """
+    kernel = None
+    for axis, factor in enumerate(factors):
+        idx = observed_index[:, axis]
+        part = factor[:, idx][:, :, idx]
+        kernel = part if kernel is None else kernel * part
+    return kernel
+
+
+def cross_kernel(cross_factors: list[torch.Tensor], observed_index: torch.Tensor, test_shape) -> torch.Tensor:
+    """``k(X*, X_O)`` of a batch, ``(P, m, |O|)``, from cross factors ``(P, m_a, n_a)``."""
+    out = None
+    for axis, factor in enumerate(cross_factors):
+        part = factor[:, :, observed_index[:, axis]]  # (P, m_a, |O|)
+        shape = [part.shape[0]] + [1] * len(cross_factors) + [part.shape[-1]]
+        shape[axis + 1] = part.shape[1]
+        part = part.reshape(shape)
+        out = part if out is None else out * part
+    return out.reshape(out.shape[0], math.prod(test_shape), out.shape[-1])
+
+
+def _full_covariance(task_covariance, noise, k_oo):
+    eye = torch.eye(k_oo.shape[-1], dtype=k_oo.dtype, device=k_oo.device)
+    kron = torch.einsum("pst,pij->psitj", task_covariance, k_oo)
+    noise_part = torch.einsum("ps,st,ij->psitj", noise, torch.eye(noise.shape[-1], dtype=k_oo.dtype, device=k_oo.device), eye)
+    p, t, n = k_oo.shape[0], noise.shape[-1], k_oo.shape[-1]
+    return (kron + noise_part).reshape(p, t * n, t * n)
+
+
+def masked_log_likelihood(targets_obs, task_covariance, noise, factors, observed_index) -> torch.Tensor:
+    """Exact ``log p(y_O)`` per model, ``(P,)``; differentiable by autograd.
+
+    Parameters
+    ----------
+    targets_obs
+        ``(P, |O|, T)`` observed values.
+    """
+    k_oo = observed_kernel(factors, observed_index)
+    sigma = _full_covariance(task_covariance, noise, k_oo)
+    chol = torch.linalg.cholesky(sigma)
+    y = targets_obs.transpose(-1, -2).reshape(targets_obs.shape[0], -1, 1)  # task-major
+    alpha = torch.cholesky_solve(y, chol)
+    quad = (y * alpha).sum(dim=(-2, -1))
+    logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    return -0.5 * (quad + logdet + y.shape[1] * math.log(2.0 * math.pi))
+
+
+class MaskedPosterior(Posterior):
+    """Posterior of a model fitted to the observed pixels; predicts on full grids.
+
+    Parameters
+    ----------
+    model
+        A fitted :class:`~hyperspy_gp.gp.model.GridICMModel` with ``observed`` set.
+    targets
+        ``(P, *grid, T)`` maps; values at missing pixels are ignored.
+    """
+
+    def __init__(self, model, targets: torch.Tensor) -> None:
+        self.model = model
+        with torch.no_grad():
+            self.task_covariance = model.task_covariance
+            self.lengthscale = model.lengthscale.clone()
+            index = model.observed_index
+            obs = model.observed_values(targets)
+            k_oo = observed_kernel(model.kernel.factors(self.lengthscale), index)
+            self.chol = torch.linalg.cholesky(_full_covariance(self.task_covariance, model.noise, k_oo))
+            y = obs.transpose(-1, -2).reshape(obs.shape[0], -1, 1)
+            self.alpha = torch.cholesky_solve(y, self.chol)[..., 0].reshape(obs.shape[0], obs.shape[-1], -1)
+            self.mean_weights = self.task_covariance @ self.alpha  # (P, T, |O|): B α
+
+    def predict(self, test_coords: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent mean and variance ``(P, m_1, ..., m_d, T)`` on the grid of ``test_coords``."""
+        kernel = self.model.kernel
+        test_shape = tuple(len(t) for t in test_coords)
+        cross = kernel.cross_factors(self.lengthscale, test_coords)
+        k_star = cross_kernel(cross, self.model.observed_index, test_shape)  # (P, m, |O|)
+        mean = torch.einsum("pmo,pto->pmt", k_star, self.mean_weights)
+        b = self.task_covariance
+        n_obs, n_tasks = k_star.shape[-1], b.shape[-1]
+        # Columns of the cross-covariance for (test point i, task t): B[:, t] ⊗ k*(i).
+        cross_cov = torch.einsum("pst,pmo->psotm", b, k_star).reshape(b.shape[0], n_tasks * n_obs, -1)
+        half = torch.linalg.solve_triangular(self.chol, cross_cov, upper=False)
+        reduction = half.pow(2).sum(-2).reshape(b.shape[0], n_tasks, -1).transpose(-1, -2)
+        variance = torch.diagonal(b, dim1=-2, dim2=-1)[:, None, :] - reduction
+        out = (b.shape[0], *test_shape, n_tasks)
+        return mean.reshape(out), variance.clamp_min(0.0).reshape(out)
+
+    def default_chunk_rows(self, test_coords: Sequence[torch.Tensor]) -> int:
+        """Rows per chunk keeping ``cross_cov`` under 64 MB."""
+        p, t = self.mean_weights.shape[0], self.mean_weights.shape[1]
+        per_row = math.prod(len(c) for c in test_coords[1:]) * p * t * t * self.alpha.shape[-1] * 8 * 2
+        return max(1, (64 * 2**20) // max(per_row, 1))
+
+
+def observed_index_from_mask(observed: np.ndarray, factor_shape: tuple[int, ...]) -> torch.Tensor:
+    """Integer coordinates ``(|O|, n_factors)`` of the observed pixels in factor layout."""
+    flat = np.flatnonzero(observed.reshape(-1))
+    coords = np.stack(np.unravel_index(flat, factor_shape), axis=-1)
+    return torch.as_tensor(coords, dtype=torch.long)

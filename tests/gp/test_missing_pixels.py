@@ -1,0 +1,92 @@
+"""Missing pixels: the dense path is exact on the observed set and predicts them."""
+
+import numpy as np
+import pytest
+import torch
+
+from hyperspy_gp.gp.kernels import GridKernel
+from hyperspy_gp.gp.model import GridICMModel
+from hyperspy_gp.gp.prediction import GridPosterior, make_posterior
+from hyperspy_gp.gp.training import fit_model
+
+from .dense_reference import dense_icm
+
+RTOL = 1e-6
+
+
+def _model(kind, shape, n_tasks, rank, observed, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    model = GridICMModel(GridKernel(shape, kind), 1, n_tasks, rank=rank, observed=observed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.4 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    targets = torch.randn(1, *shape, n_tasks, generator=gen, dtype=torch.float64)
+    return model, targets
+
+
+def _holes(shape, seed=0, fraction=0.2):
+    rng = np.random.default_rng(seed)
+    observed = rng.random(shape) > fraction
+    observed.flat[0] = True
+    return observed
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("kind,shape", [("separable", (7, 9)), ("matern", (6, 8)), ("separable", (14,))])
+@pytest.mark.parametrize("n_tasks,rank", [(1, 0), (3, 1)])
+def test_masked_mll_mean_variance_equal_dense_reference(kind, shape, n_tasks, rank):
+    observed = _holes(shape)
+    model, targets = _model(kind, shape, n_tasks, rank, observed)
+    s = model.state()
+    ref = dense_icm(targets[0], s["lengthscale"][0], s["task_covariance"][0], s["noise"][0], kind,
+                    upsampling=2, observed=observed)
+    with torch.no_grad():
+        mll = model.log_likelihood(targets)[0]
+    post = make_posterior(model, targets)
+    mean, var = post.predict([model.kernel.axis_coordinates(n, 2) for n in shape])
+    assert _rel(mll, ref[0]) < RTOL
+    assert _rel(mean[0], ref[1]) < RTOL
+    assert _rel(var[0], ref[2]) < RTOL
+
+
+def test_masked_values_are_ignored():
+    observed = _holes((8, 8), seed=1)
+    model, targets = _model("separable", (8, 8), 2, 1, observed)
+    changed = targets.clone()
+    changed[0][torch.as_tensor(~observed)] = 1e6
+    with torch.no_grad():
+        assert model.log_likelihood(targets) == model.log_likelihood(changed)
+
+
+def test_all_observed_dense_path_equals_structured_path():
+    shape = (9, 7)
+    dense, targets = _model("separable", shape, 3, 1, np.ones(shape, bool), seed=4)
+    structured = GridICMModel(GridKernel(shape), 1, 3, rank=1)
+    structured.load_state_dict(dense.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(dense.log_likelihood(targets), structured.log_likelihood(targets))
+    coords = [dense.kernel.axis_coordinates(n, 3) for n in shape]
+    m_dense, v_dense = make_posterior(dense, targets).predict(coords)
+    m_grid, v_grid = GridPosterior(structured, targets).predict(coords)
+    torch.testing.assert_close(m_dense, m_grid)
+    torch.testing.assert_close(v_dense, v_grid)
+
+
+def test_fit_with_holes_fills_them_from_the_neighbours():
+    yy, xx = np.mgrid[:16, :16]
+    truth = np.sin(2 * np.pi * xx / 8) * np.sin(2 * np.pi * yy / 8)
+    observed = _holes((16, 16), seed=2, fraction=0.15)
+    targets = torch.tensor(((truth + 0.05 * np.random.default_rng(0).standard_normal(truth.shape)) / truth.std())[None, ..., None])
+    model = GridICMModel(GridKernel((16, 16)), 1, 1, rank=0, observed=observed)
+    result = fit_model(model, targets)
+    assert result.converged
+    mean, var = make_posterior(model, targets).predict([model.kernel.axis_coordinates(16)] * 2)
+    pred = mean[0, ..., 0].numpy() * truth.std()
+    holes = ~observed
+    assert np.abs(pred[holes] - truth[holes]).max() < 0.15
+    # The uncertainty is larger where no data was measured.
+    v = var[0, ..., 0].numpy()
+    assert v[holes].mean() > 2 * v[observed].mean()
