@@ -1,0 +1,178 @@
+"""Benchmark of the exact grid GP engine against the usual GPyTorch multitask recipe.
+
+Prints one table: for each grid size and number of maps T, the seconds per exact
+marginal-likelihood + gradient evaluation, the time to fit to convergence, the time to
+predict mean and exact variance at 2× and 4× upsampling, and the peak RSS of the
+process that ran the case.  In the same run, where it fits in time and memory (≤ 48²),
+the standard GPyTorch recipe — ``ExactGP`` + ``MultitaskKernel(MaternKernel(nu=2.5,
+ard_num_dims=2), rank=1)`` + ``MultitaskGaussianLikelihood``, one Adam step on the
+exact MLL — is timed per training iteration, and the ratio is printed.
+
+Each case runs in a fresh subprocess so that its peak RSS is its own.
+
+Usage::
+
+    python benchmarks/bench_engine.py            # full table (a few minutes on 2 cores)
+    python benchmarks/bench_engine.py --quick    # under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+FULL_SIZES = (32, 48, 64, 128, 256)
+FULL_TASKS = (3, 6, 12)
+QUICK_SIZES = (32, 48)
+QUICK_TASKS = (3, 6)
+#: Largest grid side on which the GPyTorch recipe is run.
+GPYTORCH_MAX_SIDE = 48
+
+
+def synthetic_maps(side: int, n_tasks: int, seed: int = 0) -> np.ndarray:
+    """Standardised maps of a lattice with increasing noise, ``(side, side, T)``."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:side, :side]
+    truth = np.sin(2 * np.pi * xx / 7) * np.sin(2 * np.pi * yy / 9)
+    noise = np.linspace(0.05, 1.5, n_tasks)
+    maps = np.stack([truth + s * rng.standard_normal(truth.shape) for s in noise], -1)
+    return (maps - maps.mean((0, 1))) / maps.std((0, 1))
+
+
+def _timeit(fn, repeat: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat
+
+
+def run_ours(side: int, n_tasks: int, quick: bool) -> dict:
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from hyperspy_gp.gp.kernels import GridKernel
+    from hyperspy_gp.gp.model import GridICMModel
+    from hyperspy_gp.gp.prediction import GridPosterior
+    from hyperspy_gp.gp.training import fit_model
+
+    targets = torch.tensor(synthetic_maps(side, n_tasks)[None])
+    model = GridICMModel(GridKernel((side, side)), 1, n_tasks, rank=1)
+
+    def mll_and_grad():
+        for p in model.parameters():
+            p.grad = None
+        model.log_likelihood(targets).sum().backward()
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        per_eval = _timeit(mll_and_grad, repeat=3 if quick or side >= 256 else 10)
+    start = time.perf_counter()
+    result = fit_model(model, targets, max_iter=100 if quick else 1000)
+    fit_time = time.perf_counter() - start
+
+    out = {"mll_grad_s": per_eval, "fit_s": fit_time, "iterations": result.n_iterations}
+    for up in (2, 4):
+        start = time.perf_counter()
+        posterior = GridPosterior(model, targets)
+        coords = [model.kernel.axis_coordinates(side, up)] * 2
+        for _rows, _mean, _var in posterior.predict_in_chunks(coords):
+            pass
+        out[f"predict_{up}x_s"] = time.perf_counter() - start
+    return out
+
+
+def run_gpytorch(side: int, n_tasks: int, iterations: int) -> dict:
+    """Seconds per training iteration of the standard GPyTorch multitask recipe."""
+    import gpytorch
+    import torch
+
+    maps = synthetic_maps(side, n_tasks)
+    yy, xx = np.mgrid[:side, :side]
+    x = torch.tensor(np.stack([yy.ravel(), xx.ravel()], -1), dtype=torch.float64)
+    y = torch.tensor(maps.reshape(-1, n_tasks))
+
+    class MultitaskGP(gpytorch.models.ExactGP):
+        def __init__(self, likelihood):
+            super().__init__(x, y, likelihood)
+            self.mean_module = gpytorch.means.MultitaskMean(gpytorch.means.ConstantMean(), num_tasks=n_tasks)
+            self.covar_module = gpytorch.kernels.MultitaskKernel(
+                gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=2), num_tasks=n_tasks, rank=1
+            )
+
+        def forward(self, inputs):
+            return gpytorch.distributions.MultitaskMultivariateNormal(
+                self.mean_module(inputs), self.covar_module(inputs)
+            )
+
+    likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=n_tasks).double()
+    model = MultitaskGP(likelihood).double()
+    model.train(), likelihood.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+
+    def step():
+        optimizer.zero_grad()
+        loss = -mll(model(x), y)
+        loss.backward()
+        optimizer.step()
+
+    return {"gpytorch_iter_s": _timeit(step, repeat=iterations)}
+
+
+def run_case(side: int, n_tasks: int, quick: bool) -> dict:
+    out = {"side": side, "tasks": n_tasks}
+    out.update(run_ours(side, n_tasks, quick))
+    if side <= GPYTORCH_MAX_SIDE:
+        out.update(run_gpytorch(side, n_tasks, iterations=1 if quick else 2))
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _format_row(r: dict) -> str:
+    gp = r.get("gpytorch_iter_s")
+    ratio = f"{gp / r['mll_grad_s']:8.0f}×" if gp else f"{'—':>9}"
+    gp_text = f"{gp:10.3f}" if gp else f"{'—':>10}"
+    return (
+        f"{r['side']:>4}² {r['tasks']:>3} | {r['mll_grad_s'] * 1e3:9.2f} | {r['fit_s']:7.2f} {r['iterations']:>5} | "
+        f"{r['predict_2x_s']:7.3f} {r['predict_4x_s']:7.3f} | {r['peak_rss_mb']:8.0f} | {gp_text} {ratio}"
+    )
+
+
+HEADER = (
+    " grid   T | MLL+grad | fit (s)  iter | pred 2× pred 4× | peak RSS | GPyTorch   speed-up\n"
+    "          |     (ms) |               |     (s)     (s) |     (MB) | (s/iter)  per eval\n"
+    + "-" * 95
+)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes only (under a minute)")
+    parser.add_argument("--case", nargs=2, type=int, metavar=("SIDE", "T"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.case:  # child process: one case, JSON on stdout
+        print(json.dumps(run_case(*args.case, quick=args.quick)))
+        return 0
+
+    sizes, tasks = (QUICK_SIZES, QUICK_TASKS) if args.quick else (FULL_SIZES, FULL_TASKS)
+    import torch
+
+    print(f"float64, torch {torch.__version__}, {torch.get_num_threads()} threads; parallel GP, rank-1 B, separable Matérn-5/2")
+    print(HEADER)
+    for side in sizes:
+        for n_tasks in tasks:
+            cmd = [sys.executable, __file__, "--case", str(side), str(n_tasks)] + (["--quick"] if args.quick else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            print(_format_row(json.loads(proc.stdout.strip().splitlines()[-1])), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
