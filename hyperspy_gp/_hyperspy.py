@@ -142,3 +142,10 @@ def resolve_show_progressbar(show_progressbar: bool | None) -> bool:
     from hyperspy.defaults_parser import preferences
 
     return bool(preferences.General.show_progressbar)
+
+
+def clear_learning_results(signal) -> None:
+    """Drop ``signal``'s decomposition results (e.g. after its data changed)."""
+    from hyperspy.learn import LearningResults
+
+    signal.learning_results = LearningResults()

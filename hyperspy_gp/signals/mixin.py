@@ -68,3 +68,41 @@ class GPReconstructionMixin:
             isotropic=isotropic,
             **kwargs,
         )
+
+    def remove_spatial_outliers(self, threshold=8.0, radius=None):
+        """Replace spatial outlier spectra by the mean of their valid neighbours.
+
+        A thin wrapper around :func:`hyperspy_gp.outliers.remove_spatial_outliers`
+        called with this signal; see there for the statistics used.
+
+        Parameters
+        ----------
+        threshold : float, default 8.0
+            Robust z-score above which a scan pixel is an outlier.
+        radius : int or None, default None
+            Neighbourhood half-width in pixels; None gives 1 for a 2-D scan
+            and 2 for a line scan.
+
+        Returns
+        -------
+        signal
+            A new signal of the same class; this one is not modified.  The
+            boolean map of the replaced pixels is in
+            ``metadata.Spatial_outliers.mask``.
+
+        See Also
+        --------
+        hyperspy_gp.outliers.find_spatial_outliers
+
+        Examples
+        --------
+        >>> from hyperspy_gp.synthetic import atomic_eels_spectrum_image
+        >>> s = atomic_eels_spectrum_image((12, 12), n_channels=32, seed=0)
+        >>> s.set_signal_type("EELS_GP")
+        >>> s.data[3, 4] = 0
+        >>> s.remove_spatial_outliers().metadata.Spatial_outliers.n_outliers
+        1
+        """
+        from hyperspy_gp.outliers import remove_spatial_outliers
+
+        return remove_spatial_outliers(self, threshold=threshold, radius=radius)
