@@ -151,7 +151,21 @@ def _one_line(exc: Exception) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``hyperspy-gp`` argument parser with its ``demo`` and ``reconstruct`` commands."""
+    """The ``hyperspy-gp`` argument parser with its ``demo`` and ``reconstruct`` commands.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The parser :func:`main` uses; each command's ``--help`` has a description
+        and an example line.
+
+    Examples
+    --------
+    >>> parser = build_parser()
+    >>> args = parser.parse_args(["reconstruct", "scan.dm4", "--components", "3"])
+    >>> args.command, args.file, args.components, args.mode, args.upsampling
+    ('reconstruct', 'scan.dm4', 3, 'parallel', 2)
+    """
     from hyperspy_gp import __version__
 
     parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,

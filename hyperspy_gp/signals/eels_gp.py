@@ -28,6 +28,12 @@ class EELSGPSpectrum(GPReconstructionMixin, EELSSpectrum):
     ``s.set_signal_type("EELS_GP")`` (``s.set_signal_type("EELS")`` converts
     it back to :class:`exspy.signals.EELSSpectrum`).
 
+    Parameters
+    ----------
+    *args, **kwargs
+        As for :class:`exspy.signals.EELSSpectrum`: the data array and the
+        axes, metadata and original metadata of a HyperSpy signal.
+
     See Also
     --------
     hyperspy_gp.gp_reconstruct, exspy.signals.EELSSpectrum
@@ -58,6 +64,12 @@ class LazyEELSGPSpectrum(EELSGPSpectrum, LazyEELSSpectrum):
     This class is not expected to be instantiated directly, instead use
     ``hs.load(path, signal_type="EELS_GP", lazy=True)`` or the
     ``as_lazy()`` method of an :class:`EELSGPSpectrum`.
+
+    Parameters
+    ----------
+    *args, **kwargs
+        As for :class:`exspy.signals.LazyEELSSpectrum`: a dask array and the
+        axes, metadata and original metadata of a HyperSpy signal.
 
     Examples
     --------
