@@ -157,6 +157,31 @@ def test_help(command, capsys):
     assert "Example" in capsys.readouterr().out
 
 
+def _subcommands():
+    import argparse
+
+    from hyperspy_gp.cli import build_parser
+
+    (action,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return action.choices
+
+
+@pytest.mark.parametrize("name", sorted(_subcommands()))
+def test_help_examples_are_valid_command_lines(name):
+    """Every example line of a command's help parses into that command."""
+    import shlex
+
+    from hyperspy_gp.cli import build_parser
+
+    parser = _subcommands()[name]
+    assert parser.description, f"{name} --help says nothing about what it does"
+    examples = [line.strip() for line in parser.epilog.splitlines() if line.strip().startswith("hyperspy-gp ")]
+    assert examples, f"{name} --help has no example line"
+    for line in examples:
+        args = build_parser().parse_args(shlex.split(line)[1:])
+        assert args.command == name, line
+
+
 # --------------------------------------------------------------------------
 # summary figure
 # --------------------------------------------------------------------------
