@@ -60,6 +60,29 @@ class GPReconstruction:
         """Predictive variance of the loading maps (a signal shaped like ``loadings``)."""
         return self.loadings.metadata.Signal.Noise_properties.variance
 
+    def plot_history(self, all_b: bool = False):
+        """Plot the training history; see :func:`hyperspy_gp.plotting.plot_history`.
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+
+        Examples
+        --------
+        >>> import matplotlib.pyplot as plt
+        >>> from hyperspy_gp import gp_reconstruct
+        >>> from hyperspy_gp.synthetic import atomic_eels_spectrum_image
+        >>> s = atomic_eels_spectrum_image(shape=(12, 12), n_channels=32, seed=0)
+        >>> s.decomposition(output_dimension=2, print_info=False)
+        >>> fig = gp_reconstruct(s, components=2).plot_history()
+        >>> len(fig.axes)
+        4
+        >>> plt.close(fig)
+        """
+        from hyperspy_gp.plotting import plot_history
+
+        return plot_history(self, all_b=all_b)
+
 
 def gp_reconstruct(
     signal,

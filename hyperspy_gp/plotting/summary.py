@@ -1,4 +1,4 @@
-"""Figures comparing decomposition loading maps with their GP reconstruction.
+"""The reconstruction summary: loading maps, GP mean and std, and spectra in one figure.
 
 matplotlib is imported inside the functions, so importing this module is cheap.
 """
@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from hyperspy_gp._hyperspy import navigation_shape
+from hyperspy_gp.plotting._inputs import as_numpy as _as_numpy
+from hyperspy_gp.plotting._inputs import label as _axis_label
+from hyperspy_gp.plotting._inputs import text as _text
 
 __all__ = ["plot_reconstruction_summary"]
 
@@ -110,10 +113,6 @@ class _Axis:
         return _axis_label(self.name, self.units)
 
 
-def _axis_label(name: str, units: str) -> str:
-    return f"{name} ({units})" if units else name
-
-
 @dataclass
 class _View:
     """The signals, their scan axes as displayed (numpy order) and the spectrum pixel."""
@@ -165,11 +164,6 @@ def _check_pixel(pixel, shape: list[int]) -> tuple[int, ...]:
     if len(pixel) != len(shape) or not all(0 <= p < n for p, n in zip(pixel, shape)):
         raise ValueError(f"pixel {pixel} is outside the scan of shape {tuple(shape)} (numpy order).")
     return pixel
-
-
-def _text(value) -> str:
-    """A HyperSpy axis name or units, ``""`` when undefined."""
-    return value if isinstance(value, str) and value != "<undefined>" else ""
 
 
 def _readable_length(axis) -> tuple[str, float]:
@@ -362,7 +356,3 @@ def _pixel_text(view: _View) -> str:
     index = ", ".join(str(p) for p in view.pixel)
     units = f" {view.scan[0].units}" if view.scan[0].units else ""
     return f"{names} = {coords}{units} (pixel {index})"
-
-
-def _as_numpy(array) -> np.ndarray:
-    return np.asarray(array.compute() if hasattr(array, "compute") else array)
