@@ -89,7 +89,7 @@ def gp_reconstruct(
     components: int | Sequence[int] | None = None,
     mode: str = "parallel",
     upsampling: int = 1,
-    lengthscale_bounds: tuple[float | None, float | None] | None = None,
+    lengthscale_bounds: tuple[float | None, float | None] | str | None = None,
     isotropic: bool = False,
     kernel: str = "separable",
     rank: int = 1,
@@ -128,10 +128,14 @@ def gp_reconstruct(
     upsampling : int
         Integer factor of the output grid density.  Original pixel ``i`` is output
         pixel ``i·upsampling`` (same coordinate); the axis scale is divided by it.
-    lengthscale_bounds : (float or None, float or None), optional
+    lengthscale_bounds : (float or None, float or None) or "auto", optional
         Hard bounds on the length scales, in pixels of the original scan.  An upper
         bound near the atomic spacing keeps atomic contrast that an unconstrained fit
-        may smooth away.  Default: length scale ≥ 0.5 px.
+        may smooth away.  ``"auto"`` first runs a length-scale scan of the chosen
+        maps (:func:`hyperspy_gp.lengthscale_scan.lengthscale_scan`) and takes the
+        bounds it suggests around the finest basin of the likelihood (no bounds if it
+        finds none); the scan is kept in the metadata settings.  Default: length
+        scale ≥ 0.5 px.
     isotropic : bool
         One length scale for both scan axes instead of one per axis.
     kernel : {"separable", "matern"}
@@ -197,6 +201,8 @@ def gp_reconstruct(
     decomposition = hsglue.read_decomposition(signal, request.components)
     maps = _check_maps(decomposition.maps, request.components)
     request.observed = _choose_solver(maps, request)
+    if request.lengthscale_bounds == "auto":
+        _choose_lengthscale_bounds(maps, request, isotropic, signal, hsglue.resolve_show_progressbar(show_progressbar))
     fit = _fit_and_predict(
         maps,
         request,
@@ -222,6 +228,7 @@ class _Request:
     dtype: str
     chunks: int | None
     observed: np.ndarray | None = None  # measured pixels, None for the Kronecker path
+    lengthscale_scan: object | None = None  # the LengthscaleScan behind lengthscale_bounds="auto"
 
 
 def _validate(signal, components, mode, upsampling, bounds, kernel, rank, solver, device, dtype, chunks) -> _Request:
@@ -314,6 +321,10 @@ def _parse_components(components, n_available: int) -> list[int]:
 def _parse_bounds(bounds):
     if bounds is None:
         return None
+    if isinstance(bounds, str):
+        if bounds == "auto":
+            return "auto"
+        raise ValueError(f"lengthscale_bounds must be a pair (lo, hi) in pixels, 'auto' or None, not {bounds!r}.")
     try:
         lo, hi = bounds
     except (TypeError, ValueError):
@@ -324,6 +335,20 @@ def _parse_bounds(bounds):
     if lo is not None and hi is not None and not lo < hi:
         raise ValueError(f"lengthscale_bounds=({lo}, {hi}): the lower bound must be smaller than the upper bound.")
     return (None if lo is None else float(lo), None if hi is None else float(hi))
+
+
+def _choose_lengthscale_bounds(maps, request: _Request, isotropic: bool, signal, show_progressbar: bool) -> None:
+    """``lengthscale_bounds="auto"``: scan the maps and take the suggested bounds."""
+    from hyperspy_gp.lengthscale_scan import scan_loading_maps
+
+    scan = scan_loading_maps(
+        maps, components=request.components, observed=request.observed,
+        axes_names=[str(a.name) for a in hsglue.navigation_axes(signal)], isotropic=isotropic,
+        kernel=request.kernel, device=request.device, dtype=request.dtype, show_progressbar=show_progressbar,
+    )
+    if scan.suggestion is None:
+        _logger.info("Length-scale scan: no basin below %.3g px; fitting without bounds.", scan.upper_bounds[-1])
+    request.lengthscale_scan, request.lengthscale_bounds = scan, scan.suggestion
 
 
 def _check_device(device: str) -> None:
@@ -472,6 +497,9 @@ def _build_outputs(signal, decomposition, fit: _FitOutput, request: _Request, la
         "solver": "kronecker" if request.observed is None else "dense",
         "missing_pixels": 0 if request.observed is None else int((~request.observed).sum()),
     }
+    if request.lengthscale_scan is not None:
+        settings["lengthscale_bounds_requested"] = "auto"
+        settings["lengthscale_scan"] = request.lengthscale_scan.as_dictionary()
     gp_metadata = {"settings": settings, "hyperparameters": hyper, "history": fit.history}
     up_axes = hsglue.upsampled_axis_dicts(nav_axes, request.upsampling)
     loadings = _loadings_signal(signal, fit, up_axes, gp_metadata)

@@ -35,9 +35,10 @@ class GPReconstructionMixin:
         upsampling : int, default 1
             Integer factor by which the navigation grid of the
             reconstructed maps is refined; 1 keeps the original grid.
-        lengthscale_bounds : tuple of float or None, default None
-            Lower and upper bounds on the GP kernel lengthscale, in
-            navigation-axis units. None uses the engine's default.
+        lengthscale_bounds : tuple of float, "auto" or None, default None
+            Lower and upper bounds on the GP kernel lengthscale, in pixels
+            of the scan. "auto" takes the bounds suggested by
+            :meth:`gp_lengthscale_scan`. None uses the engine's default.
         isotropic : bool, default False
             If True, use one lengthscale for both navigation axes,
             otherwise one per axis.
@@ -106,3 +107,44 @@ class GPReconstructionMixin:
         from hyperspy_gp.outliers import remove_spatial_outliers
 
         return remove_spatial_outliers(self, threshold=threshold, radius=radius)
+
+    def gp_lengthscale_scan(self, components=None, upper_bounds=None, **kwargs):
+        """Scan the upper length-scale bound of independent GPs on the loading maps.
+
+        A thin wrapper around
+        :func:`hyperspy_gp.lengthscale_scan.lengthscale_scan` called with
+        this signal; see there for the method.
+
+        Parameters
+        ----------
+        components : int, iterable of int or None, default None
+            The decomposition components whose loading maps are scanned.
+        upper_bounds : sequence of float or None, default None
+            Increasing upper bounds in pixels; None gives 12 values from
+            1 px to 30 px.
+        **kwargs
+            Passed on unchanged to
+            :func:`hyperspy_gp.lengthscale_scan.lengthscale_scan`.
+
+        Returns
+        -------
+        LengthscaleScan
+            Converged length scales against the bound, their basins and the
+            suggested ``lengthscale_bounds``; ``.plot()`` draws the curves.
+
+        See Also
+        --------
+        hyperspy_gp.lengthscale_scan.lengthscale_scan
+
+        Examples
+        --------
+        >>> from hyperspy_gp.synthetic import atomic_eels_spectrum_image
+        >>> s = atomic_eels_spectrum_image((12, 12), n_channels=32, seed=0)
+        >>> s.set_signal_type("EELS_GP")
+        >>> s.decomposition(output_dimension=2, print_info=False)
+        >>> s.gp_lengthscale_scan(components=1, upper_bounds=[1.0, 2.0]).lengthscales.shape
+        (2, 1, 2)
+        """
+        from hyperspy_gp.lengthscale_scan import lengthscale_scan
+
+        return lengthscale_scan(self, components=components, upper_bounds=upper_bounds, **kwargs)
