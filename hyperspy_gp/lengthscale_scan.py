@@ -78,6 +78,14 @@ class LengthscaleScan:
         ``(lo, hi)`` pixels bracketing the finest basin of all maps (see
         :func:`suggest_bounds`), ready for ``gp_reconstruct(lengthscale_bounds=...)``;
         ``None`` when no curve has a basin.
+
+    Examples
+    --------
+    >>> from hyperspy_gp.synthetic import similarity_maps
+    >>> maps = similarity_maps((12, 12), period=(6.0, 6.0))[:1].transpose(1, 2, 0)
+    >>> scan = scan_loading_maps(maps, upper_bounds=[1.0, 2.0, 4.0])
+    >>> scan.upper_bounds.shape, scan.lengthscales.shape, scan.basins.shape
+    ((3,), (3, 1, 2), (1, 2))
     """
 
     upper_bounds: np.ndarray
@@ -144,6 +152,11 @@ class LengthscaleScan:
 
     def as_dictionary(self) -> dict:
         """The scan as plain values for a signal's metadata (``"None"`` for no suggestion).
+
+        Returns
+        -------
+        dict
+            Arrays, numbers, lists and strings only, as HyperSpy metadata stores them.
 
         Examples
         --------
@@ -348,6 +361,12 @@ def find_basins(
         ``(K,)`` increasing bounds.
     lengthscales : ndarray
         ``(K, ...)`` converged length scales.
+    diagonal_ratio : float
+        A length scale above ``diagonal_ratio × bound`` is still on the bound.
+    tolerance : float
+        Relative spread of the length scale that still counts as one plateau.
+    min_plateau : int
+        Consecutive bounds the length scale must stay put over to count as a basin.
 
     Returns
     -------

@@ -7,7 +7,16 @@ EELSSpectrum)``. It holds no state and defines no ``__init__``.
 
 
 class GPReconstructionMixin:
-    """Add :meth:`gp_reconstruct` to a HyperSpy signal class."""
+    """Add :meth:`gp_reconstruct` and its companions to a HyperSpy signal class.
+
+    Examples
+    --------
+    >>> from exspy.signals import EELSSpectrum
+    >>> class MyEELS(GPReconstructionMixin, EELSSpectrum):
+    ...     pass
+    >>> hasattr(MyEELS, "gp_reconstruct"), issubclass(MyEELS, EELSSpectrum)
+    (True, True)
+    """
 
     def gp_reconstruct(
         self,
@@ -52,9 +61,25 @@ class GPReconstructionMixin:
             The result object returned by
             :func:`hyperspy_gp.gp_reconstruct`.
 
+        Raises
+        ------
+        ValueError
+            As :func:`hyperspy_gp.gp_reconstruct`, e.g. when the signal has
+            no decomposition results.
+
         See Also
         --------
         hyperspy_gp.gp_reconstruct
+
+        Examples
+        --------
+        >>> from hyperspy_gp.synthetic import atomic_eels_spectrum_image
+        >>> s = atomic_eels_spectrum_image(shape=(12, 12), n_channels=32, seed=0)
+        >>> s.set_signal_type("EELS_GP")
+        >>> s.decomposition(output_dimension=2, print_info=False)
+        >>> rec = s.gp_reconstruct(components=2, upsampling=2)
+        >>> rec.signal.axes_manager.navigation_shape
+        (24, 24)
         """
         # Imported here so that importing the signal classes (which HyperSpy
         # does on ``hs.load(..., signal_type="EELS_GP")``) never imports torch.
