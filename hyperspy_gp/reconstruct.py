@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -174,7 +175,9 @@ def gp_reconstruct(
         variance), ``.hyperparameters`` and ``.history``.  Hyperparameters are
         ``lengthscale_px`` and ``lengthscale_calibrated`` (per map × axis, numpy axis
         order), ``task_covariance`` ``B`` and ``noise_variance`` (units of the maps),
-        ``log_likelihood``, ``iterations``, ``converged`` and ``gradient_norm``.
+        ``log_likelihood``, ``iterations``, ``converged``, ``gradient_norm`` and
+        ``jitter`` (per map, units of ``noise_variance``: the diagonal added when the
+        covariance was numerically singular, with a ``JitterWarning``; normally 0).
 
     Raises
     ------
@@ -445,7 +448,25 @@ def _fit_and_predict(maps, request: _Request, isotropic, max_iter, tol, show_pro
     mean = centre + scale * mean
     variance = scale**2 * variance
     hyper = _hyperparameters(model, result, request.mode, scale, int(measured.sum()))
+    hyper["jitter"] = _report_jitter(posterior.jitter.detach().cpu().numpy(), request.mode, scale)
     return _FitOutput(mean, variance, hyper, result.history)
+
+
+def _report_jitter(jitter: np.ndarray, mode: str, scale: np.ndarray) -> np.ndarray:
+    """Jitter per map in map units (like ``noise_variance``); warn when any was added."""
+    from hyperspy_gp.gp.cholesky import JitterWarning
+
+    per_map = (jitter[0] if mode == "parallel" else jitter) * scale**2
+    if np.any(per_map > 0):
+        warnings.warn(
+            f"The GP covariance was numerically singular (very long length scales, near-zero "
+            f"noise or nearly identical maps); jitter {np.array2string(per_map, precision=3)} was "
+            "added to the noise variance of the maps to factorise it. It is recorded as "
+            "hyperparameters['jitter']; consider a smaller upper length-scale bound or fewer components.",
+            JitterWarning,
+            stacklevel=4,
+        )
+    return per_map
 
 
 def _per_map(x: np.ndarray, mode: str) -> np.ndarray:

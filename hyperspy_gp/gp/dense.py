@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from hyperspy_gp.gp.cholesky import safe_cholesky
 from hyperspy_gp.gp.prediction import Posterior
 
 #: Largest number of observed values ``|O| · T`` for the dense path.
@@ -77,7 +78,7 @@ def masked_log_likelihood(targets_obs, task_covariance, noise, factors, observed
     """
     k_oo = observed_kernel(factors, observed_index)
     sigma = _full_covariance(task_covariance, noise, k_oo)
-    chol = torch.linalg.cholesky(sigma)
+    chol, _ = safe_cholesky(sigma)
     y = targets_obs.transpose(-1, -2).reshape(targets_obs.shape[0], -1, 1)  # task-major
     alpha = torch.cholesky_solve(y, chol)
     quad = (y * alpha).sum(dim=(-2, -1))
@@ -104,7 +105,7 @@ class MaskedPosterior(Posterior):
             index = model.observed_index
             obs = model.observed_values(targets)
             k_oo = observed_kernel(model.kernel.factors(self.lengthscale), index)
-            self.chol = torch.linalg.cholesky(_full_covariance(self.task_covariance, model.noise, k_oo))
+            self.chol, self.jitter = safe_cholesky(_full_covariance(self.task_covariance, model.noise, k_oo))
             y = obs.transpose(-1, -2).reshape(obs.shape[0], -1, 1)
             self.alpha = torch.cholesky_solve(y, self.chol)[..., 0].reshape(obs.shape[0], obs.shape[-1], -1)
             self.mean_weights = self.task_covariance @ self.alpha  # (P, T, |O|): B α

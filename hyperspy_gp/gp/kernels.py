@@ -45,7 +45,7 @@ def matern52(r: torch.Tensor) -> torch.Tensor:
 def _matern52_of_squared(r2: torch.Tensor) -> torch.Tensor:
     # The gradient of sqrt at 0 is infinite; clamping keeps it finite and, since
     # d(r²)/dℓ = 0 where Δ = 0, exact.
-    return matern52(torch.sqrt(r2.clamp_min(1e-300)))
+    return matern52(torch.sqrt(r2.clamp_min(torch.finfo(r2.dtype).tiny)))
 
 
 class GridKernel:

@@ -22,6 +22,10 @@ so that, with ``ỹ_j = (Qᵀ Y)_j`` and ``α̃_j = S_j^{-1} ỹ_j``,
     \log p(y) = -\tfrac12 \sum_j \left(ỹ_jᵀ α̃_j + \log\det S_j\right)
                 - \tfrac{nT}{2}\log 2π .
 
+When round-off makes some ``S_j`` numerically indefinite, the same jitter ``εI`` is
+added to every block (:mod:`~hyperspy_gp.gp.cholesky`), i.e. ``Σ + εI`` is used and
+``ε`` is reported in :attr:`GridICMSolve.jitter`.
+
 Cost: ``O(Σ_a n_a³ + n Σ_a n_a T + n T³)`` time, ``O(n T²)`` memory.  No ``nT × nT``
 matrix is ever formed.
 
@@ -48,6 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hyperspy_gp.gp.cholesky import safe_cholesky
 from hyperspy_gp.gp.tensor import kron_dot, kron_outer, sum_except_axis
 
 
@@ -64,6 +69,7 @@ class GridICMSolve:
     cholesky: torch.Tensor  # chol(S_j), (P, n_1, ..., n_d, T, T)
     rotated_targets: torch.Tensor  # ỹ, (P, n_1, ..., n_d, T)
     rotated_weights: torch.Tensor  # α̃ = S⁻¹ ỹ, (P, n_1, ..., n_d, T)
+    jitter: torch.Tensor  # (P,) added to every S_j when round-off needed it, else 0
 
     def block_inverse(self) -> torch.Tensor:
         """``M_j = S_j^{-1}`` for every spatial eigenvalue, ``(P, n.., T, T)``."""
@@ -103,9 +109,9 @@ def solve_grid_icm(
             task_covariance.shape[0], *([1] * n_grid), *task_covariance.shape[1:]
         )
         blocks = lam_grid[..., None, None] * batch_b + torch.diag_embed(noise).reshape(batch_b.shape)
-        chol = torch.linalg.cholesky(blocks)
+        chol, jitter = safe_cholesky(blocks)
         weights = torch.cholesky_solve(rotated.unsqueeze(-1), chol).squeeze(-1)
-    return GridICMSolve(eigenvectors, eigenvalues, lam_grid, chol, rotated, weights)
+    return GridICMSolve(eigenvectors, eigenvalues, lam_grid, chol, rotated, weights, jitter)
 
 
 def _log_likelihood(solve: GridICMSolve) -> torch.Tensor:

@@ -36,7 +36,9 @@ class Posterior:
     """Chunked and dask prediction shared by the structured and the dense posteriors.
 
     Subclasses define ``predict(test_coords)``, ``default_chunk_rows(test_coords)`` and
-    ``mean_weights`` (whose first dimension is the batch ``P``, last the maps ``T``).
+    ``mean_weights`` (whose first dimension is the batch ``P``, last the maps ``T``)
+    and ``jitter`` (``(P,)``, the diagonal added to factorise the training covariance,
+    see :mod:`~hyperspy_gp.gp.cholesky`).
     """
 
     def predict_in_chunks(
@@ -108,6 +110,7 @@ class GridPosterior(Posterior):
             self.variance_weights = ((batch_b @ solve.block_inverse()) * batch_b).sum(-1)
             self.prior_variance = torch.diagonal(b, dim1=-2, dim2=-1)  # k(x*, x*) = 1
             self.eigenvectors = solve.eigenvectors
+            self.jitter = solve.jitter
             self.lengthscale = model.lengthscale.clone()
 
     def predict(self, test_coords: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
