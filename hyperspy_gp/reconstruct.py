@@ -102,6 +102,7 @@ def gp_reconstruct(
     lazy_output: bool | None = None,
     chunks: int | None = None,
     show_progressbar: bool | None = None,
+    memory_budget: int | float | str | None = None,
 ) -> GPReconstruction:
     """Reconstruct decomposition loading maps with an exact Gaussian process.
 
@@ -167,6 +168,12 @@ def gp_reconstruct(
         scheduler (a ``dask.distributed`` client, if one is active).
     show_progressbar : bool or None
         Show training progress; ``None`` follows HyperSpy's preference.
+    memory_budget : int, float, str or None
+        Largest peak memory (bytes, or a string such as ``"16 GB"``) the request may
+        need; it is estimated before fitting (:mod:`hyperspy_gp.memory`) and a
+        request over budget raises :class:`~hyperspy_gp.memory.MemoryBudgetError`.
+        ``None``: ``hyperspy_gp.memory.DEFAULT_MEMORY_BUDGET``, by default 80 % of
+        the available RAM; ``float("inf")`` turns the check off.
 
     Returns
     -------
@@ -184,6 +191,9 @@ def gp_reconstruct(
     ValueError
         For a signal without decomposition, without navigation axes, with complex
         data or non-uniform axes, non-finite or constant maps, or invalid parameters.
+    hyperspy_gp.memory.MemoryBudgetError
+        (a ``MemoryError`` and a ``ValueError``) when the estimated memory exceeds
+        ``memory_budget``; the message gives the estimate and what to change.
 
     Examples
     --------
@@ -204,6 +214,8 @@ def gp_reconstruct(
     decomposition = hsglue.read_decomposition(signal, request.components)
     maps = _check_maps(decomposition.maps, request.components)
     request.observed = _choose_solver(maps, request)
+    lazy = signal._lazy if lazy_output is None else bool(lazy_output)
+    _check_memory(maps, decomposition, request, lazy, memory_budget)
     if request.lengthscale_bounds == "auto":
         _choose_lengthscale_bounds(maps, request, isotropic, signal, hsglue.resolve_show_progressbar(show_progressbar))
     fit = _fit_and_predict(
@@ -214,7 +226,6 @@ def gp_reconstruct(
         tol=tol,
         show_progressbar=hsglue.resolve_show_progressbar(show_progressbar),
     )
-    lazy = signal._lazy if lazy_output is None else bool(lazy_output)
     return _build_outputs(signal, decomposition, fit, request, lazy, isotropic)
 
 
@@ -352,6 +363,18 @@ def _choose_lengthscale_bounds(maps, request: _Request, isotropic: bool, signal,
     if scan.suggestion is None:
         _logger.info("Length-scale scan: no basin below %.3g px; fitting without bounds.", scan.upper_bounds[-1])
     request.lengthscale_scan, request.lengthscale_bounds = scan, scan.suggestion
+
+
+def _check_memory(maps: np.ndarray, decomposition, request: _Request, lazy: bool, memory_budget) -> None:
+    from hyperspy_gp.memory import check_memory_budget, estimate_memory
+
+    estimate = estimate_memory(
+        maps.shape[:-1], maps.shape[-1], decomposition.factors.shape[0], mode=request.mode,
+        upsampling=request.upsampling, kernel=request.kernel, dtype=request.dtype, lazy_output=lazy,
+        n_observed=None if request.observed is None else int(request.observed.sum()), chunks=request.chunks,
+    )
+    _logger.info("Estimated memory: %s", estimate.describe())
+    check_memory_budget(estimate, memory_budget)
 
 
 def _check_device(device: str) -> None:

@@ -1,0 +1,262 @@
+"""Estimate the memory a reconstruction needs and refuse requests over a budget.
+
+:func:`~hyperspy_gp.gp_reconstruct` calls :func:`estimate_memory` after validating
+the request and before fitting, and :func:`check_memory_budget` raises
+:class:`MemoryBudgetError` when the estimate exceeds the budget, so a request that
+would need 200 GB fails in milliseconds with the numbers and the fix instead of
+swapping or being killed after minutes of training.
+
+The estimate counts the arrays that dominate, with ``m`` output pixels (``n`` scan
+pixels × ``upsampling`` per axis), ``T`` maps, ``P`` models (1 in parallel mode,
+``T`` in independent mode) and ``S`` spectral channels:
+
+- **output**: the GP maps and their variance (four ``m × T`` float64 arrays: the
+  result and the signals built from it) and, for an eager result, the spectrum
+  image ``m × S``;
+- **fitting**: Kronecker path, the per-axis eigenvectors and the ``T × T`` blocks
+  ``λ_j B + D`` of every eigenvalue with their factors and inverses; non-separable
+  kernel, the dense ``n × n`` factor; dense path (missing pixels), the
+  ``(|O|T)²`` covariance, its Cholesky factor and autograd's copies;
+- **prediction**: the temporaries of the chunks that dask runs at once, plus the
+  computed chunks and their concatenation.
+
+It is an estimate of the peak, accurate to a small factor, not an accounting of
+every allocation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+#: Budget used when ``memory_budget=None``: bytes, or ``None`` for
+#: :data:`AVAILABLE_FRACTION` of the available RAM (needs psutil) and otherwise
+#: :data:`FALLBACK_BUDGET`.  Set it once per session to change the default, e.g.
+#: ``hyperspy_gp.memory.DEFAULT_MEMORY_BUDGET = "32 GB"``.
+DEFAULT_MEMORY_BUDGET: int | str | None = None
+#: Fraction of the currently available RAM used as the default budget.
+AVAILABLE_FRACTION = 0.8
+#: Default budget when psutil is not installed.
+FALLBACK_BUDGET = 8 * 2**30
+#: Temporaries of one prediction chunk when ``chunks=None`` (as the engine chooses).
+CHUNK_BYTES = 64 * 2**20
+_FLOAT64 = 8
+
+
+class MemoryBudgetError(MemoryError, ValueError):
+    """A reconstruction would need more memory than ``memory_budget`` allows."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated peak memory of a reconstruction, in bytes, by stage.
+
+    Attributes
+    ----------
+    maps
+        GP maps and variances kept in the result.
+    spectrum_image
+        The eager reconstructed spectrum image (0 for a lazy result).
+    fitting
+        Peak working memory of the likelihood and its gradient.
+    prediction
+        Peak working memory of the prediction (chunk temporaries and results).
+    """
+
+    maps: int
+    spectrum_image: int
+    fitting: int
+    prediction: int
+
+    @property
+    def output(self) -> int:
+        """Bytes held by the returned signals."""
+        return self.maps + self.spectrum_image
+
+    @property
+    def total(self) -> int:
+        """Peak estimate: the outputs plus the larger working stage."""
+        return self.output + max(self.fitting, self.prediction)
+
+    def describe(self) -> str:
+        """One line with the total and its parts, in human units."""
+        return (
+            f"about {_fmt(self.total)} (spectrum image {_fmt(self.spectrum_image)}, GP maps and "
+            f"variances {_fmt(self.maps)}, fitting {_fmt(self.fitting)}, prediction {_fmt(self.prediction)})"
+        )
+
+
+def estimate_memory(
+    grid_shape: tuple[int, ...],
+    n_maps: int,
+    n_channels: int,
+    *,
+    mode: str = "parallel",
+    upsampling: int = 1,
+    kernel: str = "separable",
+    n_observed: int | None = None,
+    dtype: str = "float64",
+    lazy_output: bool = False,
+    chunks: int | None = None,
+) -> MemoryEstimate:
+    """Estimate the peak memory of :func:`~hyperspy_gp.gp_reconstruct`.
+
+    Parameters
+    ----------
+    grid_shape
+        Scan grid, numpy order.
+    n_maps, n_channels
+        Maps reconstructed (``T``) and spectral channels (``S``).
+    mode, upsampling, kernel, dtype, lazy_output, chunks
+        As in :func:`~hyperspy_gp.gp_reconstruct`.
+    n_observed
+        Measured pixels when some are missing (dense solver), ``None`` for a
+        complete grid (Kronecker solver).
+
+    Returns
+    -------
+    MemoryEstimate
+
+    Examples
+    --------
+    >>> from hyperspy_gp.memory import estimate_memory
+    >>> est = estimate_memory((256, 256), 6, 2048, upsampling=4)
+    >>> round(est.spectrum_image / 2**30)  # 1024 × 1024 × 2048 float64
+    16
+    >>> estimate_memory((256, 256), 6, 2048, upsampling=4, lazy_output=True).spectrum_image
+    0
+    """
+    n_pixels = math.prod(grid_shape)
+    n_out = n_pixels * upsampling ** len(grid_shape)
+    map_bytes = n_out * n_maps * _FLOAT64
+    spectrum = 0 if lazy_output else n_out * n_channels * _FLOAT64
+    itemsize = 4 if dtype == "float32" else _FLOAT64
+    n_models, n_tasks = (1, n_maps) if mode == "parallel" else (n_maps, 1)
+    fitting = _fitting_bytes(grid_shape, n_models, n_tasks, kernel, n_observed, itemsize)
+    prediction = _prediction_bytes(grid_shape, upsampling, n_models, n_tasks, kernel, n_observed, chunks)
+    return MemoryEstimate(4 * map_bytes, spectrum, fitting, prediction + 2 * 2 * map_bytes)
+
+
+def _fitting_bytes(grid_shape, n_models, n_tasks, kernel, n_observed, itemsize) -> int:
+    n_pixels = math.prod(grid_shape)
+    if n_observed is not None:
+        # Σ_OO, the two einsum terms it is summed from, its factor and autograd's copies.
+        return 6 * n_models * (n_observed * n_tasks) ** 2 * itemsize
+    factors = [n_pixels] if kernel != "separable" else list(grid_shape)
+    # Per factor: the matrix, its eigenvectors and its gradient.
+    spatial = 3 * n_models * sum(n * n for n in factors)
+    # Blocks λ_j B + D, their factors, inverses and gradient temporaries.
+    blocks = 4 * n_models * n_pixels * n_tasks**2
+    # Targets, rotated targets, weights and their pixel-basis copies.
+    vectors = 6 * n_models * n_pixels * n_tasks
+    return (spatial + blocks + vectors) * itemsize
+
+
+def _prediction_bytes(grid_shape, upsampling, n_models, n_tasks, kernel, n_observed, chunks) -> int:
+    n_rows = grid_shape[0] * upsampling
+    row = math.prod(n * upsampling for n in grid_shape[1:])
+    if n_observed is not None:
+        per_row = row * n_models * n_tasks**2 * n_observed * _FLOAT64 * 2
+    else:
+        per_row = row * n_models * n_tasks * _FLOAT64 * 4
+        if kernel != "separable":
+            per_row *= max(1, math.prod(grid_shape) // n_tasks)
+    chunk = CHUNK_BYTES if chunks is None else per_row * min(chunks, n_rows)
+    workers = os.cpu_count() or 1
+    return min(workers, n_rows) * max(chunk, per_row)
+
+
+def resolve_budget(memory_budget: int | float | str | None) -> tuple[float, str]:
+    """The budget in bytes and where it comes from (for messages).
+
+    Parameters
+    ----------
+    memory_budget
+        Bytes (int or float, ``float("inf")`` disables the check), a string such as
+        ``"16 GB"``, or ``None`` for :data:`DEFAULT_MEMORY_BUDGET`.
+
+    Examples
+    --------
+    >>> from hyperspy_gp.memory import resolve_budget
+    >>> resolve_budget("2 GiB")
+    (2147483648.0, 'memory_budget=2.00 GiB')
+    """
+    source = "memory_budget"
+    if memory_budget is None:
+        memory_budget, source = DEFAULT_MEMORY_BUDGET, "hyperspy_gp.memory.DEFAULT_MEMORY_BUDGET"
+    if memory_budget is None:
+        return _default_budget()
+    budget = _parse(memory_budget)
+    return budget, f"{source}={_fmt(budget)}"
+
+
+def _parse(value) -> float:
+    if isinstance(value, str):
+        from dask.utils import parse_bytes
+
+        try:
+            value = parse_bytes(value)
+        except ValueError:
+            raise ValueError(
+                f"memory_budget={value!r} is not a size; give bytes or a string like '16 GB'."
+            ) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(
+            f"memory_budget must be a positive number of bytes, a string like '16 GB' or None, not {value!r}."
+        )
+    return float(value)
+
+
+def _default_budget() -> tuple[float, str]:
+    try:
+        import psutil
+    except ImportError:
+        return float(FALLBACK_BUDGET), f"default memory_budget={_fmt(FALLBACK_BUDGET)}"
+    available = psutil.virtual_memory().available
+    return (
+        AVAILABLE_FRACTION * available,
+        f"default memory_budget={_fmt(AVAILABLE_FRACTION * available)}, "
+        f"{AVAILABLE_FRACTION:.0%} of the available RAM",
+    )
+
+
+def check_memory_budget(estimate: MemoryEstimate, memory_budget: int | float | str | None) -> None:
+    """Raise :class:`MemoryBudgetError` when ``estimate`` exceeds the budget.
+
+    The message gives the estimate by stage, the budget and what to change.
+
+    Examples
+    --------
+    >>> from hyperspy_gp.memory import check_memory_budget, estimate_memory
+    >>> est = estimate_memory((64, 64), 4, 1024, upsampling=8)
+    >>> check_memory_budget(est, "1 GB")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    hyperspy_gp.memory.MemoryBudgetError: This reconstruction would need about ...
+    """
+    budget, source = resolve_budget(memory_budget)
+    if estimate.total <= budget:
+        return
+    raise MemoryBudgetError(
+        f"This reconstruction would need {estimate.describe()}, more than {source}. "
+        f"{_advice(estimate)} To go ahead anyway, pass a larger memory_budget "
+        "(memory_budget=float('inf') turns the check off)."
+    )
+
+
+def _advice(estimate: MemoryEstimate) -> str:
+    tips = []
+    if estimate.spectrum_image:
+        tips.append("lazy_output=True (the spectrum image is then computed chunk by chunk)")
+    tips.append("a smaller upsampling")
+    if estimate.prediction >= estimate.fitting:
+        tips.append("smaller chunks= (rows predicted per task)")
+    tips.append("cropping the scan with s.inav[...] or fewer components")
+    return "Try " + ", ".join(tips) + "."
+
+
+def _fmt(n_bytes: float) -> str:
+    from dask.utils import format_bytes
+
+    return format_bytes(int(n_bytes)) if math.isfinite(n_bytes) else "unlimited"

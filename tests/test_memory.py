@@ -1,0 +1,102 @@
+"""The memory estimate and the budget check run before any fitting."""
+
+import sys
+
+import pytest
+
+from hyperspy_gp import memory
+from hyperspy_gp.memory import MemoryBudgetError, check_memory_budget, estimate_memory, resolve_budget
+
+
+def test_output_terms_are_the_array_sizes():
+    est = estimate_memory((30, 20), 4, 100, upsampling=3)
+    n_out = 90 * 60
+    assert est.spectrum_image == n_out * 100 * 8
+    assert est.maps == 4 * n_out * 4 * 8  # mean and variance, each in two signals
+    assert est.output == est.maps + est.spectrum_image
+    assert est.total == est.output + max(est.fitting, est.prediction)
+
+
+def test_lazy_output_drops_the_spectrum_image_only():
+    eager = estimate_memory((64, 64), 3, 500, upsampling=2)
+    lazy = estimate_memory((64, 64), 3, 500, upsampling=2, lazy_output=True)
+    assert lazy.spectrum_image == 0
+    assert (lazy.maps, lazy.fitting, lazy.prediction) == (eager.maps, eager.fitting, eager.prediction)
+
+
+def test_dense_solver_grows_with_the_square_of_the_observed_values():
+    small = estimate_memory((40, 40), 2, 10, n_observed=500)
+    large = estimate_memory((40, 40), 2, 10, n_observed=1000)
+    assert large.fitting == 4 * small.fitting
+    # Cholesky of (|O| T)² float64, a few copies: at least one such matrix.
+    assert small.fitting >= (500 * 2) ** 2 * 8
+
+
+def test_kronecker_fitting_is_linear_in_the_pixels_for_many_maps():
+    a = estimate_memory((100, 100), 8, 10)
+    b = estimate_memory((200, 100), 8, 10)
+    assert 1.9 < b.fitting / a.fitting < 2.2
+
+
+def test_float32_halves_the_fitting_memory():
+    f64 = estimate_memory((50, 50), 3, 10, kernel="matern")
+    f32 = estimate_memory((50, 50), 3, 10, kernel="matern", dtype="float32")
+    assert f32.fitting * 2 == f64.fitting
+
+
+def test_explicit_chunks_set_the_prediction_temporaries():
+    few = estimate_memory((64, 64), 3, 10, upsampling=4, chunks=1)
+    many = estimate_memory((64, 64), 3, 10, upsampling=4, chunks=64)
+    assert many.prediction > few.prediction
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(1000, 1000.0), (2.5e9, 2.5e9), ("16 GB", 16e9), ("1 GiB", 2.0**30), (float("inf"), float("inf"))],
+)
+def test_budget_values(value, expected):
+    assert resolve_budget(value)[0] == expected
+
+
+@pytest.mark.parametrize("value", [0, -5, "lots", True, [1]])
+def test_bad_budget_values_name_the_parameter(value):
+    with pytest.raises(ValueError, match="memory_budget"):
+        resolve_budget(value)
+
+
+def test_module_default_is_used_for_none(monkeypatch):
+    monkeypatch.setattr(memory, "DEFAULT_MEMORY_BUDGET", "3 GB")
+    budget, source = resolve_budget(None)
+    assert budget == 3e9 and "DEFAULT_MEMORY_BUDGET" in source
+
+
+def test_default_is_a_fraction_of_available_ram():
+    psutil = pytest.importorskip("psutil")
+    budget, source = resolve_budget(None)
+    assert budget == pytest.approx(memory.AVAILABLE_FRACTION * psutil.virtual_memory().available, rel=0.2)
+    assert "available RAM" in source
+
+
+def test_default_without_psutil_is_the_fallback(monkeypatch):
+    monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil raises ImportError
+    assert resolve_budget(None)[0] == memory.FALLBACK_BUDGET
+
+
+def test_over_budget_error_gives_estimate_budget_and_fixes():
+    est = estimate_memory((256, 256), 6, 2048, upsampling=8)
+    with pytest.raises(MemoryBudgetError) as info:
+        check_memory_budget(est, "8 GB")
+    message = str(info.value)
+    assert isinstance(info.value, MemoryError) and isinstance(info.value, ValueError)
+    assert "spectrum image 64.00 GiB" in message  # 2048² pixels × 2048 channels, float64
+    assert f"about {memory._fmt(est.total)}" in message
+    assert "memory_budget=7.45 GiB" in message
+    assert "lazy_output=True" in message and "upsampling" in message and "s.inav" in message
+    check_memory_budget(est, float("inf"))  # turned off
+
+
+def test_lazy_request_is_not_told_to_go_lazy():
+    est = estimate_memory((256, 256), 6, 2048, upsampling=8, lazy_output=True)
+    with pytest.raises(MemoryBudgetError) as info:
+        check_memory_budget(est, "1 MB")
+    assert "lazy_output" not in str(info.value)
