@@ -49,6 +49,16 @@ class GPReconstruction:
         Fitted hyperparameters in the units of the maps (see :func:`gp_reconstruct`).
     history
         Per-iteration hyperparameters and log likelihood (standardised units).
+
+    Examples
+    --------
+    >>> from hyperspy_gp import gp_reconstruct
+    >>> from hyperspy_gp.synthetic import atomic_eels_spectrum_image
+    >>> s = atomic_eels_spectrum_image(shape=(12, 12), n_channels=32, seed=0)
+    >>> s.decomposition(output_dimension=2, print_info=False)
+    >>> rec = gp_reconstruct(s, components=2, upsampling=2)
+    >>> rec.loadings.data.shape, rec.hyperparameters["lengthscale_px"].shape
+    ((2, 24, 24), (2, 2))
     """
 
     signal: object
@@ -58,11 +68,29 @@ class GPReconstruction:
 
     @property
     def variance(self):
-        """Predictive variance of the loading maps (a signal shaped like ``loadings``)."""
+        """Predictive variance of the loading maps (a signal shaped like ``loadings``).
+
+        Examples
+        --------
+        >>> from hyperspy_gp import gp_reconstruct
+        >>> from hyperspy_gp.synthetic import atomic_eels_spectrum_image
+        >>> s = atomic_eels_spectrum_image(shape=(12, 12), n_channels=32, seed=0)
+        >>> s.decomposition(output_dimension=2, print_info=False)
+        >>> rec = gp_reconstruct(s, components=2)
+        >>> rec.variance.data.shape == rec.loadings.data.shape
+        True
+        >>> bool((rec.variance.data >= 0).all())
+        True
+        """
         return self.loadings.metadata.Signal.Noise_properties.variance
 
     def plot_history(self, all_b: bool = False):
         """Plot the training history; see :func:`hyperspy_gp.plotting.plot_history`.
+
+        Parameters
+        ----------
+        all_b : bool
+            Also draw the off-diagonal entries ``B_ij`` (dashed) of a parallel GP.
 
         Returns
         -------

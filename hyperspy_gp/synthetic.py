@@ -305,6 +305,11 @@ def add_noise(maps: np.ndarray, sigma: float | Sequence[float],
     seed : int, optional
         Seed of the noise.
 
+    Returns
+    -------
+    ndarray
+        A new float array shaped like `maps`.
+
     Examples
     --------
     >>> noisy = add_noise(similarity_maps((8, 8)), [0.1, 0.2, 0.3], seed=1)
@@ -322,6 +327,21 @@ def normalized_cross_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
     Both arrays are made zero-mean and unit-norm over the pixels where both are
     finite; the result is their dot product (NaN if either is constant).
+
+    Parameters
+    ----------
+    a, b : ndarray
+        Arrays of the same shape, e.g. a reconstructed map and its ground truth.
+
+    Returns
+    -------
+    float
+        The correlation coefficient in [-1, 1].
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ.
 
     Examples
     --------
