@@ -45,7 +45,16 @@ _FLOAT64 = 8
 
 
 class MemoryBudgetError(MemoryError, ValueError):
-    """A reconstruction would need more memory than ``memory_budget`` allows."""
+    """A reconstruction would need more memory than ``memory_budget`` allows.
+
+    A ``MemoryError`` and a ``ValueError`` (a request the caller can change), raised
+    before any fitting.
+
+    Examples
+    --------
+    >>> issubclass(MemoryBudgetError, MemoryError), issubclass(MemoryBudgetError, ValueError)
+    (True, True)
+    """
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,12 @@ class MemoryEstimate:
         Peak working memory of the likelihood and its gradient.
     prediction
         Peak working memory of the prediction (chunk temporaries and results).
+
+    Examples
+    --------
+    >>> est = MemoryEstimate(maps=100, spectrum_image=1000, fitting=50, prediction=200)
+    >>> est.output, est.total
+    (1100, 1300)
     """
 
     maps: int
@@ -71,16 +86,38 @@ class MemoryEstimate:
 
     @property
     def output(self) -> int:
-        """Bytes held by the returned signals."""
+        """Bytes held by the returned signals.
+
+        Examples
+        --------
+        >>> MemoryEstimate(maps=100, spectrum_image=1000, fitting=50, prediction=200).output
+        1100
+        """
         return self.maps + self.spectrum_image
 
     @property
     def total(self) -> int:
-        """Peak estimate: the outputs plus the larger working stage."""
+        """Peak estimate: the outputs plus the larger working stage.
+
+        Examples
+        --------
+        >>> MemoryEstimate(maps=100, spectrum_image=1000, fitting=50, prediction=200).total
+        1300
+        """
         return self.output + max(self.fitting, self.prediction)
 
     def describe(self) -> str:
-        """One line with the total and its parts, in human units."""
+        """One line with the total and its parts, in human units.
+
+        Returns
+        -------
+        str
+
+        Examples
+        --------
+        >>> MemoryEstimate(2**20, 2**30, 2**20, 2**21).describe().startswith("about ")
+        True
+        """
         return (
             f"about {_fmt(self.total)} (spectrum image {_fmt(self.spectrum_image)}, GP maps and "
             f"variances {_fmt(self.maps)}, fitting {_fmt(self.fitting)}, prediction {_fmt(self.prediction)})"
@@ -225,6 +262,19 @@ def check_memory_budget(estimate: MemoryEstimate, memory_budget: int | float | s
     """Raise :class:`MemoryBudgetError` when ``estimate`` exceeds the budget.
 
     The message gives the estimate by stage, the budget and what to change.
+
+    Parameters
+    ----------
+    estimate : MemoryEstimate
+        From :func:`estimate_memory`.
+    memory_budget : int, float, str or None
+        Bytes, a string such as ``"8 GB"``, or ``None`` for the default budget
+        (:data:`DEFAULT_MEMORY_BUDGET`).
+
+    Raises
+    ------
+    MemoryBudgetError
+        When ``estimate.total`` exceeds the budget.
 
     Examples
     --------
