@@ -6,6 +6,7 @@ axes, and HyperSpy preferences.  Nothing here imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -48,33 +49,45 @@ def navigation_shape(signal) -> tuple[int, ...]:
 
 
 def read_decomposition(signal, components: list[int]) -> Decomposition:
-    """Copy the chosen components out of ``signal.learning_results`` (never modified)."""
+    """Copy the chosen components out of ``signal.learning_results`` (never modified).
+
+    After a lazy decomposition the learning results may be dask arrays (e.g.
+    ``svd_solver="full"``); only the chosen columns are computed, loadings, factors and
+    mean together in one ``dask.compute`` so that a graph they share runs once.
+
+    A mean is added back when HyperSpy stored one per channel: ``centre="navigation"``,
+    and lazy ``algorithm="PCA"``, which keeps scikit-learn's ``mean_`` with
+    ``centre=None``.
+    """
     lr = signal.learning_results
+    if lr.centre == "signal":
+        raise NotImplementedError(_SIGNAL_CENTRE_MESSAGE)
     nav_shape = navigation_shape(signal)
-    loadings = _to_numpy(lr.loadings[:, components])
-    factors = _to_numpy(lr.factors[:, components])
-    mean = None
-    if lr.centre is not None and lr.mean is not None:
-        mean_arr = _to_numpy(lr.mean)
-        if lr.centre == "signal" or mean_arr.size != factors.shape[0]:
-            raise NotImplementedError(
-                "The decomposition was centred with centre='signal' (a mean per pixel), "
-                "which a GP reconstruction cannot upsample yet. Run "
-                "s.decomposition(centre=None) or s.decomposition(centre='navigation')."
-            )
-        mean = mean_arr.reshape(-1).copy()
+    loadings, factors, mean = _compute(lr.loadings[:, components], lr.factors[:, components], lr.mean)
+    if mean is not None:
+        if mean.size != factors.shape[0]:
+            raise NotImplementedError(_SIGNAL_CENTRE_MESSAGE)
+        mean = np.array(mean, dtype=np.float64).reshape(-1)
     maps = np.array(loadings, copy=True).reshape(*nav_shape, len(components))
     return Decomposition(maps, np.array(factors, copy=True), mean, list(components), lr.decomposition_algorithm)
+
+
+_SIGNAL_CENTRE_MESSAGE = (
+    "The decomposition was centred with centre='signal' (a mean per pixel), "
+    "which a GP reconstruction cannot upsample yet. Run "
+    "s.decomposition(centre=None) or s.decomposition(centre='navigation')."
+)
 
 
 def n_decomposition_components(signal) -> int:
     return int(signal.learning_results.loadings.shape[1])
 
 
-def _to_numpy(array) -> np.ndarray:
-    if hasattr(array, "compute"):
-        array = array.compute()
-    return np.asarray(array)
+def _compute(*arrays):
+    """numpy versions of ``arrays`` (``None`` kept); dask ones in a single compute."""
+    import dask
+
+    return tuple(None if a is None else np.asarray(a) for a in dask.compute(*arrays))
 
 
 def navigation_axes(signal) -> list:
@@ -149,3 +162,12 @@ def clear_learning_results(signal) -> None:
     from hyperspy.learn import LearningResults
 
     signal.learning_results = LearningResults()
+
+
+def dask_progressbar(show: bool):
+    """dask's progress bar when ``show`` (as HyperSpy's lazy signals), else a null context."""
+    if not show:
+        return contextlib.nullcontext()
+    from dask.diagnostics import ProgressBar
+
+    return ProgressBar()

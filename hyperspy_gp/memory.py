@@ -199,9 +199,9 @@ def _prediction_bytes(grid_shape, upsampling, n_models, n_tasks, kernel, n_obser
         per_row = row * n_models * n_tasks * _FLOAT64 * 4
         if kernel != "separable":
             per_row *= max(1, math.prod(grid_shape) // n_tasks)
-    chunk = CHUNK_BYTES if chunks is None else per_row * min(chunks, n_rows)
-    workers = os.cpu_count() or 1
-    return min(workers, n_rows) * max(chunk, per_row)
+    rows = min(n_rows, chunks if chunks is not None else max(1, CHUNK_BYTES // per_row))
+    concurrent = min(os.cpu_count() or 1, math.ceil(n_rows / rows))  # dask's threads
+    return concurrent * rows * per_row
 
 
 def resolve_budget(memory_budget: int | float | str | None) -> tuple[float, str]:

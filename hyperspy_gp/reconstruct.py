@@ -189,13 +189,17 @@ def gp_reconstruct(
     dtype : {"float64", "float32"}
         Precision of the GP computations.
     lazy_output : bool or None
-        Return a lazy reconstructed spectrum image; ``None`` follows the input.
+        Return a lazy reconstructed spectrum image; ``None`` follows the input.  It is
+        built chunk by chunk from the GP maps (never held whole): the whole signal axis
+        per chunk, navigation chunks sized by dask's ``array.chunk-size``, as
+        ``s.get_decomposition_model(lazy_output=True)``; ``save(..., "zspy")`` streams it.
     chunks : int or None
         Rows of the upsampled grid predicted per dask task; ``None`` chooses them to
         keep each task's temporaries under 64 MB.  Prediction runs on the current dask
         scheduler (a ``dask.distributed`` client, if one is active).
     show_progressbar : bool or None
-        Show training progress; ``None`` follows HyperSpy's preference.
+        Show training progress (tqdm) and the prediction chunks (dask's progress bar);
+        ``None`` follows HyperSpy's preference.
     memory_budget : int, float, str or None
         Largest peak memory (bytes, or a string such as ``"16 GB"``) the request may
         need; it is estimated before fitting (:mod:`hyperspy_gp.memory`) and a
@@ -241,6 +245,7 @@ def gp_reconstruct(
     )
     decomposition = hsglue.read_decomposition(signal, request.components)
     maps = _check_maps(decomposition.maps, request.components)
+    _warn_masked_channels(decomposition.factors)
     request.observed = _choose_solver(maps, request)
     lazy = signal._lazy if lazy_output is None else bool(lazy_output)
     _check_memory(maps, decomposition, request, lazy, memory_budget)
@@ -415,6 +420,20 @@ def _check_device(device: str) -> None:
         raise ValueError(f"device must be 'cpu' or 'cuda', not {device!r}.")
 
 
+def _warn_masked_channels(factors: np.ndarray) -> None:
+    """Channels without factors (a decomposition's ``signal_mask``) stay NaN, as in HyperSpy."""
+    masked = ~np.isfinite(factors).all(axis=1)
+    if masked.any():
+        warnings.warn(
+            f"{int(masked.sum())} of the {masked.size} channels have no spectral factors (NaN, e.g. "
+            "excluded by the decomposition's signal_mask): the reconstructed spectra are NaN there, "
+            "as in s.get_decomposition_model(). The GP loading maps are unaffected. To avoid the NaN "
+            "channels, crop them with s.isig[...] before s.decomposition().",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _check_maps(maps: np.ndarray, components: list[int]) -> np.ndarray:
     """Float64 maps; NaN marks a missing pixel, inf is refused."""
     maps = maps.astype(np.float64, copy=False)
@@ -494,7 +513,8 @@ def _fit_and_predict(maps, request: _Request, isotropic, max_iter, tol, show_pro
 
     posterior = make_posterior(model, targets_t)
     test_coords = [kernel.axis_coordinates(n, request.upsampling) for n in grid]
-    mean, variance = dask.compute(*posterior.predict_dask(test_coords, chunk_rows=request.chunks))
+    with hsglue.dask_progressbar(show_progressbar):
+        mean, variance = dask.compute(*posterior.predict_dask(test_coords, chunk_rows=request.chunks))
     mean, variance = _per_map(mean, request.mode), _per_map(variance, request.mode)
     mean = centre + scale * mean
     variance = scale**2 * variance
@@ -598,15 +618,7 @@ def _loadings_signal(signal, fit: _FitOutput, up_axes, gp_metadata):
 
 def _spectrum_image(signal, decomposition, fit: _FitOutput, up_axes, gp_metadata, lazy: bool):
     maps, factors, mean = fit.mean, decomposition.factors, decomposition.mean
-    if lazy:
-        import dask.array as da
-
-        nav_chunks = tuple(min(64, n) for n in maps.shape[:-1])
-        data = da.einsum("...c,sc->...s", da.from_array(maps, chunks=nav_chunks + (-1,)), da.from_array(factors))
-    else:
-        data = maps @ factors.T
-    if mean is not None:
-        data = data + mean
+    data = _lazy_cube(maps, factors, mean) if lazy else _cube_block(maps, factors.T, mean)
     sig_axis = hsglue.axis_dict(signal.axes_manager.signal_axes[0], navigate=False)
     md = hsglue.metadata_dict(signal)
     md.setdefault("General", {})["title"] = f"{signal.metadata.General.title} (GP reconstruction)".strip()
@@ -615,4 +627,28 @@ def _spectrum_image(signal, decomposition, fit: _FitOutput, up_axes, gp_metadata
     hsglue.set_learning_results(out, maps.reshape(-1, maps.shape[-1]), factors, mean, decomposition.algorithm)
     out.metadata.set_item("GP_reconstruction", gp_metadata)
     out.metadata.set_item("GP_reconstruction.loadings_variance", np.moveaxis(fit.variance, -1, 0))
+    return out
+
+
+def _lazy_cube(maps: np.ndarray, factors: np.ndarray, mean: np.ndarray | None):
+    """``maps @ factors.T (+ mean)`` as a dask array built one navigation chunk per task.
+
+    As HyperSpy's ``get_decomposition_model(lazy_output=True)``: the whole signal axis
+    in every chunk, navigation chunks sized by dask's ``array.chunk-size`` setting, so
+    computing or saving it holds a few chunks at a time, never the cube.
+    """
+    import dask.array as da
+
+    dtype = np.result_type(maps, factors, *([] if mean is None else [mean]))
+    shape = maps.shape[:-1] + factors.shape[:1]
+    chunks = da.core.normalize_chunks(("auto",) * (maps.ndim - 1) + (-1,), shape, dtype=dtype)
+    lazy_maps = da.from_array(maps, chunks=chunks[:-1] + (-1,))
+    return da.map_blocks(_cube_block, lazy_maps, factors.T, mean, chunks=chunks, dtype=dtype)
+
+
+def _cube_block(maps: np.ndarray, factors_t: np.ndarray, mean: np.ndarray | None) -> np.ndarray:
+    """Spectra of a block of maps ``(..., T)``: ``maps @ factors_t``, plus the mean."""
+    out = maps @ factors_t
+    if mean is not None:
+        out += mean
     return out

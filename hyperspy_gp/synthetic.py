@@ -122,33 +122,38 @@ def _edge_shapes(energy: np.ndarray) -> dict[str, np.ndarray]:
 
 def _render_rows(maps: dict[str, np.ndarray], edges: dict[str, np.ndarray],
                  background: np.ndarray, dose: float,
-                 seed: int | np.random.SeedSequence | None) -> np.ndarray:
-    """Poisson-sampled spectra (float32) for the map rows it is given."""
-    mean = np.broadcast_to(background, maps["A"].shape + background.shape).copy()
-    for name, edge in EDGE_OF_MAP.items():
-        mean += maps[name][..., None] * edges[edge]
-    mean *= dose * maps["thickness"][..., None]
-    return np.random.default_rng(seed).poisson(mean).astype(np.float32)
+                 row_seeds: Sequence[np.random.SeedSequence]) -> np.ndarray:
+    """Poisson-sampled spectra (float32) of the map rows it is given.
+
+    Row ``i`` is drawn from its own seed ``row_seeds[i]``, so the data do not depend
+    on how the rows are grouped into chunks, and only one row of noiseless spectra
+    exists at a time.
+    """
+    ny, nx = maps["A"].shape
+    out = np.empty((ny, nx, background.size), dtype=np.float32)
+    for i, row_seed in enumerate(row_seeds):
+        mean = np.broadcast_to(background, (nx, background.size)).copy()
+        for name, edge in EDGE_OF_MAP.items():
+            mean += maps[name][i, :, None] * edges[edge]
+        mean *= dose * maps["thickness"][i, :, None]
+        out[i] = np.random.default_rng(row_seed).poisson(mean)
+    return out
 
 
 def _lazy_cube(maps: dict[str, np.ndarray], edges: dict[str, np.ndarray],
-               background: np.ndarray, dose: float, seed: int | None,
-               chunk_rows: int):
-    """Dask array of row chunks, each rendered with its own derived seed."""
+               background: np.ndarray, dose: float,
+               row_seeds: Sequence[np.random.SeedSequence], chunk_rows: int):
+    """Dask array of row chunks, one task each, equal to :func:`_render_rows`."""
     import dask
     import dask.array as da
 
     ny, nx = maps["A"].shape
-    root = np.random.SeedSequence(seed)
-    starts = range(0, ny, chunk_rows)
-    children = root.spawn(len(starts))
     blocks = []
-    for r0, child in zip(starts, children):
-        sub = {k: v[r0:r0 + chunk_rows] for k, v in maps.items()}
-        task = dask.delayed(_render_rows, pure=True)(
-            sub, edges, background, dose, child)
-        rows = sub["A"].shape[0]
-        blocks.append(da.from_delayed(task, (rows, nx, background.size), np.float32))
+    for r0 in range(0, ny, chunk_rows):
+        rows = slice(r0, r0 + chunk_rows)
+        sub = {k: v[rows] for k, v in maps.items()}
+        task = dask.delayed(_render_rows, pure=True)(sub, edges, background, dose, row_seeds[rows])
+        blocks.append(da.from_delayed(task, (sub["A"].shape[0], nx, background.size), np.float32))
     return da.concatenate(blocks, axis=0)
 
 
@@ -218,12 +223,13 @@ def atomic_eels_spectrum_image(
         ``"EELS"`` gives an exSpy ``EELSSpectrum``; anything else a
         ``Signal1D`` converted with ``set_signal_type``.
     lazy : bool
-        Build a dask array chunked over navigation rows; each chunk renders its
-        own spectra from a seed derived from `seed` (eager and lazy noise differ).
+        Build a dask array chunked over navigation rows, one task per chunk, for
+        spectrum images larger than memory. Each row's noise comes from its own
+        seed derived from `seed`, so lazy and eager data are identical.
     return_truth : bool
         Also return the noiseless ground truth.
     chunk_rows : int, optional
-        Rows per lazy chunk; default keeps chunks around 16 MB.
+        Rows per lazy chunk; default keeps chunks around 16 MB (float32).
 
     Returns
     -------
@@ -245,11 +251,12 @@ def atomic_eels_spectrum_image(
     all_edges = _edge_shapes(energy)
     edges = {name: all_edges[edge] for name, edge in EDGE_OF_MAP.items()}
     maps = atomic_lattice_maps(shape, spacing=spacing)
+    row_seeds = np.random.SeedSequence(seed).spawn(shape[0])
     if lazy:
         rows = chunk_rows or max(1, (1 << 22) // (shape[1] * n_channels))
-        data = _lazy_cube(maps, all_edges, background, dose, seed, rows)
+        data = _lazy_cube(maps, all_edges, background, dose, row_seeds, rows)
     else:
-        data = _render_rows(maps, all_edges, background, dose, seed)
+        data = _render_rows(maps, all_edges, background, dose, row_seeds)
     s = _make_signal(data, signal_type, lazy)
     _calibrate(s, spacing, energy_offset, energy_scale)
     if not return_truth:

@@ -19,6 +19,7 @@ chunk.
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -74,10 +75,13 @@ class Posterior:
         coords = [c.detach().cpu() for c in test_coords]
         p, t = self.mean_weights.shape[0], self.model.n_tasks
         tail = tuple(len(c) for c in coords[1:])
+        # One graph key for the posterior and the coordinates: a scheduler ships them
+        # once per worker instead of pickling (and hashing) them into every task.
+        state = dask.delayed((self, coords), traverse=False, name=f"gp-posterior-{uuid.uuid4().hex}")
         means, variances = [], []
         for start in range(0, n_rows, chunk_rows):
             stop = min(start + chunk_rows, n_rows)
-            task = dask.delayed(_predict_rows, pure=True, nout=2)(self, coords, start, stop)
+            task = dask.delayed(_predict_rows, pure=True, nout=2)(state, start, stop)
             shape = (p, stop - start, *tail, t)
             means.append(da.from_delayed(task[0], shape=shape, dtype=np.float64))
             variances.append(da.from_delayed(task[1], shape=shape, dtype=np.float64))
@@ -139,8 +143,9 @@ class GridPosterior(Posterior):
         return max(1, DEFAULT_CHUNK_BYTES // max(per_row, 1))
 
 
-def _predict_rows(posterior: GridPosterior, test_coords, start: int, stop: int):
+def _predict_rows(state: tuple[Posterior, list[torch.Tensor]], start: int, stop: int):
     """One dask task: mean and variance (numpy) of test rows ``start:stop``."""
+    posterior, test_coords = state
     device = posterior.mean_weights.device
     rows = [test_coords[0][start:stop].to(device), *(c.to(device) for c in test_coords[1:])]
     mean, variance = posterior.predict(rows)
