@@ -80,6 +80,11 @@ def safe_cholesky(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not failed.any():
         return chol, jitter
     with torch.no_grad():
+        if not torch.isfinite(matrix).all():
+            raise NotPositiveDefiniteError(
+                "The GP covariance contains NaN or inf (non-finite hyperparameters or maps); "
+                "jitter cannot repair it."
+            )
         diagonal = torch.diagonal(matrix, dim1=-2, dim2=-1).abs()
         scale = diagonal.reshape(n_models, -1).amax(dim=-1).clamp_min(torch.finfo(matrix.dtype).tiny)
     eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)

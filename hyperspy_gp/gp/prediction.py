@@ -143,13 +143,26 @@ class GridPosterior(Posterior):
         return max(1, DEFAULT_CHUNK_BYTES // max(per_row, 1))
 
 
+class ChunkPredictionError(RuntimeError):
+    """Prediction failed in one dask task; the message names its rows, the cause is chained."""
+
+
 def _predict_rows(state: tuple[Posterior, list[torch.Tensor]], start: int, stop: int):
     """One dask task: mean and variance (numpy) of test rows ``start:stop``."""
     posterior, test_coords = state
-    device = posterior.mean_weights.device
-    rows = [test_coords[0][start:stop].to(device), *(c.to(device) for c in test_coords[1:])]
-    mean, variance = posterior.predict(rows)
-    return mean.detach().cpu().numpy().astype(np.float64), variance.detach().cpu().numpy().astype(np.float64)
+    try:
+        device = posterior.mean_weights.device
+        rows = [test_coords[0][start:stop].to(device), *(c.to(device) for c in test_coords[1:])]
+        mean, variance = posterior.predict(rows)
+        return mean.detach().cpu().numpy().astype(np.float64), variance.detach().cpu().numpy().astype(np.float64)
+    except MemoryError:
+        raise  # keep its type: callers free memory or choose smaller chunks
+    except Exception as exc:  # (KeyboardInterrupt is not an Exception and passes through)
+        n_rows = len(test_coords[0])
+        raise ChunkPredictionError(
+            f"GP prediction failed in the dask task for rows {start}:{stop} (of {n_rows}) of the "
+            f"upsampled grid: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def make_posterior(model: GridICMModel, targets: torch.Tensor) -> Posterior:

@@ -47,6 +47,12 @@ def test_an_indefinite_matrix_is_a_clear_error():
         safe_cholesky(bad)
 
 
+def test_a_non_finite_matrix_is_not_jittered():
+    bad = torch.tensor([[[1.0, np.nan], [np.nan, 1.0]]], dtype=torch.float64)
+    with pytest.raises(NotPositiveDefiniteError, match="NaN or inf"):
+        safe_cholesky(bad)
+
+
 def test_gradient_flows_through_the_jittered_factor():
     base = torch.ones(1, 3, 3, dtype=torch.float64)
     scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
