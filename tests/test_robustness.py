@@ -1,5 +1,7 @@
 """Nothing lost, nothing half done: interrupts, failing dask tasks, determinism, round trips."""
 
+import re
+
 import hyperspy.api as hs
 import numpy as np
 import pytest
@@ -91,6 +93,15 @@ def test_a_failing_chunk_is_named_on_a_distributed_cluster(decomposed, monkeypat
     with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None):
         with pytest.raises(ChunkPredictionError, match=r"rows 0:7 \(of 14\)"):
             gp_reconstruct(decomposed, components=2, chunks=7)
+
+
+def test_non_convergence_warns_with_the_recorded_gradient_norm(decomposed):
+    pattern = r"did not converge in 2 iterations.*gradient norm ([0-9.e+-]+?)\. Increase `max_iter`"
+    with pytest.warns(ConvergenceWarning, match=pattern) as info:
+        rec = gp_reconstruct(decomposed, components=2, max_iter=2)
+    reported = float(re.search(pattern, str(info[0].message)).group(1))
+    assert not rec.hyperparameters["converged"]
+    assert rec.hyperparameters["gradient_norm"] == pytest.approx(reported, rel=1e-2)
 
 
 # --------------------------------------------------------------- determinism
