@@ -48,6 +48,9 @@ PLATEAU_TOLERANCE = 0.2
 MIN_PLATEAU = 2
 #: Suggested bounds are ``(basin / margin, basin · margin)``.
 DEFAULT_MARGIN = 1.5
+#: A plateau below this multiple of the lower bound is the fit pinned to that bound
+#: (the map looks like white noise at this sampling), not a basin.
+PINNED_RATIO = 1.2
 
 
 @dataclass
@@ -327,7 +330,7 @@ def scan_loading_maps(
 
         sweeps = dask.compute(*[dask.delayed(_sweep, pure=True)(g, show_progressbar=False, **options) for g in groups])
     lengthscales = np.concatenate([s[0] for s in sweeps], axis=1)
-    basins = find_basins(upper_bounds, lengthscales)
+    basins = find_basins(upper_bounds, lengthscales, lower_bound=lower_bound)
     return LengthscaleScan(
         upper_bounds=upper_bounds,
         lengthscales=lengthscales,
@@ -347,13 +350,16 @@ def find_basins(
     diagonal_ratio: float = DIAGONAL_RATIO,
     tolerance: float = PLATEAU_TOLERANCE,
     min_plateau: int = MIN_PLATEAU,
+    lower_bound: float | None = None,
 ) -> np.ndarray:
     """Length scale of the first plateau of each curve of a scan.
 
     A curve leaves the diagonal at the first bound where its length scale is below
     ``diagonal_ratio × bound``; it has a basin there if the length scale then stays
     within ``±tolerance`` (relative) for at least ``min_plateau`` consecutive bounds.
-    The basin's length scale is the median over that plateau.
+    The basin's length scale is the median over that plateau.  A plateau within
+    ``PINNED_RATIO`` (1.2) of ``lower_bound`` is the fit pinned to that bound, not a
+    basin.
 
     Parameters
     ----------
@@ -367,6 +373,8 @@ def find_basins(
         Relative spread of the length scale that still counts as one plateau.
     min_plateau : int
         Consecutive bounds the length scale must stay put over to count as a basin.
+    lower_bound : float, optional
+        The scan's lower length-scale bound (pixels).
 
     Returns
     -------
@@ -379,23 +387,27 @@ def find_basins(
     >>> curves = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 4.0], [3.1, 8.0], [3.0, 16.0]])
     >>> find_basins(bounds, curves)
     array([ 3., nan])
+    >>> find_basins(bounds, np.full((5, 1), 0.5), lower_bound=0.5)  # pinned
+    array([nan])
     """
     bounds = np.asarray(upper_bounds, dtype=float)
     ls = np.asarray(lengthscales, dtype=float)
     curves = ls.reshape(len(bounds), -1)
+    floor = 0.0 if lower_bound is None else PINNED_RATIO * float(lower_bound)
     basins = np.full(curves.shape[1], np.nan)
     for c in range(curves.shape[1]):
-        basins[c] = _first_plateau(curves[:, c], bounds, diagonal_ratio, tolerance, min_plateau)
+        basins[c] = _first_plateau(curves[:, c], bounds, diagonal_ratio, tolerance, min_plateau, floor)
     return basins.reshape(ls.shape[1:])
 
 
-def _first_plateau(curve, bounds, diagonal_ratio, tolerance, min_plateau) -> float:
+def _first_plateau(curve, bounds, diagonal_ratio, tolerance, min_plateau, floor) -> float:
     for start in np.nonzero(curve < diagonal_ratio * bounds)[0]:
         stop = start + 1
         while stop < len(curve) and abs(curve[stop] / curve[start] - 1.0) <= tolerance:
             stop += 1
-        if stop - start >= min_plateau:
-            return float(np.median(curve[start:stop]))
+        value = float(np.median(curve[start:stop]))
+        if stop - start >= min_plateau and value > floor:
+            return value
     return math.nan
 
 
@@ -404,10 +416,12 @@ def suggest_bounds(
 ) -> tuple[float, float] | None:
     """Length-scale bounds bracketing the finest basin of a scan.
 
-    The basins within a factor ``margin`` of the smallest one form the finest basin
-    (e.g. the atomic contrast seen by several maps and axes); the bounds are its
-    smallest length scale divided by ``margin`` and its largest multiplied by it,
-    rounded to three significant figures.
+    Basins are grouped from the smallest up, a basin joining the group while it is
+    within a factor ``margin`` of the previous one: the first group is the finest
+    basin (e.g. the atomic contrast, seen by several maps and axes at slightly
+    different length scales, the noisier maps lower).  The bounds are its smallest
+    length scale divided by ``margin`` and its largest multiplied by it, rounded to
+    three significant figures.
 
     Parameters
     ----------
@@ -429,10 +443,11 @@ def suggest_bounds(
     (2.0, 5.4)
     """
     found = np.asarray(basins, dtype=float)
-    found = found[np.isfinite(found)]
+    found = np.sort(found[np.isfinite(found)])
     if found.size == 0:
         return None
-    finest = found[found <= found.min() * margin]
+    gaps = np.nonzero(found[1:] > found[:-1] * margin)[0]
+    finest = found[: gaps[0] + 1] if gaps.size else found
     lo = float(f"{finest.min() / margin:.3g}")
     hi = float(f"{finest.max() * margin:.3g}")
     if lower_limit is not None:

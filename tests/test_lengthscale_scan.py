@@ -134,6 +134,17 @@ def test_suggest_bounds_brackets_the_finest_group_of_basins():
     lo, hi = suggest_bounds(np.array([2.0, 2.5, 12.0]), margin=1.5)
     assert (lo, hi) == pytest.approx((2.0 / 1.5, 2.5 * 1.5), rel=1e-2)
     assert suggest_bounds(np.array([0.6]), margin=2.0, lower_limit=0.5)[0] == 0.5
+    # Basins chained by steps < margin are one group (noisier maps sit lower).
+    lo, hi = suggest_bounds(np.array([1.1, 1.5, 2.0, 20.0]), margin=1.5)
+    assert (lo, hi) == pytest.approx((1.1 / 1.5, 2.0 * 1.5), rel=1e-2)
+
+
+def test_a_curve_pinned_to_the_lower_bound_is_not_a_basin():
+    bounds = np.array([1.0, 2.0, 4.0, 8.0])
+    curves = np.array([[0.5, 1.0], [0.5, 1.8], [0.52, 1.8], [0.51, 1.8]])
+    basins = find_basins(bounds, curves, lower_bound=0.5)
+    assert np.isnan(basins[0]) and basins[1] == pytest.approx(1.8)
+    assert find_basins(bounds, curves)[0] == pytest.approx(0.505)  # without the bound: a plateau
 
 
 # ------------------------------------------------------------- on signals
