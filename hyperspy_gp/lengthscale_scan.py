@@ -48,6 +48,10 @@ PLATEAU_TOLERANCE = 0.2
 MIN_PLATEAU = 2
 #: Suggested bounds are ``(basin / margin, basin · margin)``.
 DEFAULT_MARGIN = 1.5
+#: Maps whose GP attributes less than this fraction of their variance to spatial
+#: signal (the rest to noise) do not set the suggested bounds: noise pulls the
+#: fitted length scale down, so their basins are biased short.
+MIN_SIGNAL_FRACTION = 0.5
 #: A plateau below this multiple of the lower bound is the fit pinned to that bound
 #: (the map looks like white noise at this sampling), not a basin.
 PINNED_RATIO = 1.2
@@ -68,6 +72,9 @@ class LengthscaleScan:
         Exact log marginal likelihood of each standardised map at each bound, ``(K, T)``.
     converged
         Whether the fit at each bound met its tolerance, ``(K,)``.
+    signal_fraction
+        Fraction of each standardised map's variance the fit attributes to spatial
+        signal, ``B / (B + σ²)``, at each bound, ``(K, T)``.
     lower_bound
         The fixed lower length-scale bound of every fit (pixels).
     components
@@ -78,7 +85,8 @@ class LengthscaleScan:
         Length scale of the finest basin of each map and axis, ``(T, ndim)`` pixels,
         NaN where the curve never leaves the bound (see :func:`find_basins`).
     suggestion
-        ``(lo, hi)`` pixels bracketing the finest basin of all maps (see
+        ``(lo, hi)`` pixels bracketing the finest basin of the maps whose signal
+        fraction at the largest bound is at least 0.5 (of all maps if none is; see
         :func:`suggest_bounds`), ready for ``gp_reconstruct(lengthscale_bounds=...)``;
         ``None`` when no curve has a basin.
 
@@ -95,6 +103,7 @@ class LengthscaleScan:
     lengthscales: np.ndarray
     log_likelihood: np.ndarray
     converged: np.ndarray
+    signal_fraction: np.ndarray
     lower_bound: float
     components: list[int]
     axes_names: list[str]
@@ -105,7 +114,8 @@ class LengthscaleScan:
         """Plot converged length scale against upper bound, one colour per component.
 
         The dashed diagonal is ``length scale = bound``; the suggested bounds are
-        shaded.  Solid and dotted lines are the first and second scan axes.
+        shaded.  Solid and dotted lines are the first and second scan axes; maps the
+        fit finds noise-dominated (signal fraction < 0.5) are faded.
 
         Parameters
         ----------
@@ -129,7 +139,7 @@ class LengthscaleScan:
         import matplotlib.pyplot as plt
         from matplotlib.lines import Line2D
 
-        fig, ax = plt.subplots(figsize=(6.0, 4.5)) if ax is None else (ax.figure, ax)
+        fig, ax = plt.subplots(figsize=(8.0, 4.5), layout="constrained") if ax is None else (ax.figure, ax)
         bounds = self.upper_bounds
         ax.plot(bounds, bounds, "--", color="0.3", lw=1, label="length scale = bound")
         if self.suggestion is not None:
@@ -137,9 +147,11 @@ class LengthscaleScan:
             ax.axhspan(lo, hi, color="tab:green", alpha=0.15, label=f"suggested bounds [{lo:.3g}, {hi:.3g}] px")
         styles = ("-", ":")
         for t, component in enumerate(self.components):
+            noisy = self.signal_fraction[-1, t] < MIN_SIGNAL_FRACTION
+            label = f"component {component}" + (" (noise-dominated)" if noisy else "")
             for d in range(self.lengthscales.shape[-1]):
                 ax.plot(bounds, self.lengthscales[:, t, d], linestyle=styles[d % 2], marker="o", ms=3,
-                        color=f"C{t % 10}", label=f"component {component}" if d == 0 else None)
+                        color=f"C{t % 10}", alpha=0.35 if noisy else 1.0, label=label if d == 0 else None)
         handles, labels = ax.get_legend_handles_labels()
         if self.lengthscales.shape[-1] > 1:
             for d, name in enumerate(self.axes_names):
@@ -150,7 +162,7 @@ class LengthscaleScan:
         ax.set_xlabel("upper length-scale bound (px)")
         ax.set_ylabel("converged length scale (px)")
         ax.set_title("Length-scale scan")
-        ax.legend(handles, labels, fontsize="small")
+        ax.legend(handles, labels, fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
         return fig
 
     def as_dictionary(self) -> dict:
@@ -173,6 +185,7 @@ class LengthscaleScan:
             "lengthscales_px": np.asarray(self.lengthscales),
             "log_likelihood": np.asarray(self.log_likelihood),
             "converged": np.asarray(self.converged),
+            "signal_fraction": np.asarray(self.signal_fraction),
             "lower_bound_px": float(self.lower_bound),
             "components": list(self.components),
             "axes_names": list(self.axes_names),
@@ -330,17 +343,20 @@ def scan_loading_maps(
 
         sweeps = dask.compute(*[dask.delayed(_sweep, pure=True)(g, show_progressbar=False, **options) for g in groups])
     lengthscales = np.concatenate([s[0] for s in sweeps], axis=1)
+    signal_fraction = np.concatenate([s[3] for s in sweeps], axis=1)
     basins = find_basins(upper_bounds, lengthscales, lower_bound=lower_bound)
+    reliable = np.broadcast_to((signal_fraction[-1] >= MIN_SIGNAL_FRACTION)[:, None], basins.shape)
     return LengthscaleScan(
         upper_bounds=upper_bounds,
         lengthscales=lengthscales,
         log_likelihood=np.concatenate([s[1] for s in sweeps], axis=1),
         converged=np.all([s[2] for s in sweeps], axis=0),
+        signal_fraction=signal_fraction,
         lower_bound=lower_bound,
         components=list(range(n_maps)) if components is None else [int(c) for c in components],
         axes_names=[f"axis {a}" for a in range(len(grid))] if axes_names is None else list(axes_names),
         basins=basins,
-        suggestion=suggest_bounds(basins, margin=margin, lower_limit=lower_bound),
+        suggestion=suggest_bounds(basins, margin=margin, lower_limit=lower_bound, reliable=reliable),
     )
 
 
@@ -412,7 +428,10 @@ def _first_plateau(curve, bounds, diagonal_ratio, tolerance, min_plateau, floor)
 
 
 def suggest_bounds(
-    basins: np.ndarray, margin: float = DEFAULT_MARGIN, lower_limit: float | None = None
+    basins: np.ndarray,
+    margin: float = DEFAULT_MARGIN,
+    lower_limit: float | None = None,
+    reliable: np.ndarray | None = None,
 ) -> tuple[float, float] | None:
     """Length-scale bounds bracketing the finest basin of a scan.
 
@@ -431,6 +450,9 @@ def suggest_bounds(
         Factor (> 1) between a basin and the bounds around it.
     lower_limit : float, optional
         Smallest allowed lower bound (the scan's own lower bound).
+    reliable : ndarray of bool, optional
+        Shaped like ``basins``: only these basins count, unless none of them is a
+        basin.
 
     Returns
     -------
@@ -443,6 +465,8 @@ def suggest_bounds(
     (2.0, 5.4)
     """
     found = np.asarray(basins, dtype=float)
+    if reliable is not None and np.isfinite(found[np.asarray(reliable, dtype=bool)]).any():
+        found = found[np.asarray(reliable, dtype=bool)]
     found = np.sort(found[np.isfinite(found)])
     if found.size == 0:
         return None
@@ -514,7 +538,7 @@ def _sweep(targets, upper_bounds, lower_bound, observed, isotropic, kernel, max_
     torch_dtype = getattr(torch, dtype)
     grid_kernel = GridKernel(targets.shape[1:-1], kernel, dtype=torch_dtype, device=device)
     targets_t = torch.as_tensor(np.ascontiguousarray(targets), dtype=torch_dtype, device=device)
-    lengthscales, logliks, converged, previous = [], [], [], None
+    lengthscales, logliks, converged, fractions, previous = [], [], [], [], None
     progress = _progress(show_progressbar, len(upper_bounds))
     try:
         for hi in upper_bounds:
@@ -527,12 +551,14 @@ def _sweep(targets, upper_bounds, lower_bound, observed, isotropic, kernel, max_
             lengthscales.append(previous[:, : model.raw_lengthscale.shape[-1]].cpu().numpy())
             logliks.append(result.log_likelihood)
             converged.append(result.converged)
+            signal = torch.diagonal(model.task_covariance, dim1=-2, dim2=-1)[:, 0]
+            fractions.append((signal / (signal + model.noise[:, 0])).detach().cpu().numpy())
             if progress is not None:
                 progress.update(1)
     finally:
         if progress is not None:
             progress.close()
-    return np.stack(lengthscales), np.stack(logliks), np.array(converged)
+    return np.stack(lengthscales), np.stack(logliks), np.array(converged), np.stack(fractions)
 
 
 def _warm_start(model, previous, lo: float, hi: float) -> None:

@@ -92,6 +92,18 @@ def test_the_likelihood_never_decreases_as_the_bound_is_relaxed(scan):
     assert (np.diff(scan.log_likelihood, axis=0) >= -1e-6 * np.abs(scan.log_likelihood[1:])).all()
 
 
+def test_a_noise_dominated_map_does_not_set_the_suggestion(scan):
+    assert (scan.signal_fraction[-1] > 0.5).all()
+    noise = np.random.default_rng(5).standard_normal(SHAPE)
+    # A weak short-range signal under stronger noise: a basin finer than the atomic one.
+    weak = 0.5 * _matern52_sample(SHAPE[0], 1.2, np.random.default_rng(6)) + noise
+    maps = np.concatenate([_test_maps(), weak[..., None]], axis=-1)
+    with_noise = scan_loading_maps(maps, upper_bounds=BOUNDS)
+    assert (with_noise.basins[2] < 0.5 * ATOMIC_LENGTHSCALE).all()
+    assert with_noise.signal_fraction[-1, 2] < 0.45
+    assert with_noise.suggestion == pytest.approx(scan.suggestion, rel=0.05)
+
+
 def test_maps_in_separate_dask_tasks_give_the_batched_result(scan):
     split = scan_loading_maps(_test_maps(), upper_bounds=BOUNDS, batch_size=1)
     np.testing.assert_allclose(split.lengthscales, scan.lengthscales, rtol=0.02)
@@ -131,6 +143,11 @@ def test_find_basins_needs_a_plateau_not_a_single_point():
 
 def test_suggest_bounds_brackets_the_finest_group_of_basins():
     assert suggest_bounds(np.array([np.nan, np.nan])) is None
+    # Only the reliable basins count, unless none is reliable.
+    basins, reliable = np.array([1.0, 3.0]), np.array([False, True])
+    assert suggest_bounds(basins, reliable=reliable) == (2.0, 4.5)
+    assert suggest_bounds(basins, reliable=~reliable) == (0.667, 1.5)
+    assert suggest_bounds(np.array([1.0, np.nan]), reliable=reliable) == (0.667, 1.5)
     lo, hi = suggest_bounds(np.array([2.0, 2.5, 12.0]), margin=1.5)
     assert (lo, hi) == pytest.approx((2.0 / 1.5, 2.5 * 1.5), rel=1e-2)
     assert suggest_bounds(np.array([0.6]), margin=2.0, lower_limit=0.5)[0] == 0.5
