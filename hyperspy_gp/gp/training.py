@@ -131,15 +131,7 @@ def fit_model(
         # starve torch's threads (measured: fits 4-5x slower on 2 cores); the
         # optimiser's own linear algebra is tiny, so it runs single-threaded.
         with threadpool_limits(limits=1, user_api="blas"):
-            res = scipy.optimize.minimize(
-                objective,
-                x0,
-                jac=True,
-                method="L-BFGS-B",
-                callback=callback,
-                options={"maxiter": max_iter, "ftol": tol, "gtol": np.sqrt(tol) * 1e-2},
-            )
-        x_final, converged, message, n_iter = res.x, bool(res.success), str(res.message), int(res.nit)
+            x_final, converged, message, n_iter = _minimize(objective, x0, callback, max_iter, tol)
     except KeyboardInterrupt:
         interrupted = True
         x_final = history.best_x if history.best_x is not None else x0
@@ -167,6 +159,47 @@ def fit_model(
         loglik = model.log_likelihood(targets).cpu().numpy()
     _logger.info("GP fit: %s after %d iterations, log likelihood %s", message, n_iter, loglik)
     return FitResult(converged, n_iter, loglik, grad_norm, message, history.as_arrays())
+
+
+def _lbfgsb(objective, x0: np.ndarray, callback, max_iter: int, tol: float):
+    return scipy.optimize.minimize(
+        objective,
+        x0,
+        jac=True,
+        method="L-BFGS-B",
+        callback=callback,
+        options={"maxiter": max_iter, "ftol": tol, "gtol": np.sqrt(tol) * 1e-2},
+    )
+
+
+def _minimize(objective, x0: np.ndarray, callback, max_iter: int, tol: float) -> tuple[np.ndarray, bool, str, int]:
+    """L-BFGS-B, restarted once from where an abnormal line search stopped it.
+
+    L-BFGS-B gives up ("ABNORMAL") when its line search finds no decrease along the
+    quasi-Newton direction, which happens on flat likelihoods (e.g. a length scale
+    running far beyond the scan) with curvature pairs gone stale.  A restart drops the
+    stale pairs; if it cannot lower the objective either, the point is stationary to
+    the precision of the objective and is reported as converged.
+
+    Returns
+    -------
+    tuple
+        ``(x, converged, message, n_iterations)``.
+    """
+    res = _lbfgsb(objective, x0, callback, max_iter, tol)
+    n_iter = int(res.nit)
+    if res.success or "ABNORMAL" not in str(res.message) or n_iter >= max_iter:
+        return res.x, bool(res.success), str(res.message), n_iter
+    _logger.info("L-BFGS-B line search stopped after %d iterations; restarting once", n_iter)
+    again = _lbfgsb(objective, res.x, callback, max_iter - n_iter, tol)
+    n_iter += int(again.nit)
+    x = again.x if again.fun <= res.fun else res.x
+    if again.success:
+        return x, True, f"{again.message} (after one restart)", n_iter
+    stalled = again.fun >= res.fun - tol * max(abs(res.fun), 1.0)
+    if stalled and "ABNORMAL" in str(again.message):
+        return x, True, "CONVERGENCE: no decrease of the objective possible after a restart", n_iter
+    return x, False, str(again.message), n_iter
 
 
 class _History:

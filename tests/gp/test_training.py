@@ -1,5 +1,7 @@
 """Maximum-likelihood training: bounds, convergence reporting, history."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -76,3 +78,52 @@ def test_fit_is_deterministic():
         fit_model(model, _lattice_maps((16, 16)))
         out.append(model.lengthscale.detach().numpy().copy())
     np.testing.assert_array_equal(out[0], out[1])
+
+
+def _abnormal_first_run(monkeypatch, max_first_iter):
+    """Make the first L-BFGS-B run stop early with an abnormal line search."""
+    from hyperspy_gp.gp import training
+
+    real, calls = training._lbfgsb, []
+
+    def lbfgsb(objective, x0, callback, max_iter, tol):
+        calls.append(x0.copy())
+        if len(calls) == 1:
+            res = real(objective, x0, callback, max_first_iter, tol)
+            res.success, res.message = False, "ABNORMAL: "
+            return res
+        return real(objective, x0, callback, max_iter, tol)
+
+    monkeypatch.setattr(training, "_lbfgsb", lbfgsb)
+    return calls
+
+
+def test_abnormal_line_search_restarts_from_where_it_stopped(monkeypatch):
+    reference = GridICMModel(GridKernel((16, 16)), 1, 2, rank=1)
+    fit_model(reference, _lattice_maps((16, 16)))
+
+    calls = _abnormal_first_run(monkeypatch, max_first_iter=4)
+    model = GridICMModel(GridKernel((16, 16)), 1, 2, rank=1)
+    result = fit_model(model, _lattice_maps((16, 16)))
+    assert len(calls) == 2 and not np.array_equal(calls[0], calls[1])
+    assert result.converged and "restart" in result.message
+    np.testing.assert_allclose(model.lengthscale.detach().numpy(), reference.lengthscale.detach().numpy(), rtol=1e-3)
+
+
+def test_abnormal_line_search_at_the_optimum_counts_as_converged(monkeypatch):
+    """A restart that cannot lower the objective either: stationary to precision."""
+    from hyperspy_gp.gp import training
+
+    real = training._lbfgsb
+
+    def always_abnormal(objective, x0, callback, max_iter, tol):
+        res = real(objective, x0, callback, max_iter, tol)
+        res.success, res.message = False, "ABNORMAL: "
+        return res
+
+    monkeypatch.setattr(training, "_lbfgsb", always_abnormal)
+    model = GridICMModel(GridKernel((16, 16)), 1, 2, rank=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        result = fit_model(model, _lattice_maps((16, 16)))
+    assert result.converged and "no decrease" in result.message
