@@ -54,6 +54,11 @@ class Configuration:
         ``"independent"`` or ``"parallel"`` (see :func:`hyperspy_gp.gp_reconstruct`).
     lengthscale_bounds
         ``(lo, hi)`` hard length-scale bounds in pixels, or ``None`` for free kernels.
+
+    Examples
+    --------
+    >>> Configuration("parallel, bounds [2, 5]", "parallel", (2.0, 5.0)).lengthscale_bounds
+    (2.0, 5.0)
     """
 
     name: str
@@ -73,6 +78,25 @@ DEFAULT_CONFIGURATIONS = tuple(
 
 def noise_levels(sigma0: float, alpha: float, noise_model: int) -> np.ndarray:
     """Noise standard deviations of maps 1-3 for one grid point.
+
+    Parameters
+    ----------
+    sigma0 : float
+        Base noise level ``σ0``.
+    alpha : float
+        Factor ``α`` of the noise of maps 2 and 3.
+    noise_model : {1, 2}
+        1: ``σ = (0, ασ0, ασ0)``; 2: ``σ = (σ0, ασ0, ασ0)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        The three standard deviations.
+
+    Raises
+    ------
+    ValueError
+        For a noise model other than 1 or 2.
 
     Examples
     --------
@@ -107,6 +131,12 @@ class SimilarityBenchmark:
         Whether each fit converged without a warning, ``(C, S, A)``.
     shape, period, seed
         Map size, sine periods (pixels) and noise seed.
+
+    Examples
+    --------
+    >>> result = similarity_benchmark([0.2], [2.0], configurations=DEFAULT_CONFIGURATIONS[:2], shape=(16, 16))
+    >>> [c.name for c in result.configurations], result.similarity.shape
+    (['independent, free', 'parallel, free'], (2, 1, 1, 3))
     """
 
     sigma0s: np.ndarray
@@ -124,6 +154,21 @@ class SimilarityBenchmark:
     def index(self, name: str) -> int:
         """Position of the configuration called ``name``.
 
+        Parameters
+        ----------
+        name : str
+            A configuration's ``name``.
+
+        Returns
+        -------
+        int
+            Its index along the first axis of :attr:`similarity`.
+
+        Raises
+        ------
+        ValueError
+            When no configuration has that name.
+
         Examples
         --------
         >>> result = similarity_benchmark([0.1], [1.0], configurations=DEFAULT_CONFIGURATIONS[:2], shape=(16, 16))
@@ -136,7 +181,17 @@ class SimilarityBenchmark:
         return names.index(name)
 
     def good_fraction(self, threshold: float = 0.9) -> np.ndarray:
-        """Fraction of the grid where each configuration's map has NCC ≥ ``threshold``, ``(C, 3)``.
+        """Fraction of the grid where each configuration's map has NCC ≥ ``threshold``.
+
+        Parameters
+        ----------
+        threshold : float
+            NCC above which a grid point counts as "good".
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(C, 3)``: per configuration and map.
 
         Examples
         --------

@@ -29,6 +29,7 @@ PUBLIC_MODULES = (
     "hyperspy_gp.plotting",
     "hyperspy_gp.outliers",
     "hyperspy_gp.lengthscale_scan",
+    "hyperspy_gp.similarity",
 )
 #: Public names of modules without ``__all__``.
 PUBLIC_EXTRA = (
