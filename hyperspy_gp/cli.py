@@ -216,7 +216,7 @@ def _add_reconstruct_parser(commands) -> None:
 
 
 def _add_gp_options(p: argparse.ArgumentParser) -> None:
-    from hyperspy_gp.reconstruct import MODES
+    from hyperspy_gp.request import MODES
 
     gp = p.add_argument_group("Gaussian process")
     gp.add_argument("--mode", choices=MODES, default="parallel",

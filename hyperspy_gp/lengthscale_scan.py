@@ -257,20 +257,20 @@ def lengthscale_scan(
     >>> scan.lengthscales.shape  # bounds × maps × axes
     (3, 1, 2)
     """
-    from hyperspy_gp import reconstruct
+    from hyperspy_gp.request import check_maps, choose_solver, validate_request
 
-    request = reconstruct._validate(
+    request = validate_request(
         signal, components, "independent", 1, None, kernel, 0, "auto", device, dtype, None
     )
     grid = hsglue.navigation_shape(signal)
     upper_bounds, lower_bound = _check_scan_options(upper_bounds, lower_bound, margin, batch_size, grid)
-    maps = reconstruct._check_maps(hsglue.read_decomposition(signal, request.components).maps, request.components)
+    maps = check_maps(hsglue.read_decomposition(signal, request.components).maps, request.components)
     return scan_loading_maps(
         maps,
         upper_bounds=upper_bounds,
         lower_bound=lower_bound,
         components=request.components,
-        observed=reconstruct._choose_solver(maps, request),
+        observed=choose_solver(maps, request),
         axes_names=[str(a.name) for a in hsglue.navigation_axes(signal)],
         isotropic=isotropic,
         kernel=kernel,

@@ -393,14 +393,15 @@ def similarity_benchmark(
 
 def _reconstruct(noisy: np.ndarray, config: Configuration, rank: int, max_iter: int, tol: float):
     """GP mean of ``(3, ny, nx)`` maps on their own grid, fitted length scales, whether all went well."""
-    from hyperspy_gp.reconstruct import _fit_and_predict, _Request
+    from hyperspy_gp.maps_gp import fit_and_predict_maps
+    from hyperspy_gp.request import Request
 
-    request = _Request(components=[0, 1, 2], mode=config.mode, upsampling=1,
+    request = Request(components=[0, 1, 2], mode=config.mode, upsampling=1,
                        lengthscale_bounds=config.lengthscale_bounds, kernel="separable", rank=rank,
                        solver="kronecker", device="cpu", dtype="float64", chunks=None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit = _fit_and_predict(np.moveaxis(noisy, 0, -1), request, isotropic=False, max_iter=max_iter, tol=tol,
+        fit = fit_and_predict_maps(np.moveaxis(noisy, 0, -1), request, isotropic=False, max_iter=max_iter, tol=tol,
                                show_progressbar=False)
     for w in caught:
         _logger.info("%s (%s): %s", config.name, w.category.__name__, w.message)
@@ -427,7 +428,7 @@ def _grid_values(values, default: np.ndarray, name: str) -> np.ndarray:
 
 
 def _check_configurations(configurations) -> list[Configuration]:
-    from hyperspy_gp.reconstruct import MODES, _parse_bounds
+    from hyperspy_gp.request import MODES, parse_bounds
 
     configurations = list(DEFAULT_CONFIGURATIONS if configurations is None else configurations)
     if not configurations:
@@ -439,7 +440,7 @@ def _check_configurations(configurations) -> list[Configuration]:
             raise ValueError(f"Configuration {config.name!r}: mode must be one of {MODES}, not {config.mode!r}.")
         if isinstance(config.lengthscale_bounds, str):
             raise ValueError(f"Configuration {config.name!r}: lengthscale_bounds must be (lo, hi) or None.")
-        _parse_bounds(config.lengthscale_bounds)
+        parse_bounds(config.lengthscale_bounds)
     names = [c.name for c in configurations]
     if len(set(names)) != len(names):
         raise ValueError(f"Configuration names must be unique: {names}.")

@@ -59,6 +59,8 @@ def data_file(shared_data):
 #: public function with a ``signal`` parameter that is missing.
 SIGNAL_ENTRY_POINTS = (
     "hyperspy_gp.reconstruct:gp_reconstruct",
+    "hyperspy_gp.request:validate_request",
+    "hyperspy_gp.outputs:build_outputs",
     "hyperspy_gp.lengthscale_scan:lengthscale_scan",
     "hyperspy_gp.outliers:find_spatial_outliers",
     "hyperspy_gp.outliers:remove_spatial_outliers",

@@ -1,0 +1,258 @@
+"""The checked request of a GP reconstruction.
+
+Everything :func:`hyperspy_gp.gp_reconstruct` (and the length-scale scan) is asked is
+validated here, before any expensive work: the signal's shape and axes, the options,
+the chosen components and their loading maps, and which exact solver can serve them.
+Every error names the parameter and says what to do.  Nothing here imports torch at
+module level.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from hyperspy_gp import _hyperspy as hsglue
+
+MODES = ("parallel", "independent")
+SOLVERS = ("auto", "kronecker", "dense")
+#: ``components=None`` takes every component only up to this many.
+MAX_DEFAULT_COMPONENTS = 10
+#: Largest grid (pixels) for the dense non-separable kernel.
+MAX_DENSE_PIXELS = 4096
+
+
+@dataclass
+class Request:
+    """Validated options of one reconstruction (see :func:`hyperspy_gp.gp_reconstruct`)."""
+
+    components: list[int]
+    mode: str
+    upsampling: int
+    lengthscale_bounds: tuple | None
+    kernel: str
+    rank: int
+    solver: str
+    device: str
+    dtype: str
+    chunks: int | None
+    observed: np.ndarray | None = None  # measured pixels, None for the Kronecker path
+    lengthscale_scan: object | None = None  # the LengthscaleScan behind lengthscale_bounds="auto"
+
+
+def validate_request(signal, components, mode, upsampling, bounds, kernel, rank, solver, device, dtype, chunks) -> Request:
+    """Check ``signal`` and the options of :func:`hyperspy_gp.gp_reconstruct`.
+
+    The parameters are those of :func:`hyperspy_gp.gp_reconstruct` (``bounds`` is its
+    ``lengthscale_bounds``).  Nothing is computed and the signal is not modified.
+
+    Returns
+    -------
+    Request
+        The normalised options, ``components`` as a list of indices.
+
+    Raises
+    ------
+    ValueError
+        With a message naming the parameter and the fix.
+
+    Examples
+    --------
+    >>> from hyperspy_gp.synthetic import atomic_eels_spectrum_image
+    >>> s = atomic_eels_spectrum_image(shape=(8, 8), n_channels=16, seed=0)
+    >>> s.decomposition(output_dimension=3, print_info=False)
+    >>> validate_request(s, 2, "parallel", 2, None, "separable", 1, "auto", "cpu", "float64", None).components
+    [0, 1]
+    """
+    from hyperspy.signal import BaseSignal
+
+    if not isinstance(signal, BaseSignal) or signal.axes_manager.signal_dimension != 1:
+        raise ValueError(
+            "gp_reconstruct expects a spectrum image (a Signal1D with navigation axes), "
+            f"got {type(signal).__name__}. Use s.as_signal1D(...) to make the energy axis the signal axis."
+        )
+    if np.issubdtype(signal.data.dtype, np.complexfloating):
+        raise ValueError("gp_reconstruct works on real data; this signal is complex. Use s.real or s.amplitude.")
+    n_nav = signal.axes_manager.navigation_dimension
+    if n_nav == 0:
+        raise ValueError(
+            "This signal is a single spectrum (no navigation axes): there is no scan grid "
+            "to reconstruct over. gp_reconstruct needs a line scan or a spectrum image."
+        )
+    if n_nav > 2:
+        raise ValueError(
+            f"gp_reconstruct supports 1 or 2 navigation dimensions, this signal has {n_nav}. "
+            "Slice it with s.inav[...] into 2-D spectrum images first."
+        )
+    for axis in signal.axes_manager.navigation_axes:
+        if not axis.is_uniform:
+            raise ValueError(
+                f"Navigation axis {axis.name!r} is not uniform; the GP needs a regular scan grid. "
+                "Convert it with axis.convert_to_uniform_axis()."
+            )
+    if not hsglue.has_decomposition(signal):
+        raise ValueError(
+            "This signal has no decomposition results. Call s.decomposition() first "
+            "(e.g. s.decomposition(algorithm='SVD') or algorithm='NMF', output_dimension=...)."
+        )
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}.")
+    from hyperspy_gp.gp.kernels import KERNELS
+
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}.")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, not {solver!r}.")
+    if isinstance(upsampling, bool) or not isinstance(upsampling, (int, np.integer)) or upsampling < 1:
+        raise ValueError(f"upsampling must be an integer >= 1, not {upsampling!r}.")
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 0:
+        raise ValueError(f"rank must be an integer >= 0, not {rank!r}.")
+    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1):
+        raise ValueError(f"chunks must be a positive number of rows of the upsampled grid, or None, not {chunks!r}.")
+    if dtype not in ("float64", "float32"):
+        raise ValueError(f"dtype must be 'float64' or 'float32', not {dtype!r}.")
+    chosen = parse_components(components, hsglue.n_decomposition_components(signal))
+    if kernel == "matern" and signal.axes_manager.navigation_size > MAX_DENSE_PIXELS:
+        raise ValueError(
+            f"kernel='matern' uses dense algebra, limited to {MAX_DENSE_PIXELS} pixels; this scan has "
+            f"{signal.axes_manager.navigation_size}. Use kernel='separable'."
+        )
+    check_device(device)
+    return Request(
+        chosen, mode, int(upsampling), parse_bounds(bounds), kernel, int(rank), solver, device, dtype,
+        None if chunks is None else int(chunks),
+    )
+
+
+def parse_components(components, n_available: int) -> list[int]:
+    if components is None:
+        if n_available > MAX_DEFAULT_COMPONENTS:
+            raise ValueError(
+                f"The decomposition has {n_available} components; choose how many to reconstruct, "
+                "e.g. components=6 (see s.plot_explained_variance_ratio())."
+            )
+        return list(range(n_available))
+    if isinstance(components, (int, np.integer)) and not isinstance(components, bool):
+        if not 1 <= components <= n_available:
+            raise ValueError(f"components={components} is out of range: the decomposition has {n_available} components.")
+        return list(range(int(components)))
+    try:
+        chosen = [int(c) for c in components]
+    except (TypeError, ValueError):
+        raise ValueError(f"components must be an int or a list of ints, not {components!r}.") from None
+    if not chosen:
+        raise ValueError("components is empty: give at least one component index.")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"components has duplicated indices: {chosen}.")
+    bad = [c for c in chosen if not 0 <= c < n_available]
+    if bad:
+        raise ValueError(f"components {bad} are out of range: valid indices are 0..{n_available - 1}.")
+    return chosen
+
+
+def parse_bounds(bounds):
+    if bounds is None:
+        return None
+    if isinstance(bounds, str):
+        if bounds == "auto":
+            return "auto"
+        raise ValueError(f"lengthscale_bounds must be a pair (lo, hi) in pixels, 'auto' or None, not {bounds!r}.")
+    try:
+        lo, hi = bounds
+    except (TypeError, ValueError):
+        raise ValueError(f"lengthscale_bounds must be a pair (lo, hi) in pixels, not {bounds!r}.") from None
+    for name, value in (("lower", lo), ("upper", hi)):
+        if value is not None and not (np.isfinite(value) and value > 0):
+            raise ValueError(f"The {name} length-scale bound must be a positive number of pixels, not {value!r}.")
+    if lo is not None and hi is not None and not lo < hi:
+        raise ValueError(f"lengthscale_bounds=({lo}, {hi}): the lower bound must be smaller than the upper bound.")
+    return (None if lo is None else float(lo), None if hi is None else float(hi))
+
+
+def check_device(device: str) -> None:
+    if str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' was requested but torch sees no GPU. Use device='cpu'.")
+    elif device != "cpu":
+        raise ValueError(f"device must be 'cpu' or 'cuda', not {device!r}.")
+
+
+def check_maps(maps: np.ndarray, components: list[int]) -> np.ndarray:
+    """Float64 maps ``(*grid, T)``; NaN marks a missing pixel, inf is refused.
+
+    Raises
+    ------
+    ValueError
+        For inf, fewer than two measured pixels, or a constant map (named by its
+        component index from ``components``).
+
+    Examples
+    --------
+    >>> check_maps(np.array([[1.0, 2.0], [1.0, 3.0]]), [4, 7])  # a line scan of 2 pixels, 2 maps
+    Traceback (most recent call last):
+    ...
+    ValueError: Loading maps of components [4] are constant; leave them out of components.
+    """
+    maps = maps.astype(np.float64, copy=False)
+    if np.isinf(maps).any():
+        bad = sorted({components[i] for i in np.nonzero(np.isinf(maps.reshape(-1, maps.shape[-1])).any(0))[0]})
+        raise ValueError(
+            f"Loading maps of components {bad} contain inf: the decomposition failed on this data. "
+            "Check the data for inf values and decompose again."
+        )
+    observed = np.isfinite(maps).all(axis=-1)
+    if observed.sum() < 2:
+        raise ValueError("Fewer than two scan pixels have finite loadings: there is no spatial structure to fit.")
+    flat = maps[observed]
+    constant = [components[i] for i in np.nonzero(np.ptp(flat, axis=0) == 0)[0]]
+    if constant:
+        raise ValueError(f"Loading maps of components {constant} are constant; leave them out of components.")
+    return maps
+
+
+def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
+    """The observed-pixel mask for the dense path, or ``None`` for the Kronecker path.
+
+    Raises
+    ------
+    ValueError
+        When ``solver="kronecker"`` meets missing pixels, or the dense path would be
+        too large.
+    """
+    from hyperspy_gp.gp.dense import MAX_DENSE_VALUES
+
+    observed = np.isfinite(maps).all(axis=-1)
+    complete = bool(observed.all())
+    if request.solver == "kronecker" and not complete:
+        raise ValueError(
+            f"{int((~observed).sum())} scan pixels have no finite loadings (e.g. a navigation_mask); "
+            "solver='kronecker' needs a complete grid. Use solver='auto' or 'dense'."
+        )
+    if request.solver == "kronecker" or (request.solver == "auto" and complete):
+        return None
+    values = int(observed.sum()) * (maps.shape[-1] if request.mode == "parallel" else 1)
+    if values > MAX_DENSE_VALUES:
+        raise ValueError(
+            f"The dense solver (used when pixels are missing) would factorise {values} observed values "
+            f"(limit {MAX_DENSE_VALUES}). Crop the scan with s.inav[...], choose fewer components or "
+            "mode='independent', or decompose without a navigation_mask."
+        )
+    return observed
+
+
+def warn_masked_channels(factors: np.ndarray) -> None:
+    """Channels without factors (a decomposition's ``signal_mask``) stay NaN, as in HyperSpy."""
+    masked = ~np.isfinite(factors).all(axis=1)
+    if masked.any():
+        warnings.warn(
+            f"{int(masked.sum())} of the {masked.size} channels have no spectral factors (NaN, e.g. "
+            "excluded by the decomposition's signal_mask): the reconstructed spectra are NaN there, "
+            "as in s.get_decomposition_model(). The GP loading maps are unaffected. To avoid the NaN "
+            "channels, crop them with s.isig[...] before s.decomposition().",
+            UserWarning,
+            stacklevel=3,
+        )
