@@ -13,12 +13,15 @@ rising, the fit has found a basin.  The finest basin found becomes the suggested
 ``lengthscale_bounds`` of :func:`hyperspy_gp.gp_reconstruct`
 (``lengthscale_bounds="auto"`` runs the scan and uses it).
 
-Parallelism: the maps are fitted together as a batch of ``P`` independent models of
-one :class:`~hyperspy_gp.gp.model.GridICMModel`, so every likelihood evaluation of
-the sweep handles all of them in one vectorised call; the bounds must be visited in
-order (each fit starts from the previous one), the maps need not.  With
-``batch_size`` the maps are split into groups that run as separate dask tasks on the
-current scheduler (threads, or the workers of a ``dask.distributed`` client).
+Parallelism: the bounds must be visited in order (each fit starts from the previous
+one), the maps need not.  The maps are split into groups of ``batch_size`` that run
+as separate dask tasks on the current scheduler (threads, or the workers of a
+``dask.distributed`` client); the maps of one group are fitted together as a batch of
+independent models of one :class:`~hyperspy_gp.gp.model.GridICMModel` (one
+vectorised likelihood per step).  The default is one map per task: a batch shares
+one L-BFGS-B run whose stopping test is on the summed likelihood, so a clean map
+with a large likelihood can stop a noisy map's fit early (measured: up to 3.5 nats
+below the map's own optimum), and one map per task was as fast or faster.
 """
 
 from __future__ import annotations
@@ -202,7 +205,7 @@ def lengthscale_scan(
     isotropic: bool = False,
     kernel: str = "separable",
     margin: float = DEFAULT_MARGIN,
-    batch_size: int | None = None,
+    batch_size: int | None = 1,
     max_iter: int = 1000,
     tol: float = 1e-6,
     device: str = "cpu",
@@ -228,8 +231,9 @@ def lengthscale_scan(
         Spatial kernel, as in :func:`hyperspy_gp.gp_reconstruct`.
     margin : float
         The suggestion is ``(basin / margin, basin · margin)``; must be > 1.
-    batch_size : int, optional
-        Maps fitted together per dask task; default all maps in one batched fit.
+    batch_size : int or None
+        Maps fitted together (one batched fit) per dask task; ``None`` puts all maps
+        in one fit.  Default 1: each map its own fit (see the module docstring).
     max_iter, tol : int, float
         Iteration cap and relative tolerance of each fit.
     device, dtype : str
@@ -294,7 +298,7 @@ def scan_loading_maps(
     isotropic: bool = False,
     kernel: str = "separable",
     margin: float = DEFAULT_MARGIN,
-    batch_size: int | None = None,
+    batch_size: int | None = 1,
     max_iter: int = 1000,
     tol: float = 1e-6,
     device: str = "cpu",
@@ -314,7 +318,7 @@ def scan_loading_maps(
     upper_bounds, lower_bound, isotropic, kernel, margin, batch_size, max_iter, tol, device, dtype
         See :func:`lengthscale_scan`.
     show_progressbar : bool
-        One tick per bound.
+        One tick per bound (one map per task: dask's progress over the tasks).
 
     Returns
     -------
@@ -341,7 +345,9 @@ def scan_loading_maps(
     else:
         import dask
 
-        sweeps = dask.compute(*[dask.delayed(_sweep, pure=True)(g, show_progressbar=False, **options) for g in groups])
+        tasks = [dask.delayed(_sweep, pure=True)(g, show_progressbar=False, **options) for g in groups]
+        with hsglue.dask_progressbar(show_progressbar):
+            sweeps = dask.compute(*tasks)
     lengthscales = np.concatenate([s[0] for s in sweeps], axis=1)
     signal_fraction = np.concatenate([s[3] for s in sweeps], axis=1)
     basins = find_basins(upper_bounds, lengthscales, lower_bound=lower_bound)

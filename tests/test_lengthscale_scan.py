@@ -104,10 +104,24 @@ def test_a_noise_dominated_map_does_not_set_the_suggestion(scan):
     assert with_noise.suggestion == pytest.approx(scan.suggestion, rel=0.05)
 
 
-def test_maps_in_separate_dask_tasks_give_the_batched_result(scan):
-    split = scan_loading_maps(_test_maps(), upper_bounds=BOUNDS, batch_size=1)
-    np.testing.assert_allclose(split.lengthscales, scan.lengthscales, rtol=0.02)
-    assert split.suggestion == pytest.approx(scan.suggestion, rel=0.05)
+def test_one_batched_fit_gives_the_per_map_result_on_similar_maps(scan):
+    batched = scan_loading_maps(_test_maps(), upper_bounds=BOUNDS, batch_size=None)
+    np.testing.assert_allclose(batched.lengthscales, scan.lengthscales, rtol=0.02)
+    assert batched.suggestion == pytest.approx(scan.suggestion, rel=0.05)
+
+
+def test_per_map_fits_are_not_stopped_early_by_a_clean_map():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0 : SHAPE[0], 0 : SHAPE[1]]
+    sines = np.sin(2 * np.pi * xx / 8) * np.sin(2 * np.pi * yy / 8)
+    # A noise-free map (huge likelihood) next to a noisy one.
+    maps = np.stack([sines, sines + 2.0 * rng.standard_normal(SHAPE)], axis=-1)
+    separate = scan_loading_maps(maps, upper_bounds=BOUNDS)
+    batched = scan_loading_maps(maps, upper_bounds=BOUNDS, batch_size=None)
+    alone = scan_loading_maps(maps[..., 1:], upper_bounds=BOUNDS)
+    np.testing.assert_allclose(separate.log_likelihood[:, 1], alone.log_likelihood[:, 0], rtol=1e-6)
+    assert (separate.log_likelihood[:, 1] >= batched.log_likelihood[:, 1] - 1e-6).all()
+    assert (separate.log_likelihood[:, 1] - batched.log_likelihood[:, 1]).max() > 0.5  # why the default is 1
 
 
 def test_plot_draws_one_curve_per_component_and_axis_and_shades_the_suggestion(scan):
