@@ -16,12 +16,9 @@ rising, the fit has found a basin.  The finest basin found becomes the suggested
 Parallelism: the bounds must be visited in order (each fit starts from the previous
 one), the maps need not.  The maps are split into groups of ``batch_size`` that run
 as separate dask tasks on the current scheduler (threads, or the workers of a
-``dask.distributed`` client); the maps of one group are fitted together as a batch of
-independent models of one :class:`~hyperspy_gp.gp.model.GridICMModel` (one
-vectorised likelihood per step).  The default is one map per task: a batch shares
-one L-BFGS-B run whose stopping test is on the summed likelihood, so a clean map
-with a large likelihood can stop a noisy map's fit early (measured: up to 3.5 nats
-below the map's own optimum), and one map per task was as fast or faster.
+``dask.distributed`` client); within a task every map still gets its own optimiser
+run (:func:`~hyperspy_gp.gp.training.fit_model`), so the grouping changes where the
+work runs, never the result.  The default is one map per task.
 """
 
 from __future__ import annotations
@@ -232,8 +229,8 @@ def lengthscale_scan(
     margin : float
         The suggestion is ``(basin / margin, basin · margin)``; must be > 1.
     batch_size : int or None
-        Maps fitted together (one batched fit) per dask task; ``None`` puts all maps
-        in one fit.  Default 1: each map its own fit (see the module docstring).
+        Maps per dask task; ``None`` puts all maps in one task.  The result does not
+        depend on it (see the module docstring).
     max_iter, tol : int, float
         Iteration cap and relative tolerance of each fit.
     device, dtype : str

@@ -90,6 +90,7 @@ class GridICMModel(gpytorch.Module):
     ) -> None:
         super().__init__()
         self.kernel = kernel
+        self.lengthscale_bounds = lengthscale_bounds
         self.n_models, self.n_tasks, self.rank = n_models, n_tasks, rank
         self.isotropic = isotropic or kernel.ndim == 1
         n_ls = 1 if self.isotropic else kernel.ndim
@@ -181,6 +182,21 @@ class GridICMModel(gpytorch.Module):
             self.noise,
             self.kernel.factors(self.lengthscale),
         )
+
+    def submodel(self, index: int) -> GridICMModel:
+        """A batch of one: a copy of model ``index`` (its parameters, not shared)."""
+        sub = GridICMModel(self.kernel, 1, self.n_tasks, rank=self.rank, isotropic=self.isotropic,
+                           lengthscale_bounds=self.lengthscale_bounds, observed=self.observed)
+        with torch.no_grad():
+            for name, param in sub.named_parameters():
+                param.copy_(getattr(self, name)[index : index + 1])
+        return sub
+
+    def load_submodel(self, index: int, sub: GridICMModel) -> None:
+        """Copy the parameters of a batch-of-one ``sub`` into model ``index``."""
+        with torch.no_grad():
+            for name, param in sub.named_parameters():
+                getattr(self, name)[index : index + 1] = param
 
     def state(self) -> dict[str, torch.Tensor]:
         """Detached copies of the constrained hyperparameters."""

@@ -40,7 +40,9 @@ class FitResult:
     gradient_norm
         Norm of the gradient of the normalised objective at the end.
     message
-        The optimiser's own stopping message.
+        The optimiser's own stopping message (one per distinct message in a batch).
+    interrupted
+        Whether the user interrupted the fit (Ctrl-C).
     history
         Per-iteration arrays (iteration 0 is the start): ``"lengthscale"`` (``(I, P,
         ndim)`` pixels), ``"noise"`` (``(I, P, T)``), ``"task_covariance"`` (``(I, P, T,
@@ -53,6 +55,7 @@ class FitResult:
     gradient_norm: float
     message: str
     history: dict[str, np.ndarray] = field(default_factory=dict)
+    interrupted: bool = False
 
 
 def _flat_params(model: GridICMModel) -> list[torch.nn.Parameter]:
@@ -66,7 +69,83 @@ def fit_model(
     tol: float = 1e-9,
     show_progressbar: bool = False,
 ) -> FitResult:
+    """Maximise the exact marginal likelihood of each model of the batch, in place.
+
+    The ``P`` models of a batch are independent GPs, and each gets its own optimiser
+    run: one joint run would share line searches, curvature estimates and a stopping
+    test between them, so that a clean map could stop or steer a noisy map into a
+    worse optimum, and a map's result would depend on which other maps are fitted
+    with it.  A Ctrl-C stops the whole batch (models not yet fitted keep their start).
+
+    Parameters
+    ----------
+    model
+        Model whose parameters are optimised (starting from their current values).
+    targets
+        ``(P, *grid, T)`` standardised maps.
+    max_iter, tol, show_progressbar
+        As for :func:`fit_single_model`, per model.
+
+    Returns
+    -------
+    FitResult
+        ``converged`` if every model converged; ``n_iterations`` and ``gradient_norm``
+        are the largest over the models.  The history arrays of models that stopped
+        earlier repeat their final values up to the longest run.
+    """
+    if model.n_models == 1:
+        return fit_single_model(model, targets, max_iter, tol, show_progressbar)
+    results = []
+    for index in range(model.n_models):
+        sub, sub_targets = model.submodel(index), targets[index : index + 1]
+        if results and results[-1].interrupted:
+            results.append(_not_fitted(sub, sub_targets))
+            continue
+        results.append(fit_single_model(sub, sub_targets, max_iter, tol, show_progressbar,
+                                        description=f"GP training, map {index + 1}/{model.n_models}"))
+        model.load_submodel(index, sub)
+    return _merge_results(results, model, targets)
+
+
+def _not_fitted(model: GridICMModel, targets: torch.Tensor) -> FitResult:
+    """The record of a model left at its start because the user interrupted the batch."""
+    history = _History(model, targets)
+    loglik = history.record()
+    return FitResult(False, 0, loglik, float("nan"), "not fitted: interrupted by the user", history.as_arrays(), True)
+
+
+def _merge_results(results: list[FitResult], model: GridICMModel, targets: torch.Tensor) -> FitResult:
+    n_rows = max(len(r.history["log_likelihood"]) for r in results)
+
+    def padded(values: np.ndarray) -> np.ndarray:
+        return np.concatenate([values, np.repeat(values[-1:], n_rows - len(values), axis=0)])
+
+    history = {key: np.concatenate([padded(r.history[key]) for r in results], axis=1) for key in results[0].history}
+    with torch.no_grad():
+        loglik = model.log_likelihood(targets).cpu().numpy()
+    return FitResult(
+        converged=all(r.converged for r in results),
+        n_iterations=max(r.n_iterations for r in results),
+        log_likelihood=loglik,
+        gradient_norm=float(np.nanmax([r.gradient_norm for r in results])),
+        message="; ".join(dict.fromkeys(r.message for r in results)),
+        history=history,
+        interrupted=any(r.interrupted for r in results),
+    )
+
+
+def fit_single_model(
+    model: GridICMModel,
+    targets: torch.Tensor,
+    max_iter: int = 1000,
+    tol: float = 1e-9,
+    show_progressbar: bool = False,
+    description: str = "GP training",
+) -> FitResult:
     """Maximise the exact marginal likelihood of ``model`` for ``targets`` in place.
+
+    With a batch of several models this optimises them jointly, as one objective (the
+    sum); :func:`fit_model` fits them one by one instead.
 
     Parameters
     ----------
@@ -81,6 +160,13 @@ def fit_model(
         tolerance is ``sqrt(tol)``.
     show_progressbar
         Show iteration, log likelihood and length scales with tqdm.
+    description
+        Label of the progress bar.
+
+    Returns
+    -------
+    FitResult
+        Convergence, final log likelihood and history.
     """
     params = _flat_params(model)
     n_obs = targets.numel()
@@ -112,7 +198,7 @@ def fit_model(
 
     history = _History(model, targets)
     history.record()
-    progress = _progress(show_progressbar, max_iter)
+    progress = _progress(show_progressbar, max_iter, description)
     x0 = pack(params)
     interrupted = False
 
@@ -158,7 +244,7 @@ def fit_model(
     with torch.no_grad():
         loglik = model.log_likelihood(targets).cpu().numpy()
     _logger.info("GP fit: %s after %d iterations, log likelihood %s", message, n_iter, loglik)
-    return FitResult(converged, n_iter, loglik, grad_norm, message, history.as_arrays())
+    return FitResult(converged, n_iter, loglik, grad_norm, message, history.as_arrays(), interrupted)
 
 
 def _lbfgsb(objective, x0: np.ndarray, callback, max_iter: int, tol: float):
@@ -229,9 +315,9 @@ class _History:
         return {k: np.stack([row[k] for row in self.rows]) for k in self.rows[0]}
 
 
-def _progress(show: bool, total: int):
+def _progress(show: bool, total: int, description: str):
     if not show:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="GP training", unit="it")
+    return tqdm(total=total, desc=description, unit="it")

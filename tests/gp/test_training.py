@@ -127,3 +127,21 @@ def test_abnormal_line_search_at_the_optimum_counts_as_converged(monkeypatch):
         warnings.simplefilter("error", ConvergenceWarning)
         result = fit_model(model, _lattice_maps((16, 16)))
     assert result.converged and "no decrease" in result.message
+
+
+def test_models_of_a_batch_are_fitted_as_if_alone():
+    """Independent GPs stay independent: a clean map never steers or stops a noisy one."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:24, :24]
+    truth = np.sin(2 * np.pi * xx / 8) * np.sin(2 * np.pi * yy / 8)
+    maps = np.stack([truth, truth + 2.0 * rng.standard_normal(truth.shape)])
+    maps = (maps - maps.mean((1, 2), keepdims=True)) / maps.std((1, 2), keepdims=True)
+    targets = torch.tensor(maps[..., None])
+    batch = GridICMModel(GridKernel((24, 24)), 2, 1, rank=0)
+    result = fit_model(batch, targets)
+    alone = GridICMModel(GridKernel((24, 24)), 1, 1, rank=0)
+    fit_model(alone, targets[1:])
+    np.testing.assert_allclose(batch.lengthscale[1].detach().numpy(), alone.lengthscale[0].detach().numpy(), rtol=1e-10)
+    np.testing.assert_allclose(batch.noise[1].detach().numpy(), alone.noise[0].detach().numpy(), rtol=1e-10)
+    assert result.log_likelihood.shape == (2,)
+    assert result.history["lengthscale"].shape[:2] == (result.n_iterations + 1, 2)
