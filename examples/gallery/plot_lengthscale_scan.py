@@ -27,8 +27,8 @@ s.decomposition(algorithm="SVD", normalize_poissonian_noise=True, print_info=Fal
 # Scan the upper bound
 # --------------------
 # Five bounds from 1 to 16 px (the default is 12 bounds up to 30 px).  Each map is an
-# independent GP; all maps are fitted together as one batch at every bound, each fit
-# starting from the previous one.
+# independent GP with its own optimiser run, each bound's fit starting from the
+# previous bound's length scales.
 scan = s.gp_lengthscale_scan(components=3, upper_bounds=[1.0, 2.0, 4.0, 8.0, 16.0])
 fig = scan.plot()
 print("basins (px), map × axis:\n", np.round(scan.basins, 2))
@@ -40,7 +40,8 @@ print("suggested lengthscale_bounds (px):", scan.suggestion)
 # Components 0 and 1 (the strong maps) leave the diagonal at about 3 px, the atomic
 # length scale of these data (6 px lattice period, 1.2 px column width).  Component 2,
 # the weakest signal map, has a finer basin near 1.4 px.  The suggestion brackets the
-# finest basin of *all* maps, so here it is set by component 2.
+# finest basin of all maps that are not dominated by noise (signal fraction
+# ``B / (B + σ²)`` ≥ 0.5; component 2 has 0.96), so here it is set by component 2.
 #
 # For a parallel GP, whose maps share one length scale, bounds around the strong maps'
 # basin are the better choice; :func:`~hyperspy_gp.lengthscale_scan.suggest_bounds`
