@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        args.lengthscale_bounds = _lengthscale_bounds(args.lengthscale_bounds)
         return args.run(args)
     except (ValueError, OSError, NotImplementedError) as exc:  # InputError is a ValueError
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
@@ -224,10 +225,31 @@ def _add_gp_options(p: argparse.ArgumentParser) -> None:
                          "independent: one GP per map (default: parallel)")
     gp.add_argument("--upsampling", type=_positive_int, default=2,
                     help="integer factor of the output scan density (default: 2)")
-    gp.add_argument("--lengthscale-bounds", type=float, nargs=2, metavar=("LO", "HI"), default=None,
-                    help="bounds of the GP length scales in pixels of the scan (default: >= 0.5)")
+    gp.add_argument("--lengthscale-bounds", type=_bound, nargs="+", metavar="LO HI | auto", default=None,
+                    help='bounds of the GP length scales in pixels of the scan, or "auto" to choose them '
+                         "with a length-scale scan (default: >= 0.5)")
     gp.add_argument("--device", default="cpu", help='torch device, "cpu" or "cuda" (default: cpu)')
     gp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _bound(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of pixels nor 'auto'") from None
+
+
+def _lengthscale_bounds(values: list | None) -> tuple[float, float] | str | None:
+    """``--lengthscale-bounds`` as ``gp_reconstruct`` takes it: two numbers or ``"auto"``."""
+    if values is None:
+        return None
+    if values == ["auto"]:
+        return "auto"
+    if len(values) != 2 or "auto" in values:
+        raise InputError(f"--lengthscale-bounds takes two numbers LO HI or the word auto, not {' '.join(map(str, values))}.")
+    return tuple(values)
 
 
 def _positive_int(text: str) -> int:
@@ -433,7 +455,7 @@ def _report_fit(signal, rec, args, report: Report) -> None:
         noise = float(hyper["noise_variance"][row])
         spread = maps[:, row].std()
         ratio = np.sqrt(noise) / spread if spread > 0 else float("nan")
-        remarks = "".join(f" - {r}" for r in _fit_remarks(lengthscale, ratio, args.lengthscale_bounds))
+        remarks = "".join(f" - {r}" for r in _fit_remarks(lengthscale, ratio, _fitted_bounds(rec)))
         report.add(f"  component {component}: length scale ({names}) {px} px = {cal}; "
                    f"noise variance {noise:.3g} (noise σ / map σ = {ratio:.2g}){remarks}")
     state = "converged" if hyper["converged"] else "NOT converged (iteration cap reached)"
@@ -448,6 +470,14 @@ def _length_text(value: float, units: str) -> str:
     if units in LENGTH_UNITS:
         return f"{value * LENGTH_UNITS[units] / LENGTH_UNITS['nm']:.3g} nm"
     return f"{value:.3g} {units}".rstrip()
+
+
+def _fitted_bounds(rec) -> tuple[float | None, float | None] | None:
+    """The length-scale bounds the fit used (after ``"auto"`` chose them)."""
+    bounds = rec.signal.metadata.GP_reconstruction.settings.lengthscale_bounds
+    if isinstance(bounds, str):
+        return None
+    return tuple(None if np.isnan(b) else float(b) for b in bounds)
 
 
 def _fit_remarks(lengthscale_px: np.ndarray, noise_ratio: float, bounds) -> list[str]:

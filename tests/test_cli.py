@@ -146,6 +146,25 @@ def test_gp_value_error_is_reported(data_file, tmp_path, capsys):
     _assert_clean_error(capsys, code, "lower bound must be smaller")
 
 
+@pytest.mark.parametrize("values", [["3"], ["1", "2", "3"], ["auto", "4"]])
+def test_lengthscale_bounds_need_two_numbers_or_auto(values, tmp_path, capsys):
+    code = main(["demo", "--size", "12", "--lengthscale-bounds", *values, "-o", str(tmp_path)])
+    _assert_clean_error(capsys, code, "--lengthscale-bounds takes two numbers LO HI or the word auto")
+    assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_lengthscale_bounds_auto_runs_the_scan_and_reports_the_bounds(tmp_path, capsys):
+    code = main(["demo", "--size", "16", "--channels", "64", "--lengthscale-bounds", "auto", "--quiet",
+                 "-o", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    import hyperspy.api as hs
+
+    settings = hs.load(tmp_path / "demo_reconstruction.zspy").metadata.GP_reconstruction.settings
+    assert settings.lengthscale_bounds_requested == "auto"
+    lo, hi = settings.lengthscale_bounds
+    assert 0 < lo < hi
+
+
 def test_usage_error_exit_status(capsys):
     assert main(["reconstruct"]) == 2  # FILE and --components missing
     assert "required" in capsys.readouterr().err
