@@ -43,6 +43,11 @@ def has_decomposition(signal) -> bool:
     return lr is not None and lr.loadings is not None and lr.factors is not None
 
 
+def is_lazy(signal) -> bool:
+    """Whether ``signal`` holds a dask array (a ``Lazy*`` signal class)."""
+    return bool(signal._lazy)
+
+
 def navigation_shape(signal) -> tuple[int, ...]:
     """Navigation shape in numpy (array) order, e.g. ``(ny, nx)``."""
     return tuple(signal.axes_manager._navigation_shape_in_array)

@@ -132,7 +132,7 @@ def remove_spatial_outliers(signal, threshold: float = 8.0, radius: int | None =
     replacements = _replacements(signal.data, mask, pixels, radius)
     out = signal.deepcopy()
     hsglue.clear_learning_results(out)
-    if signal._lazy:
+    if hsglue.is_lazy(signal):
         out.data = _patched_lazy(out.data, pixels, replacements)
     else:
         for pixel, spectrum in zip(pixels, replacements):

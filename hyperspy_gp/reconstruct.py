@@ -250,7 +250,7 @@ def gp_reconstruct(
     maps = check_maps(decomposition.maps, request.components)
     warn_masked_channels(decomposition.factors)
     request.observed = choose_solver(maps, request)
-    lazy = signal._lazy if lazy_output is None else bool(lazy_output)
+    lazy = hsglue.is_lazy(signal) if lazy_output is None else bool(lazy_output)
     _check_memory(maps, decomposition, request, lazy, memory_budget)
     if request.lengthscale_bounds == "auto":
         _choose_lengthscale_bounds(maps, request, isotropic, signal, hsglue.resolve_show_progressbar(show_progressbar))
