@@ -31,6 +31,12 @@ class MapsFit:
         jitter, in the units of the maps.
     history
         Per-iteration values in standardised units (see :class:`~hyperspy_gp.gp.training.FitResult`).
+
+    Examples
+    --------
+    >>> fit = MapsFit(np.zeros((4, 4, 1)), np.ones((4, 4, 1)), {}, {})
+    >>> fit.mean.shape == fit.variance.shape
+    True
     """
 
     mean: np.ndarray  # (*upsampled_grid, T), map units
@@ -40,11 +46,22 @@ class MapsFit:
 
 
 def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_progressbar) -> MapsFit:
-    """Fit the GP to ``maps`` ``(*grid, T)`` (NaN = missing) and predict on the upsampled grid.
+    """Fit the GP to ``maps`` and predict mean and variance on the upsampled grid.
 
-    ``request`` gives mode, kernel, rank, bounds, solver (``request.observed``),
-    upsampling, chunks, device and dtype; the other parameters are those of
-    :func:`hyperspy_gp.gp_reconstruct`.
+    Parameters
+    ----------
+    maps : numpy.ndarray
+        Loading maps ``(*grid, T)``, NaN where a pixel is missing.
+    request : Request
+        Mode, kernel, rank, bounds, solver (``request.observed``), upsampling, chunks,
+        device and dtype.
+    isotropic, max_iter, tol, show_progressbar
+        As in :func:`hyperspy_gp.gp_reconstruct` (``show_progressbar`` resolved to a bool).
+
+    Returns
+    -------
+    MapsFit
+        Mean and variance in the units of the maps, hyperparameters and history.
 
     Examples
     --------

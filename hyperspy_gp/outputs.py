@@ -16,7 +16,42 @@ from hyperspy_gp.request import Request
 
 
 def build_outputs(signal, decomposition, fit: MapsFit, request: Request, lazy: bool, isotropic: bool):
-    """``(spectrum image, GP loadings, hyperparameters)`` signals for ``signal``'s reconstruction."""
+    """The output signals of ``signal``'s reconstruction.
+
+    Parameters
+    ----------
+    signal
+        The input spectrum image (read, never modified).
+    decomposition
+        Its chosen components (:class:`hyperspy_gp._hyperspy.Decomposition`).
+    fit
+        The GP fit of their maps.
+    request
+        The validated request.
+    lazy, isotropic
+        Lazy spectrum image; whether the length scales were tied.
+
+    Returns
+    -------
+    tuple
+        ``(spectrum image, GP loadings with variance, hyperparameters)``, the first
+        three fields of :class:`hyperspy_gp.GPReconstruction`.
+
+    Examples
+    --------
+    >>> from hyperspy_gp import _hyperspy as hsglue
+    >>> from hyperspy_gp.maps_gp import fit_and_predict_maps
+    >>> from hyperspy_gp.request import validate_request
+    >>> from hyperspy_gp.synthetic import atomic_eels_spectrum_image
+    >>> s = atomic_eels_spectrum_image(shape=(8, 8), n_channels=16, seed=0)
+    >>> s.decomposition(output_dimension=2, print_info=False)
+    >>> request = validate_request(s, 2, "parallel", 2, None, "separable", 1, "auto", "cpu", "float64", None)
+    >>> decomposition = hsglue.read_decomposition(s, request.components)
+    >>> fit = fit_and_predict_maps(decomposition.maps, request, False, 1000, 1e-9, False)
+    >>> spectra, loadings, hyper = build_outputs(s, decomposition, fit, request, False, False)
+    >>> spectra.axes_manager.navigation_shape, loadings.data.shape
+    ((16, 16), (2, 16, 16))
+    """
     nav_axes = hsglue.navigation_axes(signal)
     scales = np.array([a.scale for a in nav_axes])
     hyper = dict(fit.hyperparameters)

@@ -26,7 +26,27 @@ MAX_DENSE_PIXELS = 4096
 
 @dataclass
 class Request:
-    """Validated options of one reconstruction (see :func:`hyperspy_gp.gp_reconstruct`)."""
+    """Validated options of one reconstruction (see :func:`hyperspy_gp.gp_reconstruct`).
+
+    Attributes
+    ----------
+    components
+        Chosen component indices.
+    mode, upsampling, lengthscale_bounds, kernel, rank, solver, device, dtype, chunks
+        As the parameters of :func:`hyperspy_gp.gp_reconstruct`, normalised
+        (``lengthscale_bounds`` is ``None``, ``"auto"`` or a pair of floats or ``None``).
+    observed
+        Boolean grid of the measured pixels for the dense solver; ``None`` for the
+        Kronecker path (set by :func:`choose_solver`).
+    lengthscale_scan
+        The :class:`~hyperspy_gp.lengthscale_scan.LengthscaleScan` behind
+        ``lengthscale_bounds="auto"``, once it ran.
+
+    Examples
+    --------
+    >>> Request([0, 2], "independent", 2, (1.0, 4.0), "separable", 0, "auto", "cpu", "float64", None).mode
+    'independent'
+    """
 
     components: list[int]
     mode: str
@@ -45,8 +65,16 @@ class Request:
 def validate_request(signal, components, mode, upsampling, bounds, kernel, rank, solver, device, dtype, chunks) -> Request:
     """Check ``signal`` and the options of :func:`hyperspy_gp.gp_reconstruct`.
 
-    The parameters are those of :func:`hyperspy_gp.gp_reconstruct` (``bounds`` is its
-    ``lengthscale_bounds``).  Nothing is computed and the signal is not modified.
+    Nothing is computed and the signal is not modified.
+
+    Parameters
+    ----------
+    signal : :class:`~hyperspy.api.signals.Signal1D`
+        Spectrum image or line scan with decomposition results.
+    components, mode, upsampling, kernel, rank, solver, device, dtype, chunks
+        As in :func:`hyperspy_gp.gp_reconstruct`.
+    bounds
+        ``lengthscale_bounds`` of :func:`hyperspy_gp.gp_reconstruct`.
 
     Returns
     -------
@@ -184,6 +212,18 @@ def check_device(device: str) -> None:
 def check_maps(maps: np.ndarray, components: list[int]) -> np.ndarray:
     """Float64 maps ``(*grid, T)``; NaN marks a missing pixel, inf is refused.
 
+    Parameters
+    ----------
+    maps : numpy.ndarray
+        Loading maps ``(*grid, T)``.
+    components : list of int
+        Their component indices, for the messages.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``maps`` as float64 (not copied when already float64).
+
     Raises
     ------
     ValueError
@@ -217,11 +257,34 @@ def check_maps(maps: np.ndarray, components: list[int]) -> np.ndarray:
 def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     """The observed-pixel mask for the dense path, or ``None`` for the Kronecker path.
 
+    Parameters
+    ----------
+    maps : numpy.ndarray
+        Loading maps ``(*grid, T)``, NaN where a pixel is missing.
+    request : Request
+        Its ``solver`` and ``mode`` decide.
+
+    Returns
+    -------
+    numpy.ndarray or None
+        Boolean grid of the measured pixels, or ``None`` for a complete grid solved in
+        the Kronecker eigenbasis.
+
     Raises
     ------
     ValueError
         When ``solver="kronecker"`` meets missing pixels, or the dense path would be
         too large.
+
+    Examples
+    --------
+    >>> maps = np.random.default_rng(0).normal(size=(6, 6, 2))
+    >>> request = Request([0, 1], "parallel", 1, None, "separable", 1, "auto", "cpu", "float64", None)
+    >>> choose_solver(maps, request) is None  # complete grid: Kronecker path
+    True
+    >>> maps[2, 3] = np.nan  # a missing pixel: dense path on the measured pixels
+    >>> int((~choose_solver(maps, request)).sum())
+    1
     """
     from hyperspy_gp.gp.dense import MAX_DENSE_VALUES
 

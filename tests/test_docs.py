@@ -39,6 +39,13 @@ PUBLIC_EXTRA = (
     "hyperspy_gp.memory.check_memory_budget",
     "hyperspy_gp.memory.MemoryEstimate",
     "hyperspy_gp.memory.MemoryBudgetError",
+    "hyperspy_gp.request.Request",
+    "hyperspy_gp.request.validate_request",
+    "hyperspy_gp.request.check_maps",
+    "hyperspy_gp.request.choose_solver",
+    "hyperspy_gp.maps_gp.MapsFit",
+    "hyperspy_gp.maps_gp.fit_and_predict_maps",
+    "hyperspy_gp.outputs.build_outputs",
 )
 #: numpydoc checks every public function and method must pass: it has a docstring,
 #: documents each parameter (and no others), its return value, and an example.
