@@ -12,6 +12,9 @@ import pytest
 from hyperspy_gp import gp_reconstruct
 from hyperspy_gp.synthetic import atomic_eels_spectrum_image
 
+# Fits here are capped at a few iterations: these tests are about data flow, not fits.
+pytestmark = pytest.mark.filterwarnings("ignore:GP training did not converge")
+
 SMALL = dict(shape=(8, 8), n_channels=32, seed=2)
 
 
