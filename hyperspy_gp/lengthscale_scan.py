@@ -272,6 +272,7 @@ def lengthscale_scan(
         lower_bound=lower_bound,
         components=request.components,
         observed=choose_solver(maps, request),
+        masked_solver="dense" if request.solver == "dense" else "schur",
         axes_names=[str(a.name) for a in hsglue.navigation_axes(signal)],
         isotropic=isotropic,
         kernel=kernel,
@@ -291,6 +292,7 @@ def scan_loading_maps(
     lower_bound: float | None = None,
     components: Sequence[int] | None = None,
     observed: np.ndarray | None = None,
+    masked_solver: str = "schur",
     axes_names: Sequence[str] | None = None,
     isotropic: bool = False,
     kernel: str = "separable",
@@ -309,7 +311,9 @@ def scan_loading_maps(
     maps : ndarray
         Loading maps ``(*grid, T)``, numpy order; NaN marks a missing pixel.
     observed : ndarray of bool, optional
-        Measured pixels (dense solver); ``None`` for a complete grid.
+        Measured pixels when some are missing; ``None`` for a complete grid.
+    masked_solver : {"schur", "dense"}
+        Exact path for missing pixels (see :class:`~hyperspy_gp.gp.model.GridICMModel`).
     components, axes_names : sequence, optional
         Labels of the maps and of the scan axes; default ``0..T-1`` and numpy axes.
     upper_bounds, lower_bound, isotropic, kernel, margin, batch_size, max_iter, tol, device, dtype
@@ -335,7 +339,8 @@ def scan_loading_maps(
     standardised = np.moveaxis(_standardise(maps), -1, 0)[..., None]  # (T, *grid, 1)
     size = n_maps if batch_size is None else int(batch_size)
     groups = [standardised[i : i + size] for i in range(0, n_maps, size)]
-    options = dict(upper_bounds=upper_bounds, lower_bound=lower_bound, observed=observed, isotropic=isotropic,
+    options = dict(upper_bounds=upper_bounds, lower_bound=lower_bound, observed=observed,
+                   masked_solver=masked_solver, isotropic=isotropic,
                    kernel=kernel, max_iter=max_iter, tol=tol, device=device, dtype=dtype)
     if len(groups) == 1:
         sweeps = [_sweep(groups[0], show_progressbar=show_progressbar, **options)]
@@ -529,8 +534,8 @@ def _standardise(maps: np.ndarray) -> np.ndarray:
     return np.where(measured[..., None], (maps - centre) / scale, 0.0)
 
 
-def _sweep(targets, upper_bounds, lower_bound, observed, isotropic, kernel, max_iter, tol, device, dtype,
-           show_progressbar):
+def _sweep(targets, upper_bounds, lower_bound, observed, masked_solver, isotropic, kernel, max_iter, tol, device,
+           dtype, show_progressbar):
     """Fit ``(P, *grid, 1)`` maps at each upper bound, warm-starting each fit from the last."""
     import torch
 
@@ -546,7 +551,8 @@ def _sweep(targets, upper_bounds, lower_bound, observed, isotropic, kernel, max_
     try:
         for hi in upper_bounds:
             model = GridICMModel(grid_kernel, targets.shape[0], 1, rank=0, isotropic=isotropic,
-                                 lengthscale_bounds=(lower_bound, float(hi)), observed=observed)
+                                 lengthscale_bounds=(lower_bound, float(hi)), observed=observed,
+                                 masked_solver=masked_solver)
             if previous is not None:
                 _warm_start(model, previous, lower_bound, float(hi))
             result = fit_model(model, targets_t, max_iter=max_iter, tol=tol)

@@ -92,11 +92,13 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
     if request.mode == "parallel":
         targets = standardised[None]
         model = GridICMModel(kernel, 1, n_maps, rank=request.rank, isotropic=isotropic,
-                             lengthscale_bounds=request.lengthscale_bounds, observed=request.observed)
+                             lengthscale_bounds=request.lengthscale_bounds, observed=request.observed,
+                             masked_solver=_masked_solver(request))
     else:
         targets = np.moveaxis(standardised, -1, 0)[..., None]
         model = GridICMModel(kernel, n_maps, 1, rank=0, isotropic=isotropic,
-                             lengthscale_bounds=request.lengthscale_bounds, observed=request.observed)
+                             lengthscale_bounds=request.lengthscale_bounds, observed=request.observed,
+                             masked_solver=_masked_solver(request))
     targets_t = torch.as_tensor(np.ascontiguousarray(targets), dtype=torch_dtype, device=request.device)
     result = fit_model(model, targets_t, max_iter=max_iter, tol=tol, show_progressbar=show_progressbar)
 
@@ -110,6 +112,11 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
     hyper = _hyperparameters(model, result, request.mode, scale, int(measured.sum()))
     hyper["jitter"] = _report_jitter(posterior.jitter.detach().cpu().numpy(), request.mode, scale)
     return MapsFit(mean, variance, hyper, result.history)
+
+
+def _masked_solver(request: Request) -> str:
+    """The exact path for missing pixels: Schur complement on the Kronecker basis, or dense."""
+    return "schur" if request.solver == "kronecker" else "dense"
 
 
 def _report_jitter(jitter: np.ndarray, mode: str, scale: np.ndarray) -> np.ndarray:

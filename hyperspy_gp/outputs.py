@@ -67,7 +67,7 @@ def build_outputs(signal, decomposition, fit: MapsFit, request: Request, lazy: b
         [np.nan if b is None else b for b in request.lengthscale_bounds],
         "isotropic": bool(isotropic),
         "rank": request.rank if request.mode == "parallel" else 0,
-        "solver": "kronecker" if request.observed is None else "dense",
+        "solver": request.solver,
         "missing_pixels": 0 if request.observed is None else int((~request.observed).sum()),
     }
     if request.lengthscale_scan is not None:

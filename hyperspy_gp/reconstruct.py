@@ -179,11 +179,13 @@ def gp_reconstruct(
         Rank of ``W`` in the parallel model's task covariance.
     solver : {"auto", "kronecker", "dense"}
         Exact inference path.  ``"kronecker"``: the spatial eigenbasis of the full grid,
-        fast at any size.  ``"dense"``: Cholesky on the observed pixels, needed when
-        pixels are missing (NaN loadings, e.g. from a decomposition's
-        ``navigation_mask``) and limited to 6000 observed values (pixels × maps in a
-        parallel GP).  ``"auto"`` takes ``"kronecker"`` for complete grids and
-        ``"dense"`` otherwise.  Missing pixels are predicted like any other.
+        fast at any size; with missing pixels (NaN loadings, e.g. from a
+        decomposition's ``navigation_mask``) plus a Schur complement over them, for a
+        few missing pixels (missing values × grid values ≤ 32 million).
+        ``"dense"``: Cholesky on the observed pixels, limited to 6000 observed values
+        (pixels × maps in a parallel GP).  ``"auto"`` takes ``"kronecker"`` for
+        complete grids and the cheaper exact path that fits otherwise.  Missing
+        pixels are predicted like any other.
     max_iter, tol : int, float
         Iteration cap and relative tolerance of the L-BFGS-B likelihood maximisation;
         a ``ConvergenceWarning`` is issued when the cap is reached.
@@ -272,6 +274,7 @@ def _choose_lengthscale_bounds(maps, request: Request, isotropic: bool, signal, 
 
     scan = scan_loading_maps(
         maps, components=request.components, observed=request.observed,
+        masked_solver="dense" if request.solver == "dense" else "schur",
         axes_names=[str(a.name) for a in hsglue.navigation_axes(signal)], isotropic=isotropic,
         kernel=request.kernel, device=request.device, dtype=request.dtype, show_progressbar=show_progressbar,
     )
@@ -286,7 +289,7 @@ def _check_memory(maps: np.ndarray, decomposition, request: Request, lazy: bool,
     estimate = estimate_memory(
         maps.shape[:-1], maps.shape[-1], decomposition.factors.shape[0], mode=request.mode,
         upsampling=request.upsampling, kernel=request.kernel, dtype=request.dtype, lazy_output=lazy,
-        n_observed=None if request.observed is None else int(request.observed.sum()), chunks=request.chunks,
+        n_observed=int(request.observed.sum()) if request.solver == "dense" else None, chunks=request.chunks,
     )
     _logger.info("Estimated memory: %s", estimate.describe())
     check_memory_budget(estimate, memory_budget)

@@ -255,7 +255,12 @@ def check_maps(maps: np.ndarray, components: list[int]) -> np.ndarray:
 
 
 def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
-    """The observed-pixel mask for the dense path, or ``None`` for the Kronecker path.
+    """Choose the exact path for ``maps``: set ``request.solver`` and return the mask.
+
+    A complete grid is solved in the Kronecker eigenbasis.  With missing pixels,
+    ``"auto"`` takes the cheaper exact path that fits: ``"dense"`` (Cholesky on the
+    observed pixels, :mod:`~hyperspy_gp.gp.dense`) or ``"kronecker"`` with a Schur
+    complement over the missing pixels (:mod:`~hyperspy_gp.gp.schur`).
 
     Parameters
     ----------
@@ -273,8 +278,7 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     Raises
     ------
     ValueError
-        When ``solver="kronecker"`` meets missing pixels, or the dense path would be
-        too large.
+        When no exact path fits the missing pixels, or the forced one does not.
 
     Examples
     --------
@@ -282,27 +286,42 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     >>> request = Request([0, 1], "parallel", 1, None, "separable", 1, "auto", "cpu", "float64", None)
     >>> choose_solver(maps, request) is None  # complete grid: Kronecker path
     True
-    >>> maps[2, 3] = np.nan  # a missing pixel: dense path on the measured pixels
-    >>> int((~choose_solver(maps, request)).sum())
-    1
+    >>> maps[2, 3] = np.nan  # a missing pixel: Schur complement on the Kronecker basis
+    >>> int((~choose_solver(maps, request)).sum()), request.solver
+    (1, 'kronecker')
     """
     from hyperspy_gp.gp.dense import MAX_DENSE_VALUES
+    from hyperspy_gp.gp.schur import MAX_SCHUR_ENTRIES
 
     observed = np.isfinite(maps).all(axis=-1)
-    complete = bool(observed.all())
-    if request.solver == "kronecker" and not complete:
-        raise ValueError(
-            f"{int((~observed).sum())} scan pixels have no finite loadings (e.g. a navigation_mask); "
-            "solver='kronecker' needs a complete grid. Use solver='auto' or 'dense'."
-        )
-    if request.solver == "kronecker" or (request.solver == "auto" and complete):
+    if observed.all() and request.solver != "dense":
+        request.solver = "kronecker"
         return None
-    values = int(observed.sum()) * (maps.shape[-1] if request.mode == "parallel" else 1)
-    if values > MAX_DENSE_VALUES:
+    tasks = maps.shape[-1] if request.mode == "parallel" else 1
+    n_missing = int((~observed).sum())
+    dense_values = int(observed.sum()) * tasks
+    schur_entries = n_missing * tasks * observed.size * tasks
+    fits = {"dense": dense_values <= MAX_DENSE_VALUES, "kronecker": schur_entries <= MAX_SCHUR_ENTRIES}
+    if request.solver == "auto":
+        # Cholesky of the observed covariance vs one structured solve per missing value.
+        cost = {"dense": dense_values**3 / 3, "kronecker": n_missing * tasks * observed.size * (sum(maps.shape[:-1]) + tasks)}
+        feasible = [name for name in ("kronecker", "dense") if fits[name]]
+        if not feasible:
+            raise ValueError(
+                f"{n_missing} of {observed.size} scan pixels have no finite loadings (e.g. a navigation_mask). "
+                f"Exact inference with missing pixels needs either at most {MAX_DENSE_VALUES} observed values "
+                f"(here {dense_values}; dense solver) or few missing ones (here {n_missing} × {tasks} maps on "
+                f"{observed.size} pixels; Kronecker solver with a Schur complement). Crop the scan with "
+                "s.inav[...], choose fewer components or mode='independent', or decompose without a "
+                "navigation_mask."
+            )
+        request.solver = min(feasible, key=cost.__getitem__)
+    elif not fits[request.solver]:
+        limit = (f"at most {MAX_DENSE_VALUES} observed values (here {dense_values})" if request.solver == "dense"
+                 else f"few missing pixels ({n_missing} here, on {observed.size} pixels)")
         raise ValueError(
-            f"The dense solver (used when pixels are missing) would factorise {values} observed values "
-            f"(limit {MAX_DENSE_VALUES}). Crop the scan with s.inav[...], choose fewer components or "
-            "mode='independent', or decompose without a navigation_mask."
+            f"solver={request.solver!r} with missing pixels needs {limit}. Use solver='auto', crop the scan "
+            "with s.inav[...], or choose fewer components."
         )
     return observed
 

@@ -7,6 +7,7 @@ result.  Every case also checks that the input signal is left bit-identical.
 """
 
 import warnings
+from functools import partial
 
 import hyperspy.api as hs
 import numpy as np
@@ -161,8 +162,6 @@ ERRORS = {
     "unknown mode": (_decomposed, {"mode": "joint"}, ValueError, r"mode must be one of \('parallel', 'independent'\)"),
     "negative rank": (_decomposed, {"rank": -1}, ValueError, "rank must be an integer >= 0"),
     "chunks zero": (_decomposed, {"chunks": 0}, ValueError, "chunks must be a positive number of rows"),
-    "kronecker with missing pixels": (_loadings_with(np.nan), {"solver": "kronecker"}, ValueError,
-                                      r"solver='kronecker' needs a complete grid. Use solver='auto' or 'dense'"),
     "over the memory budget": (_decomposed, {"upsampling": 8, "memory_budget": "1 MB"}, MemoryBudgetError,
                                r"would need about [0-9.]+ MiB .*more than memory_budget=0.95 MiB.*lazy_output=True"),
     "over budget, lazy": (_decomposed, {"upsampling": 8, "memory_budget": 10_000, "lazy_output": True},
@@ -248,9 +247,9 @@ def _nan_pixel_masked_out():
     return s
 
 
-def _check_missing_pixel_predicted(s, rec, messages):
+def _check_missing_pixel_predicted(s, rec, messages, solver="kronecker"):
     settings = rec.signal.metadata.GP_reconstruction.settings
-    assert settings.solver == "dense" and settings.missing_pixels == 1
+    assert settings.solver == solver and settings.missing_pixels == 1
     assert np.isfinite(rec.loadings.data).all() and np.isfinite(rec.signal.data).all()
     assert np.isnan(s.learning_results.loadings).any()  # HyperSpy leaves the masked pixel NaN
 
@@ -304,6 +303,8 @@ BEHAVIOUR = {
     # id: (signal builder, keyword arguments, check(signal, reconstruction, warning messages))
     "integer data, float decomposition": (_integer_data_float_decomposition, {}, _check_integer),
     "NaN pixel excluded by navigation_mask": (_nan_pixel_masked_out, {}, _check_missing_pixel_predicted),
+    "NaN pixel excluded, dense solver": (_nan_pixel_masked_out, {"solver": "dense"},
+                                         partial(_check_missing_pixel_predicted, solver="dense")),
     "decomposition with signal_mask": (_signal_mask_decomposition, {}, _check_signal_mask),
     "non-linear signal axis": (_non_uniform_signal_axis, {"components": 2}, _check_signal_axis_kept),
     "identical maps, parallel GP": (_identical_maps, {}, _check_finite),

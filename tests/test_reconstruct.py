@@ -298,17 +298,44 @@ def test_cuda_without_gpu_is_a_clear_error(decomposed):
         gp_reconstruct(decomposed, components=2, device="cuda")
 
 
-def test_navigation_mask_pixels_are_predicted(unchanged):
+def test_navigation_mask_pixels_are_predicted_by_either_exact_path(unchanged):
     s = atomic_eels_spectrum_image(shape=(12, 12), n_channels=40, seed=0)
     mask = np.zeros(s.axes_manager.navigation_shape, dtype=bool)  # (x, y) order
     mask[4, 3] = True
     s.decomposition(output_dimension=2, navigation_mask=mask, print_info=False)
     with unchanged(s):
-        rec = gp_reconstruct(s, components=2, upsampling=2)
-    assert rec.signal.metadata.GP_reconstruction.settings.solver == "dense"
-    assert rec.signal.metadata.GP_reconstruction.settings.missing_pixels == 1
+        rec = gp_reconstruct(s, components=2, upsampling=2, tol=1e-12)
+    settings = rec.signal.metadata.GP_reconstruction.settings
+    assert settings.solver == "kronecker" and settings.missing_pixels == 1  # Schur complement
     assert np.isfinite(rec.signal.data).all()
     assert np.isfinite(rec.loadings.data[:, 6, 8]).all()  # the masked pixel (y=3, x=4)
+    dense = gp_reconstruct(s, components=2, upsampling=2, tol=1e-12, solver="dense")
+    assert dense.signal.metadata.GP_reconstruction.settings.solver == "dense"
+    span = np.ptp(dense.loadings.data)
+    np.testing.assert_allclose(rec.loadings.data, dense.loadings.data, rtol=0, atol=1e-5 * span)
+    np.testing.assert_allclose(rec.variance.data, dense.variance.data, rtol=1e-3)
+
+
+def test_a_few_masked_pixels_on_a_scan_too_large_for_the_dense_path():
+    s = atomic_eels_spectrum_image(shape=(64, 64), n_channels=24, seed=0)
+    mask = np.zeros(s.axes_manager.navigation_shape, dtype=bool)
+    mask[[5, 30, 50], [7, 31, 12]] = True
+    s.decomposition(output_dimension=3, navigation_mask=mask, print_info=False)
+    rec = gp_reconstruct(s, components=3)  # 4093 pixels × 3 maps: over the dense limit
+    settings = rec.signal.metadata.GP_reconstruction.settings
+    assert settings.solver == "kronecker" and settings.missing_pixels == 3
+    assert np.isfinite(rec.loadings.data).all() and np.isfinite(rec.variance.data).all()
+    with pytest.raises(ValueError, match="at most 6000 observed values"):
+        gp_reconstruct(s, components=3, solver="dense")
+
+
+def test_too_many_missing_pixels_for_every_exact_path_is_refused_before_fitting():
+    s = atomic_eels_spectrum_image(shape=(80, 80), n_channels=16, seed=0)
+    mask = np.zeros(s.axes_manager.navigation_shape, dtype=bool)
+    mask[:, ::2] = True
+    s.decomposition(output_dimension=3, navigation_mask=mask, print_info=False)
+    with pytest.raises(ValueError, match="3200 of 6400 scan pixels .* Schur complement"):
+        gp_reconstruct(s, components=3)
 
 
 def test_missing_pixel_is_filled_from_its_neighbours_with_more_uncertainty():
@@ -325,15 +352,6 @@ def test_missing_pixel_is_filled_from_its_neighbours_with_more_uncertainty():
     var = rec.variance.data
     neighbours = np.stack([var[:, 4, 9], var[:, 6, 9], var[:, 5, 8], var[:, 5, 10]], axis=-1)
     assert (var[:, 5, 9] > 2 * neighbours.max(axis=-1)).all()
-
-
-def test_kronecker_solver_refuses_missing_pixels():
-    s = atomic_eels_spectrum_image(shape=(10, 10), n_channels=30, seed=0)
-    mask = np.zeros(s.axes_manager.navigation_shape, dtype=bool)
-    mask[1, 2] = True
-    s.decomposition(output_dimension=2, navigation_mask=mask, print_info=False)
-    with pytest.raises(ValueError, match="solver='kronecker' needs a complete grid"):
-        gp_reconstruct(s, components=2, solver="kronecker")
 
 
 def test_forcing_the_dense_solver_gives_the_kronecker_result(decomposed):

@@ -74,8 +74,11 @@ class GridICMModel(gpytorch.Module):
     observed
         Boolean grid (numpy order) of the pixels that were measured, or ``None`` for a
         complete grid.  With it, the exact likelihood is computed by dense algebra on
-        the observed pixels (:mod:`~hyperspy_gp.gp.dense`); without, by the Kronecker
-        eigenbasis (:mod:`~hyperspy_gp.gp.likelihood`).
+        the observed pixels (:mod:`~hyperspy_gp.gp.dense`) or by the Kronecker eigenbasis
+        with a Schur complement over the missing ones (:mod:`~hyperspy_gp.gp.schur`);
+        without, by the Kronecker eigenbasis (:mod:`~hyperspy_gp.gp.likelihood`).
+    masked_solver
+        ``"dense"`` or ``"schur"``: the exact path used when ``observed`` is given.
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class GridICMModel(gpytorch.Module):
         isotropic: bool = False,
         lengthscale_bounds=None,
         observed=None,
+        masked_solver: str = "dense",
     ) -> None:
         super().__init__()
         self.kernel = kernel
@@ -106,12 +110,17 @@ class GridICMModel(gpytorch.Module):
             self.register_parameter("task_factor", torch.nn.Parameter(torch.zeros(n_models, n_tasks, rank, **opts)))
         self.to(**opts)  # constraint bounds follow the model's dtype and device
         self.observed = None if observed is None else np.asarray(observed, dtype=bool)
+        if masked_solver not in ("dense", "schur"):
+            raise ValueError(f"masked_solver must be 'dense' or 'schur', not {masked_solver!r}.")
+        self.masked_solver = masked_solver
         if self.observed is not None:
             from hyperspy_gp.gp.dense import observed_index_from_mask
+            from hyperspy_gp.gp.schur import missing_index_from_mask
 
             if self.observed.shape != kernel.grid_shape:
                 raise ValueError(f"observed mask shape {self.observed.shape} != grid {kernel.grid_shape}")
             self.observed_index = observed_index_from_mask(self.observed, kernel.factor_shape).to(kernel.device)
+            self.missing_index = missing_index_from_mask(self.observed, kernel.factor_shape).to(kernel.device)
         self.reset_parameters(initial_lengthscale(lengthscale_bounds))
 
     def reset_parameters(self, lengthscale: float) -> None:
@@ -166,6 +175,16 @@ class GridICMModel(gpytorch.Module):
 
     def log_likelihood(self, targets: torch.Tensor) -> torch.Tensor:
         """Exact log marginal likelihood of each model, ``(P,)``."""
+        if self.observed is not None and self.masked_solver == "schur":
+            from hyperspy_gp.gp.schur import schur_log_likelihood
+
+            return schur_log_likelihood(
+                self.as_factor_layout(targets),
+                self.task_covariance,
+                self.noise,
+                self.kernel.factors(self.lengthscale),
+                self.missing_index,
+            )
         if self.observed is not None:
             from hyperspy_gp.gp.dense import masked_log_likelihood
 
@@ -186,7 +205,8 @@ class GridICMModel(gpytorch.Module):
     def submodel(self, index: int) -> GridICMModel:
         """A batch of one: a copy of model ``index`` (its parameters, not shared)."""
         sub = GridICMModel(self.kernel, 1, self.n_tasks, rank=self.rank, isotropic=self.isotropic,
-                           lengthscale_bounds=self.lengthscale_bounds, observed=self.observed)
+                           lengthscale_bounds=self.lengthscale_bounds, observed=self.observed,
+                           masked_solver=self.masked_solver)
         with torch.no_grad():
             for name, param in sub.named_parameters():
                 param.copy_(getattr(self, name)[index : index + 1])

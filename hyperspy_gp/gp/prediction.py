@@ -166,9 +166,13 @@ def _predict_rows(state: tuple[Posterior, list[torch.Tensor]], start: int, stop:
 
 
 def make_posterior(model: GridICMModel, targets: torch.Tensor) -> Posterior:
-    """The structured posterior on a full grid, the dense one when pixels are missing."""
+    """The structured posterior on a full grid; with missing pixels the Schur or dense one."""
     if model.observed is None:
         return GridPosterior(model, targets)
+    if model.masked_solver == "schur":
+        from hyperspy_gp.gp.schur import SchurPosterior
+
+        return SchurPosterior(model, targets)
     from hyperspy_gp.gp.dense import MaskedPosterior
 
     return MaskedPosterior(model, targets)
