@@ -133,6 +133,7 @@ def estimate_memory(
     upsampling: int = 1,
     kernel: str = "separable",
     n_observed: int | None = None,
+    n_missing: int = 0,
     dtype: str = "float64",
     lazy_output: bool = False,
     chunks: int | None = None,
@@ -150,6 +151,8 @@ def estimate_memory(
     n_observed
         Measured pixels when some are missing (dense solver), ``None`` for a
         complete grid (Kronecker solver).
+    n_missing
+        Missing pixels on the Kronecker path (Schur complement), 0 for a complete grid.
 
     Returns
     -------
@@ -171,6 +174,9 @@ def estimate_memory(
     itemsize = 4 if dtype == "float32" else _FLOAT64
     n_models, n_tasks = (1, n_maps) if mode == "parallel" else (n_maps, 1)
     fitting = _fitting_bytes(grid_shape, n_models, n_tasks, kernel, n_observed, itemsize)
+    if n_observed is None and n_missing:
+        # Schur columns Σ⁻¹E_M, H = Σ⁻¹E_M L⁻ᵀ and ΣH with its autograd copy: |M|·n·T each.
+        fitting += 4 * n_models * n_missing * n_tasks * n_pixels * n_tasks * itemsize
     prediction = _prediction_bytes(grid_shape, upsampling, n_models, n_tasks, kernel, n_observed, chunks)
     return MemoryEstimate(4 * map_bytes, spectrum, fitting, prediction + 2 * 2 * map_bytes)
 

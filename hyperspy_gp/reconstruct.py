@@ -289,7 +289,8 @@ def _check_memory(maps: np.ndarray, decomposition, request: Request, lazy: bool,
     estimate = estimate_memory(
         maps.shape[:-1], maps.shape[-1], decomposition.factors.shape[0], mode=request.mode,
         upsampling=request.upsampling, kernel=request.kernel, dtype=request.dtype, lazy_output=lazy,
-        n_observed=int(request.observed.sum()) if request.solver == "dense" else None, chunks=request.chunks,
+        n_observed=int(request.observed.sum()) if request.solver == "dense" else None,
+        n_missing=0 if request.observed is None else int((~request.observed).sum()), chunks=request.chunks,
     )
     _logger.info("Estimated memory: %s", estimate.describe())
     check_memory_budget(estimate, memory_budget)

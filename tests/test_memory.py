@@ -100,3 +100,9 @@ def test_lazy_request_is_not_told_to_go_lazy():
     with pytest.raises(MemoryBudgetError) as info:
         check_memory_budget(est, "1 MB")
     assert "lazy_output" not in str(info.value)
+
+
+def test_schur_columns_are_counted_for_missing_pixels_on_the_kronecker_path():
+    complete = estimate_memory((256, 256), 6, 100)
+    holes = estimate_memory((256, 256), 6, 100, n_missing=10)
+    assert holes.fitting - complete.fitting == 4 * 10 * 6 * 256 * 256 * 6 * 8
