@@ -239,3 +239,16 @@ def test_gp_reconstruct_refuses_an_unknown_bounds_keyword():
     s = _signal_with_maps(_test_maps())
     with pytest.raises(ValueError, match="'auto'"):
         gp_reconstruct(s, lengthscale_bounds="automatic")
+
+
+def test_scan_with_missing_pixels_is_the_same_on_both_exact_paths():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:16, :16]
+    maps = np.stack([np.sin(xx / 2.0) * np.cos(yy / 3.0), np.cos(xx / 3.0)], -1) + 0.05 * rng.standard_normal((16, 16, 2))
+    observed = np.ones((16, 16), dtype=bool)
+    observed[3, 4] = observed[10, 12] = False
+    maps[~observed] = np.nan
+    scans = [scan_loading_maps(maps, upper_bounds=[1.0, 2.0, 4.0], observed=observed, masked_solver=solver)
+             for solver in ("schur", "dense")]
+    np.testing.assert_allclose(scans[0].lengthscales, scans[1].lengthscales, rtol=1e-8)
+    np.testing.assert_allclose(scans[0].log_likelihood, scans[1].log_likelihood, rtol=1e-10)
