@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hyperspy_gp import _hyperspy as hsglue
+from hyperspy_gp.maps_gp import standardise
 
 _logger = logging.getLogger(__name__)
 
@@ -336,7 +337,7 @@ def scan_loading_maps(
     maps = np.asarray(maps, dtype=np.float64)
     grid, n_maps = maps.shape[:-1], maps.shape[-1]
     upper_bounds, lower_bound = _check_scan_options(upper_bounds, lower_bound, margin, batch_size, grid)
-    standardised = np.moveaxis(_standardise(maps), -1, 0)[..., None]  # (T, *grid, 1)
+    standardised = np.moveaxis(standardise(maps)[0], -1, 0)[..., None]  # (T, *grid, 1)
     size = n_maps if batch_size is None else int(batch_size)
     groups = [standardised[i : i + size] for i in range(0, n_maps, size)]
     options = dict(upper_bounds=upper_bounds, lower_bound=lower_bound, observed=observed,
@@ -525,13 +526,6 @@ def _check_scan_options(upper_bounds, lower_bound, margin, batch_size, grid) -> 
     ):
         raise ValueError(f"batch_size must be a positive number of maps or None, not {batch_size!r}.")
     return bounds, float(lower)
-
-
-def _standardise(maps: np.ndarray) -> np.ndarray:
-    """Zero mean, unit variance per map over the measured pixels; missing pixels 0."""
-    measured = np.isfinite(maps).all(axis=-1)
-    centre, scale = maps[measured].mean(axis=0), maps[measured].std(axis=0)
-    return np.where(measured[..., None], (maps - centre) / scale, 0.0)
 
 
 def _sweep(targets, upper_bounds, lower_bound, observed, masked_solver, isotropic, kernel, max_iter, tol, device,

@@ -84,9 +84,8 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
 
     grid = maps.shape[:-1]
     n_maps = maps.shape[-1]
+    standardised, centre, scale = standardise(maps)
     measured = np.isfinite(maps).all(axis=-1)
-    centre, scale = maps[measured].mean(axis=0), maps[measured].std(axis=0)
-    standardised = np.where(measured[..., None], (maps - centre) / scale, 0.0)
     torch_dtype = getattr(torch, request.dtype)
     kernel = GridKernel(grid, request.kernel, dtype=torch_dtype, device=request.device)
     if request.mode == "parallel":
@@ -112,6 +111,31 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
     hyper = _hyperparameters(model, result, request.mode, scale, int(measured.sum()))
     hyper["jitter"] = _report_jitter(posterior.jitter.detach().cpu().numpy(), request.mode, scale)
     return MapsFit(mean, variance, hyper, result.history)
+
+
+def standardise(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Zero mean, unit variance per map over the measured pixels; missing pixels 0.
+
+    Parameters
+    ----------
+    maps : numpy.ndarray
+        Loading maps ``(*grid, T)``, NaN where a pixel is missing.
+
+    Returns
+    -------
+    standardised, centre, scale : numpy.ndarray
+        The maps ``(maps - centre) / scale`` (0 where missing), and the per-map
+        ``centre`` and ``scale`` ``(T,)`` that bring GP results back to map units.
+
+    Examples
+    --------
+    >>> z, centre, scale = standardise(np.array([[1.0, 10.0], [3.0, np.nan], [5.0, 30.0]]))
+    >>> z[:, 0], centre, scale
+    (array([-1.,  0.,  1.]), array([ 3., 20.]), array([ 2., 10.]))
+    """
+    measured = np.isfinite(maps).all(axis=-1)
+    centre, scale = maps[measured].mean(axis=0), maps[measured].std(axis=0)
+    return np.where(measured[..., None], (maps - centre) / scale, 0.0), centre, scale
 
 
 def _masked_solver(request: Request) -> str:
