@@ -267,13 +267,14 @@ def lengthscale_scan(
     grid = hsglue.navigation_shape(signal)
     upper_bounds, lower_bound = _check_scan_options(upper_bounds, lower_bound, margin, batch_size, grid)
     maps = check_maps(hsglue.read_decomposition(signal, request.components).maps, request.components)
+    observed = choose_solver(maps, request)  # also settles request.solver
     return scan_loading_maps(
         maps,
         upper_bounds=upper_bounds,
         lower_bound=lower_bound,
         components=request.components,
-        observed=choose_solver(maps, request),
-        masked_solver="dense" if request.solver == "dense" else "schur",
+        observed=observed,
+        masked_solver=request.masked_solver,
         axes_names=[str(a.name) for a in hsglue.navigation_axes(signal)],
         isotropic=isotropic,
         kernel=kernel,

@@ -92,12 +92,12 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
         targets = standardised[None]
         model = GridICMModel(kernel, 1, n_maps, rank=request.rank, isotropic=isotropic,
                              lengthscale_bounds=request.lengthscale_bounds, observed=request.observed,
-                             masked_solver=_masked_solver(request))
+                             masked_solver=request.masked_solver)
     else:
         targets = np.moveaxis(standardised, -1, 0)[..., None]
         model = GridICMModel(kernel, n_maps, 1, rank=0, isotropic=isotropic,
                              lengthscale_bounds=request.lengthscale_bounds, observed=request.observed,
-                             masked_solver=_masked_solver(request))
+                             masked_solver=request.masked_solver)
     targets_t = torch.as_tensor(np.ascontiguousarray(targets), dtype=torch_dtype, device=request.device)
     result = fit_model(model, targets_t, max_iter=max_iter, tol=tol, show_progressbar=show_progressbar)
 
@@ -136,11 +136,6 @@ def standardise(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     measured = np.isfinite(maps).all(axis=-1)
     centre, scale = maps[measured].mean(axis=0), maps[measured].std(axis=0)
     return np.where(measured[..., None], (maps - centre) / scale, 0.0), centre, scale
-
-
-def _masked_solver(request: Request) -> str:
-    """The exact path for missing pixels: Schur complement on the Kronecker basis, or dense."""
-    return "schur" if request.solver == "kronecker" else "dense"
 
 
 def _report_jitter(jitter: np.ndarray, mode: str, scale: np.ndarray) -> np.ndarray:

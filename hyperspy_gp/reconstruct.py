@@ -254,15 +254,11 @@ def gp_reconstruct(
     request.observed = choose_solver(maps, request)
     lazy = hsglue.is_lazy(signal) if lazy_output is None else bool(lazy_output)
     _check_memory(maps, decomposition, request, lazy, memory_budget)
+    show_progressbar = hsglue.resolve_show_progressbar(show_progressbar)
     if request.lengthscale_bounds == "auto":
-        _choose_lengthscale_bounds(maps, request, isotropic, signal, hsglue.resolve_show_progressbar(show_progressbar))
+        _choose_lengthscale_bounds(maps, request, isotropic, signal, show_progressbar)
     fit = fit_and_predict_maps(
-        maps,
-        request,
-        isotropic=isotropic,
-        max_iter=max_iter,
-        tol=tol,
-        show_progressbar=hsglue.resolve_show_progressbar(show_progressbar),
+        maps, request, isotropic=isotropic, max_iter=max_iter, tol=tol, show_progressbar=show_progressbar
     )
     reconstructed, loadings, hyperparameters = build_outputs(signal, decomposition, fit, request, lazy, isotropic)
     return GPReconstruction(reconstructed, loadings, hyperparameters, fit.history)
@@ -274,7 +270,7 @@ def _choose_lengthscale_bounds(maps, request: Request, isotropic: bool, signal, 
 
     scan = scan_loading_maps(
         maps, components=request.components, observed=request.observed,
-        masked_solver="dense" if request.solver == "dense" else "schur",
+        masked_solver=request.masked_solver,
         axes_names=[str(a.name) for a in hsglue.navigation_axes(signal)], isotropic=isotropic,
         kernel=request.kernel, device=request.device, dtype=request.dtype, show_progressbar=show_progressbar,
     )

@@ -61,6 +61,23 @@ class Request:
     observed: np.ndarray | None = None  # measured pixels, None for the Kronecker path
     lengthscale_scan: object | None = None  # the LengthscaleScan behind lengthscale_bounds="auto"
 
+    @property
+    def masked_solver(self) -> str:
+        """The exact path for missing pixels, in :class:`~hyperspy_gp.gp.model.GridICMModel` terms.
+
+        ``"schur"`` (Schur complement on the Kronecker basis) unless ``solver="dense"``.
+
+        Returns
+        -------
+        str
+
+        Examples
+        --------
+        >>> Request([0], "parallel", 1, None, "separable", 1, "dense", "cpu", "float64", None).masked_solver
+        'dense'
+        """
+        return "dense" if self.solver == "dense" else "schur"
+
 
 def validate_request(signal, components, mode, upsampling, bounds, kernel, rank, solver, device, dtype, chunks) -> Request:
     """Check ``signal`` and the options of :func:`hyperspy_gp.gp_reconstruct`.
