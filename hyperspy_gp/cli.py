@@ -225,9 +225,9 @@ def _add_gp_options(p: argparse.ArgumentParser) -> None:
                          "independent: one GP per map (default: parallel)")
     gp.add_argument("--upsampling", type=_positive_int, default=2,
                     help="integer factor of the output scan density (default: 2)")
-    gp.add_argument("--lengthscale-bounds", type=_bound, nargs="+", metavar="LO HI | auto", default=None,
-                    help='bounds of the GP length scales in pixels of the scan, or "auto" to choose them '
-                         "with a length-scale scan (default: >= 0.5)")
+    gp.add_argument("--lengthscale-bounds", type=_bound, nargs="+", metavar="BOUND", default=None,
+                    help='two numbers LO HI: bounds of the GP length scales in pixels of the scan; or '
+                         '"auto" to choose them with a length-scale scan (default: >= 0.5)')
     gp.add_argument("--device", default="cpu", help='torch device, "cpu" or "cuda" (default: cpu)')
     gp.add_argument("--quiet", action="store_true", help="no progress bars")
 
