@@ -90,8 +90,8 @@ class SchurSolve:
             columns = _missing_columns(solve, index)  # (P, *fg, T, mT)
             p, t = columns.shape[0], columns.shape[-2]
             c = _gather(columns, index).reshape(p, -1, columns.shape[-1])  # rows i·T + s
-            # A principal submatrix of Σ⁻¹: positive definite, no better or worse conditioned
-            # than Σ, whose own jitter (if any) the grid solve reports.
+            # A principal submatrix of Σ⁻¹: positive definite, its condition number at most
+            # Σ's, whose own jitter (if any) the grid solve reports.
             chol, _ = safe_cholesky(0.5 * (c + c.transpose(-1, -2)))
             alpha0 = kron_dot(solve.rotated_weights, solve.eigenvectors)
             u = _gather(alpha0, index).reshape(p, -1, 1)
