@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from hyperspy_gp.gp.cholesky import safe_cholesky
-from hyperspy_gp.gp.prediction import Posterior
+from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, Posterior
 
 #: Largest number of observed values ``|O| · T`` for the dense path.
 MAX_DENSE_VALUES = 6000
@@ -128,14 +128,17 @@ class MaskedPosterior(Posterior):
         return mean.reshape(out), variance.clamp_min(0.0).reshape(out)
 
     def default_chunk_rows(self, test_coords: Sequence[torch.Tensor]) -> int:
-        """Rows per chunk keeping ``cross_cov`` under 64 MB."""
+        """Rows per chunk keeping ``cross_cov`` under :data:`~hyperspy_gp.gp.prediction.DEFAULT_CHUNK_BYTES`."""
         p, t = self.mean_weights.shape[0], self.mean_weights.shape[1]
         per_row = math.prod(len(c) for c in test_coords[1:]) * p * t * t * self.alpha.shape[-1] * 8 * 2
-        return max(1, (64 * 2**20) // max(per_row, 1))
+        return max(1, DEFAULT_CHUNK_BYTES // max(per_row, 1))
 
 
 def observed_index_from_mask(observed: np.ndarray, factor_shape: tuple[int, ...]) -> torch.Tensor:
-    """Integer coordinates ``(|O|, n_factors)`` of the observed pixels in factor layout."""
+    """Integer coordinates ``(count, n_factors)`` of the ``True`` pixels of a mask in factor layout.
+
+    Used for the observed pixels, and with ``~observed`` for the missing ones.
+    """
     flat = np.flatnonzero(observed.reshape(-1))
     coords = np.stack(np.unravel_index(flat, factor_shape), axis=-1)
     return torch.as_tensor(coords, dtype=torch.long)

@@ -115,12 +115,11 @@ class GridICMModel(gpytorch.Module):
         self.masked_solver = masked_solver
         if self.observed is not None:
             from hyperspy_gp.gp.dense import observed_index_from_mask
-            from hyperspy_gp.gp.schur import missing_index_from_mask
 
             if self.observed.shape != kernel.grid_shape:
                 raise ValueError(f"observed mask shape {self.observed.shape} != grid {kernel.grid_shape}")
             self.observed_index = observed_index_from_mask(self.observed, kernel.factor_shape).to(kernel.device)
-            self.missing_index = missing_index_from_mask(self.observed, kernel.factor_shape).to(kernel.device)
+            self.missing_index = observed_index_from_mask(~self.observed, kernel.factor_shape).to(kernel.device)
         self.reset_parameters(initial_lengthscale(lengthscale_bounds))
 
     def reset_parameters(self, lengthscale: float) -> None:

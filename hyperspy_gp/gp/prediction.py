@@ -28,9 +28,11 @@ import torch
 from hyperspy_gp.gp.likelihood import solve_grid_icm
 from hyperspy_gp.gp.model import GridICMModel
 from hyperspy_gp.gp.tensor import kron_dot
+from hyperspy_gp.memory import CHUNK_BYTES
 
-#: Memory budget (bytes) of the largest temporary of one prediction chunk.
-DEFAULT_CHUNK_BYTES = 64 * 2**20
+#: Memory budget (bytes) of the largest temporary of one prediction chunk (the memory
+#: estimate of :mod:`hyperspy_gp.memory` assumes the same).
+DEFAULT_CHUNK_BYTES = CHUNK_BYTES
 
 
 class Posterior:

@@ -33,23 +33,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from hyperspy_gp.gp.cholesky import safe_cholesky
 from hyperspy_gp.gp.likelihood import GridICMSolve, grid_icm_log_likelihood, solve_grid_icm
-from hyperspy_gp.gp.prediction import GridPosterior
+from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior
 from hyperspy_gp.gp.tensor import kron_dot
 
 #: Largest ``|M| · n · T`` (missing values × grid values) for the Schur path: the
 #: columns ``H`` take this many float64 values (32 million: 256 MB).
 MAX_SCHUR_ENTRIES = 32 * 2**20
-
-
-def missing_index_from_mask(observed: np.ndarray, factor_shape: tuple[int, ...]) -> torch.Tensor:
-    """Integer coordinates ``(m, n_factors)`` of the missing pixels in factor layout."""
-    flat = np.flatnonzero(~observed.reshape(-1))
-    return torch.as_tensor(np.stack(np.unravel_index(flat, factor_shape), axis=-1), dtype=torch.long)
 
 
 def _gather(grid: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -167,8 +160,8 @@ class SchurPosterior(GridPosterior):
         return mean, variance + increase
 
     def default_chunk_rows(self, test_coords: Sequence[torch.Tensor]) -> int:
-        """Rows per chunk keeping the ``k*ᵀ H`` temporaries under 64 MB."""
+        """Rows per chunk keeping the ``k*ᵀ H`` temporaries under :data:`~hyperspy_gp.gp.prediction.DEFAULT_CHUNK_BYTES`."""
         rows = super().default_chunk_rows(test_coords)
         per_row = math.prod(len(c) for c in test_coords[1:]) * self.columns.shape[0] * self.columns.shape[-1] \
             * self.columns.shape[-2] * 8 * 3
-        return max(1, min(rows, (64 * 2**20) // max(per_row, 1)))
+        return max(1, min(rows, DEFAULT_CHUNK_BYTES // max(per_row, 1)))
