@@ -533,6 +533,7 @@ def _sweep(targets, upper_bounds, lower_bound, observed, masked_solver, isotropi
            dtype, show_progressbar):
     """Fit ``(P, *grid, 1)`` maps at each upper bound, warm-starting each fit from the last."""
     import torch
+    from tqdm.auto import tqdm
 
     from hyperspy_gp.gp.kernels import GridKernel
     from hyperspy_gp.gp.model import GridICMModel
@@ -542,8 +543,8 @@ def _sweep(targets, upper_bounds, lower_bound, observed, masked_solver, isotropi
     grid_kernel = GridKernel(targets.shape[1:-1], kernel, dtype=torch_dtype, device=device)
     targets_t = torch.as_tensor(np.ascontiguousarray(targets), dtype=torch_dtype, device=device)
     lengthscales, logliks, converged, fractions, previous = [], [], [], [], None
-    progress = _progress(show_progressbar, len(upper_bounds))
-    try:
+    with tqdm(total=len(upper_bounds), desc="Length-scale scan", unit="bound",
+              disable=not show_progressbar) as progress:
         for hi in upper_bounds:
             model = GridICMModel(grid_kernel, targets.shape[0], 1, rank=0, isotropic=isotropic,
                                  lengthscale_bounds=(lower_bound, float(hi)), observed=observed,
@@ -557,11 +558,7 @@ def _sweep(targets, upper_bounds, lower_bound, observed, masked_solver, isotropi
             converged.append(result.converged)
             signal = torch.diagonal(model.task_covariance, dim1=-2, dim2=-1)[:, 0]
             fractions.append((signal / (signal + model.noise[:, 0])).detach().cpu().numpy())
-            if progress is not None:
-                progress.update(1)
-    finally:
-        if progress is not None:
-            progress.close()
+            progress.update(1)
     return np.stack(lengthscales), np.stack(logliks), np.array(converged), np.stack(fractions)
 
 
@@ -580,11 +577,3 @@ def _warm_start(model, previous, lo: float, hi: float) -> None:
         n_ls = model.raw_lengthscale.shape[-1]
         ls = previous[:, :n_ls].clamp(lo + margin, hi - margin)
         model.raw_lengthscale.copy_(model.raw_lengthscale_constraint.inverse_transform(ls))
-
-
-def _progress(show: bool, total: int):
-    if not show:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="Length-scale scan", unit="bound")

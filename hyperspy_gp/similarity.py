@@ -372,8 +372,10 @@ def similarity_benchmark(
     noisy_similarity = np.empty((n_s, n_a, 3))
     lengthscales = np.empty((n_conf, n_s, n_a, 3, 2))
     converged = np.empty((n_conf, n_s, n_a), dtype=bool)
-    progress = _progress(show_progressbar, n_conf * n_s * n_a)
-    try:
+    from tqdm.auto import tqdm
+
+    with tqdm(total=n_conf * n_s * n_a, desc="Similarity benchmark", unit="fit",
+              disable=not show_progressbar) as progress:
         for s, sigma0 in enumerate(sigma0s):
             for a, alpha in enumerate(alphas):
                 noisy = truth + noise_levels(sigma0, alpha, noise_model)[:, None, None] * standard_normal
@@ -382,11 +384,7 @@ def similarity_benchmark(
                     mean, ls, ok = _reconstruct(noisy, config, rank, max_iter, tol)
                     similarity[c, s, a] = _ncc_per_map(truth, mean)
                     lengthscales[c, s, a], converged[c, s, a] = ls, ok
-                    if progress is not None:
-                        progress.update(1)
-    finally:
-        if progress is not None:
-            progress.close()
+                    progress.update(1)
     return SimilarityBenchmark(sigma0s, alphas, int(noise_model), configurations, similarity, noisy_similarity,
                                lengthscales, converged, shape, period, seed)
 
@@ -471,11 +469,3 @@ def _extent(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
         return v[0] - step / 2, v[-1] + step / 2
 
     return (*edges(x), *edges(y))
-
-
-def _progress(show: bool, total: int):
-    if not show:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="Similarity benchmark", unit="fit")
