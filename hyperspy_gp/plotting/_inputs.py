@@ -54,5 +54,18 @@ def axis_label(axis) -> str:
     return label(text(axis.name) or "axis", text(axis.units))
 
 
+def check_pixel(pixel, shape, grid: str) -> tuple[int, ...]:
+    """``pixel`` as ints, if it lies inside ``shape`` (numpy order); else a ValueError naming ``grid``."""
+    pixel = tuple(int(p) for p in pixel)
+    if len(pixel) != len(shape) or not all(0 <= p < n for p, n in zip(pixel, shape)):
+        raise ValueError(f"pixel {pixel} is outside the {grid} of shape {tuple(shape)} (numpy order: row, column).")
+    return pixel
+
+
+def image_extent(x: np.ndarray, x_step: float, y: np.ndarray, y_step: float) -> tuple[float, float, float, float]:
+    """imshow extent (pixel edges, calibrated) with the first row at the top."""
+    return (x[0] - x_step / 2, x[-1] + x_step / 2, y[-1] + y_step / 2, y[0] - y_step / 2)
+
+
 def as_numpy(array) -> np.ndarray:
     return np.asarray(array.compute() if hasattr(array, "compute") else array)

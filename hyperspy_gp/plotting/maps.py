@@ -11,6 +11,7 @@ from hyperspy_gp.plotting._inputs import (
     as_numpy,
     axis_label,
     choose_rows,
+    image_extent,
     gp_metadata,
     is_reconstruction,
     reconstructed_components,
@@ -98,7 +99,8 @@ def plot_rgb_composite(maps, components: Sequence[int] = (0, 1, 2)):
     fig, ax = plt.subplots(figsize=(5.5, 5.5), layout="constrained")
     if signal is not None:
         x_axis, y_axis = signal.axes_manager.signal_axes
-        ax.imshow(rgb, extent=_extent(x_axis, y_axis), interpolation="nearest")
+        ax.imshow(rgb, extent=image_extent(x_axis.axis, x_axis.scale, y_axis.axis, y_axis.scale),
+                  interpolation="nearest")
         ax.set_xlabel(axis_label(x_axis))
         ax.set_ylabel(axis_label(y_axis))
     else:
@@ -158,12 +160,6 @@ def _unit_range(channel: np.ndarray) -> np.ndarray:
     lo, hi = channel[finite].min(), channel[finite].max()
     scaled = (channel - lo) / (hi - lo) if hi > lo else np.zeros_like(channel)
     return np.where(finite, scaled, 0.0)
-
-
-def _extent(x_axis, y_axis) -> tuple[float, float, float, float]:
-    """imshow extent (pixel edges, calibrated) with the first row at the top."""
-    x, y = x_axis.axis, y_axis.axis
-    return (x[0] - x_axis.scale / 2, x[-1] + x_axis.scale / 2, y[-1] + y_axis.scale / 2, y[0] - y_axis.scale / 2)
 
 
 # --------------------------------------------------------------------------

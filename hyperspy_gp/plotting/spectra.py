@@ -6,7 +6,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from hyperspy_gp.plotting._inputs import GP_NODE, as_numpy, axis_label, gp_metadata, is_reconstruction, text
+from hyperspy_gp.plotting._inputs import (
+    GP_NODE,
+    as_numpy,
+    axis_label,
+    check_pixel,
+    gp_metadata,
+    is_reconstruction,
+    text,
+)
 
 __all__ = ["spectrum_std", "plot_spectrum_with_band"]
 
@@ -46,7 +54,7 @@ def spectrum_std(rec, pixel: Sequence[int]) -> np.ndarray:
     ((32,), True)
     """
     signal = _signal(rec)
-    pixel = _check_pixel(pixel, signal)
+    pixel = check_pixel(pixel, _grid_shape(signal), "reconstructed grid")
     factors = as_numpy(signal.learning_results.factors)
     variance = np.asarray(signal.metadata.get_item(f"{GP_NODE}.loadings_variance"))
     map_variance = np.clip(variance[(slice(None),) + pixel], 0.0, None)
@@ -94,7 +102,8 @@ def plot_spectrum_with_band(rec, pixel: Sequence[int] | None = None, original=No
 
     signal = _signal(rec)
     nav = signal.axes_manager.navigation_axes[::-1]
-    pixel = tuple(n.size // 2 for n in nav) if pixel is None else _check_pixel(pixel, signal)
+    pixel = tuple(n.size // 2 for n in nav) if pixel is None else check_pixel(pixel, _grid_shape(signal),
+                                                                            "reconstructed grid")
     sigma = spectrum_std(signal, pixel)
     mean = as_numpy(signal.data[pixel]).astype(np.float64)
     energy = signal.axes_manager.signal_axes[0]
@@ -126,14 +135,8 @@ def _signal(rec):
     return signal
 
 
-def _check_pixel(pixel, signal) -> tuple[int, ...]:
-    shape = tuple(a.size for a in signal.axes_manager.navigation_axes[::-1])
-    pixel = tuple(int(p) for p in pixel)
-    if len(pixel) != len(shape) or not all(0 <= p < n for p, n in zip(pixel, shape)):
-        raise ValueError(
-            f"pixel {pixel} is outside the reconstructed grid of shape {shape} (numpy order: row, column)."
-        )
-    return pixel
+def _grid_shape(signal) -> tuple[int, ...]:
+    return tuple(a.size for a in signal.axes_manager.navigation_axes[::-1])
 
 
 def _coordinates(nav, pixel) -> str:

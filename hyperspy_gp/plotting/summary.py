@@ -12,6 +12,7 @@ import numpy as np
 
 from hyperspy_gp._hyperspy import navigation_shape
 from hyperspy_gp.plotting._inputs import as_numpy as _as_numpy
+from hyperspy_gp.plotting._inputs import check_pixel, image_extent
 from hyperspy_gp.plotting._inputs import label as _axis_label
 from hyperspy_gp.plotting._inputs import text as _text
 
@@ -144,7 +145,8 @@ def _view(original, reconstruction, pixel) -> _View:
         units, factor = _readable_length(axis)
         scan.append(_display_axis(axis, units, factor))
         gp.append(_display_axis(gp_axis, units, factor))
-    pixel = _check_pixel(pixel, [a.size for a in scan_axes])
+    shape = [a.size for a in scan_axes]
+    pixel = tuple(n // 2 for n in shape) if pixel is None else check_pixel(pixel, shape, "scan")
     return _View(original, reconstruction, scan, gp, pixel)
 
 
@@ -155,15 +157,6 @@ def _gp_settings(reconstruction):
 def _settings_text(reconstruction) -> str:
     settings = _gp_settings(reconstruction)
     return f"{settings.mode} mode, {settings.kernel} kernel, upsampling ×{settings.upsampling}"
-
-
-def _check_pixel(pixel, shape: list[int]) -> tuple[int, ...]:
-    if pixel is None:
-        return tuple(n // 2 for n in shape)
-    pixel = tuple(int(p) for p in pixel)
-    if len(pixel) != len(shape) or not all(0 <= p < n for p, n in zip(pixel, shape)):
-        raise ValueError(f"pixel {pixel} is outside the scan of shape {tuple(shape)} (numpy order).")
-    return pixel
 
 
 def _readable_length(axis) -> tuple[str, float]:
@@ -275,10 +268,7 @@ def _colour_limits(*maps: np.ndarray) -> tuple[float, float]:
 
 
 def _extent(y_axis: _Axis, x_axis: _Axis) -> tuple[float, float, float, float]:
-    """imshow extent (pixel edges, calibrated) with the first row at the top."""
-    x, y = x_axis.values, y_axis.values
-    return (x[0] - x_axis.scale / 2, x[-1] + x_axis.scale / 2,
-            y[-1] + y_axis.scale / 2, y[0] - y_axis.scale / 2)
+    return image_extent(x_axis.values, x_axis.scale, y_axis.values, y_axis.scale)
 
 
 def _inside(gp_axis: _Axis, axis: _Axis) -> np.ndarray:
