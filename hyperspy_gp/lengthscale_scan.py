@@ -275,6 +275,7 @@ def lengthscale_scan(
         components=request.components,
         observed=observed,
         masked_solver=request.masked_solver,
+        iterative=request.iterative,
         axes_names=[str(a.name) for a in hsglue.navigation_axes(signal)],
         isotropic=isotropic,
         kernel=kernel,
@@ -295,6 +296,7 @@ def scan_loading_maps(
     components: Sequence[int] | None = None,
     observed: np.ndarray | None = None,
     masked_solver: str = "schur",
+    iterative: bool = False,
     axes_names: Sequence[str] | None = None,
     isotropic: bool = False,
     kernel: str = "separable",
@@ -316,6 +318,9 @@ def scan_loading_maps(
         Measured pixels when some are missing; ``None`` for a complete grid.
     masked_solver : {"schur", "dense"}
         Exact path for missing pixels (see :class:`~hyperspy_gp.gp.model.GridICMModel`).
+    iterative : bool
+        Fit by conjugate gradients and a stochastic log-determinant
+        (:mod:`~hyperspy_gp.gp.iterative`), for ``kernel="matern"`` on large grids.
     components, axes_names : sequence, optional
         Labels of the maps and of the scan axes; default ``0..T-1`` and numpy axes.
     upper_bounds, lower_bound, isotropic, kernel, margin, batch_size, max_iter, tol, device, dtype
@@ -342,7 +347,7 @@ def scan_loading_maps(
     size = n_maps if batch_size is None else int(batch_size)
     groups = [standardised[i : i + size] for i in range(0, n_maps, size)]
     options = dict(upper_bounds=upper_bounds, lower_bound=lower_bound, observed=observed,
-                   masked_solver=masked_solver, isotropic=isotropic,
+                   masked_solver=masked_solver, iterative=iterative, isotropic=isotropic,
                    kernel=kernel, max_iter=max_iter, tol=tol, device=device, dtype=dtype)
     if len(groups) == 1:
         sweeps = [_sweep(groups[0], show_progressbar=show_progressbar, **options)]
@@ -529,8 +534,8 @@ def _check_scan_options(upper_bounds, lower_bound, margin, batch_size, grid) -> 
     return bounds, float(lower)
 
 
-def _sweep(targets, upper_bounds, lower_bound, observed, masked_solver, isotropic, kernel, max_iter, tol, device,
-           dtype, show_progressbar):
+def _sweep(targets, upper_bounds, lower_bound, observed, masked_solver, iterative, isotropic, kernel, max_iter, tol,
+           device, dtype, show_progressbar):
     """Fit ``(P, *grid, 1)`` maps at each upper bound, warm-starting each fit from the last."""
     import torch
     from tqdm.auto import tqdm
@@ -548,7 +553,7 @@ def _sweep(targets, upper_bounds, lower_bound, observed, masked_solver, isotropi
         for hi in upper_bounds:
             model = GridICMModel(grid_kernel, targets.shape[0], 1, rank=0, isotropic=isotropic,
                                  lengthscale_bounds=(lower_bound, float(hi)), observed=observed,
-                                 masked_solver=masked_solver)
+                                 masked_solver=masked_solver, iterative=iterative)
             if previous is not None:
                 _warm_start(model, previous, lower_bound, float(hi))
             result = fit_model(model, targets_t, max_iter=max_iter, tol=tol)

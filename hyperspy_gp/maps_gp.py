@@ -92,12 +92,12 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
         targets = standardised[None]
         model = GridICMModel(kernel, 1, n_maps, rank=request.rank, isotropic=isotropic,
                              lengthscale_bounds=request.lengthscale_bounds, observed=request.observed,
-                             masked_solver=request.masked_solver)
+                             masked_solver=request.masked_solver, iterative=request.iterative)
     else:
         targets = np.moveaxis(standardised, -1, 0)[..., None]
         model = GridICMModel(kernel, n_maps, 1, rank=0, isotropic=isotropic,
                              lengthscale_bounds=request.lengthscale_bounds, observed=request.observed,
-                             masked_solver=request.masked_solver)
+                             masked_solver=request.masked_solver, iterative=request.iterative)
     targets_t = torch.as_tensor(np.ascontiguousarray(targets), dtype=torch_dtype, device=request.device)
     result = fit_model(model, targets_t, max_iter=max_iter, tol=tol, show_progressbar=show_progressbar)
 
@@ -110,6 +110,10 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
     variance = scale**2 * variance
     hyper = _hyperparameters(model, result, request.mode, scale, int(measured.sum()))
     hyper["jitter"] = _report_jitter(posterior.jitter.detach().cpu().numpy(), request.mode, scale)
+    if request.iterative:
+        error = posterior.variance_standard_error(request.upsampling).cpu().numpy()
+        hyper["variance_samples"] = posterior.n_samples
+        hyper["variance_standard_error"] = _per_map(error, request.mode) * scale**2
     return MapsFit(mean, variance, hyper, result.history)
 
 

@@ -16,9 +16,12 @@ pixels × ``upsampling`` per axis), ``T`` maps, ``P`` models (1 in parallel mode
 - **fitting**: Kronecker path, the per-axis eigenvectors and the ``T × T`` blocks
   ``λ_j B + D`` of every eigenvalue with their factors and inverses; non-separable
   kernel, the dense ``n × n`` factor; dense path (missing pixels), the
-  ``(|O|T)²`` covariance, its Cholesky factor and autograd's copies;
+  ``(|O|T)²`` covariance, its Cholesky factor and autograd's copies; iterative
+  path, the conjugate-gradient vectors of the targets and the probes and the FFT
+  buffers;
 - **prediction**: the temporaries of the chunks that dask runs at once, plus the
-  computed chunks and their concatenation.
+  computed chunks and their concatenation; iterative path, the whole upsampled
+  mean, variance and its error and one batch of prior draws.
 
 It is an estimate of the peak, accurate to a small factor, not an accounting of
 every allocation.
@@ -137,6 +140,7 @@ def estimate_memory(
     dtype: str = "float64",
     lazy_output: bool = False,
     chunks: int | None = None,
+    iterative: bool = False,
 ) -> MemoryEstimate:
     """Estimate the peak memory of :func:`~hyperspy_gp.gp_reconstruct`.
 
@@ -153,6 +157,8 @@ def estimate_memory(
         complete grid (Kronecker solver).
     n_missing
         Missing pixels on the Kronecker path (Schur complement), 0 for a complete grid.
+    iterative
+        Whether the iterative path (``solver="iterative"``) serves a complete grid.
 
     Returns
     -------
@@ -178,6 +184,8 @@ def estimate_memory(
         # Schur columns Σ⁻¹E_M, H = Σ⁻¹E_M L⁻ᵀ and ΣH with its autograd copy: |M|·n·T each.
         fitting += 4 * n_models * n_missing * n_tasks * n_pixels * n_tasks * itemsize
     prediction = _prediction_bytes(grid_shape, upsampling, n_models, n_tasks, kernel, n_observed, chunks)
+    if iterative:
+        fitting, prediction = _iterative_bytes(grid_shape, upsampling, n_models, n_tasks, itemsize)
     return MemoryEstimate(4 * map_bytes, spectrum, fitting, prediction + 2 * 2 * map_bytes)
 
 
@@ -194,6 +202,22 @@ def _fitting_bytes(grid_shape, n_models, n_tasks, kernel, n_observed, itemsize) 
     # Targets, rotated targets, weights and their pixel-basis copies.
     vectors = 6 * n_models * n_pixels * n_tasks
     return (spatial + blocks + vectors) * itemsize
+
+
+def _iterative_bytes(grid_shape, upsampling, n_models, n_tasks, itemsize) -> tuple[int, int]:
+    from hyperspy_gp.gp.iterative import DEFAULT_PROBES
+
+    n_pixels = math.prod(grid_shape)
+    columns = n_models * (1 + DEFAULT_PROBES) * n_tasks
+    # CG: solution, residual, preconditioned residual, direction, its product and the
+    # right-hand sides; gradient: left and right vectors, K·right and their spectra.
+    vectors = 12 * columns * n_pixels * itemsize
+    preconditioner = 3 * n_models * n_pixels * n_tasks**2 * itemsize
+    fitting = vectors + preconditioner + 3 * 2 * 2**25  # FFT groups (toeplitz.FFT_GROUP_BYTES)
+    fine = n_pixels * upsampling ** len(grid_shape)
+    # Upsampled mean, variance, error and the separable twin's variance; one batch of draws.
+    prediction = 6 * n_models * n_tasks * fine * _FLOAT64 + 4 * CHUNK_BYTES
+    return fitting, prediction
 
 
 def _prediction_bytes(grid_shape, upsampling, n_models, n_tasks, kernel, n_observed, chunks) -> int:

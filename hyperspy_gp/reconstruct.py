@@ -174,18 +174,24 @@ def gp_reconstruct(
     kernel : {"separable", "matern"}
         ``"separable"`` (default): product of 1-D Matérn-5/2 kernels, exact and fast
         on any grid size (Kronecker structure).  ``"matern"``: the non-separable
-        anisotropic Matérn-5/2, exact through dense algebra, limited to 4096 pixels.
+        anisotropic Matérn-5/2 of the method's paper: exact through dense algebra
+        up to 4096 pixels, iterative beyond (see ``solver="iterative"``).
     rank : int
         Rank of ``W`` in the parallel model's task covariance.
-    solver : {"auto", "kronecker", "dense"}
+    solver : {"auto", "kronecker", "dense", "iterative"}
         Exact inference path.  ``"kronecker"``: the spatial eigenbasis of the full grid,
         fast at any size; with missing pixels (NaN loadings, e.g. from a
         decomposition's ``navigation_mask``) plus a Schur complement over them, for a
         few missing pixels (missing values × grid values ≤ 32 million).
         ``"dense"``: Cholesky on the observed pixels, limited to 6000 observed values
-        (pixels × maps in a parallel GP).  ``"auto"`` takes ``"kronecker"`` for
-        complete grids and the cheaper exact path that fits otherwise.  Missing
-        pixels are predicted like any other.
+        (pixels × maps in a parallel GP).  ``"iterative"`` (complete grids, any
+        kernel): FFT products, preconditioned conjugate gradients and a stochastic
+        log-determinant; the mean is exact, the variance a Monte-Carlo estimate whose
+        standard error is returned as ``hyperparameters["variance_standard_error"]``
+        (see :mod:`hyperspy_gp.gp.iterative`).  ``"auto"`` takes ``"kronecker"`` for
+        complete grids (``"iterative"`` for ``kernel="matern"`` beyond 4096 pixels)
+        and the cheaper exact path that fits otherwise.  Missing pixels are
+        predicted like any other.
     max_iter, tol : int, float
         Iteration cap and relative tolerance of the L-BFGS-B likelihood maximisation;
         a ``ConvergenceWarning`` is issued when the cap is reached.
@@ -270,7 +276,7 @@ def _choose_lengthscale_bounds(maps, request: Request, isotropic: bool, signal, 
 
     scan = scan_loading_maps(
         maps, components=request.components, observed=request.observed,
-        masked_solver=request.masked_solver,
+        masked_solver=request.masked_solver, iterative=request.iterative,
         axes_names=[str(a.name) for a in hsglue.navigation_axes(signal)], isotropic=isotropic,
         kernel=request.kernel, device=request.device, dtype=request.dtype, show_progressbar=show_progressbar,
     )
@@ -287,6 +293,7 @@ def _check_memory(maps: np.ndarray, decomposition, request: Request, lazy: bool,
         upsampling=request.upsampling, kernel=request.kernel, dtype=request.dtype, lazy_output=lazy,
         n_observed=int(request.observed.sum()) if request.solver == "dense" else None,
         n_missing=0 if request.observed is None else int((~request.observed).sum()), chunks=request.chunks,
+        iterative=request.iterative,
     )
     _logger.info("Estimated memory: %s", estimate.describe())
     check_memory_budget(estimate, memory_budget)

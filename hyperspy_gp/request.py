@@ -17,10 +17,11 @@ import numpy as np
 from hyperspy_gp import _hyperspy as hsglue
 
 MODES = ("parallel", "independent")
-SOLVERS = ("auto", "kronecker", "dense")
+SOLVERS = ("auto", "kronecker", "dense", "iterative")
 #: ``components=None`` takes every component only up to this many.
 MAX_DEFAULT_COMPONENTS = 10
-#: Largest grid (pixels) for the dense non-separable kernel.
+#: Largest grid (pixels) on which the non-separable kernel is diagonalised densely;
+#: beyond it ``solver="auto"`` takes the iterative path (:mod:`~hyperspy_gp.gp.iterative`).
 MAX_DENSE_PIXELS = 4096
 
 
@@ -77,6 +78,21 @@ class Request:
         'dense'
         """
         return "dense" if self.solver == "dense" else "schur"
+
+    @property
+    def iterative(self) -> bool:
+        """Whether the complete grid is solved by CG and SLQ (:mod:`~hyperspy_gp.gp.iterative`).
+
+        Returns
+        -------
+        bool
+
+        Examples
+        --------
+        >>> Request([0], "parallel", 1, None, "matern", 1, "iterative", "cpu", "float64", None).iterative
+        True
+        """
+        return self.solver == "iterative"
 
 
 def validate_request(signal, components, mode, upsampling, bounds, kernel, rank, solver, device, dtype, chunks) -> Request:
@@ -159,11 +175,6 @@ def validate_request(signal, components, mode, upsampling, bounds, kernel, rank,
     if dtype not in ("float64", "float32"):
         raise ValueError(f"dtype must be 'float64' or 'float32', not {dtype!r}.")
     chosen = parse_components(components, hsglue.n_decomposition_components(signal))
-    if kernel == "matern" and signal.axes_manager.navigation_size > MAX_DENSE_PIXELS:
-        raise ValueError(
-            f"kernel='matern' uses dense algebra, limited to {MAX_DENSE_PIXELS} pixels; this scan has "
-            f"{signal.axes_manager.navigation_size}. Use kernel='separable'."
-        )
     check_device(device)
     return Request(
         chosen, mode, int(upsampling), parse_bounds(bounds), kernel, int(rank), solver, device, dtype,
@@ -274,7 +285,9 @@ def check_maps(maps: np.ndarray, components: list[int]) -> np.ndarray:
 def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     """Choose the exact path for ``maps``: set ``request.solver`` and return the mask.
 
-    A complete grid is solved in the Kronecker eigenbasis.  With missing pixels,
+    A complete grid is solved in the Kronecker eigenbasis, or iteratively
+    (``"iterative"``, :mod:`~hyperspy_gp.gp.iterative`) for ``kernel="matern"`` on more
+    than :data:`MAX_DENSE_PIXELS` pixels.  With missing pixels,
     ``"auto"`` takes the cheaper exact path that fits: ``"dense"`` (Cholesky on the
     observed pixels, :mod:`~hyperspy_gp.gp.dense`) or ``"kronecker"`` with a Schur
     complement over the missing pixels (:mod:`~hyperspy_gp.gp.schur`).
@@ -311,9 +324,28 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     from hyperspy_gp.gp.schur import MAX_SCHUR_ENTRIES
 
     observed = np.isfinite(maps).all(axis=-1)
+    large_matern = request.kernel == "matern" and observed.size > MAX_DENSE_PIXELS
     if observed.all() and request.solver != "dense":
-        request.solver = "kronecker"
+        if request.solver == "auto":
+            request.solver = "iterative" if large_matern else "kronecker"
+        elif request.solver == "kronecker" and large_matern:
+            raise ValueError(
+                f"solver='kronecker' diagonalises kernel='matern' densely, which is limited to {MAX_DENSE_PIXELS} "
+                f"pixels; this scan has {observed.size}. Use solver='auto' or 'iterative' (CG with a "
+                "stochastic log-determinant), or kernel='separable'."
+            )
         return None
+    if request.solver == "iterative":
+        raise ValueError(
+            f"solver='iterative' needs a complete scan grid; {int((~observed).sum())} pixels have no finite "
+            "loadings (e.g. a navigation_mask). Use solver='auto', or decompose without a navigation_mask."
+        )
+    if large_matern:
+        raise ValueError(
+            f"kernel='matern' with missing pixels is solved densely, which is limited to {MAX_DENSE_PIXELS} "
+            f"pixels; this scan has {observed.size}. Use kernel='separable', crop the scan with s.inav[...], or "
+            "decompose without a navigation_mask."
+        )
     tasks = maps.shape[-1] if request.mode == "parallel" else 1
     n_missing = int((~observed).sum())
     dense_values = int(observed.sum()) * tasks

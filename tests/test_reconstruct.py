@@ -361,3 +361,44 @@ def test_forcing_the_dense_solver_gives_the_kronecker_result(decomposed):
     np.testing.assert_allclose(dense.hyperparameters["lengthscale_px"], kron.hyperparameters["lengthscale_px"], rtol=1e-5)
     scale = np.abs(kron.loadings.data).max()
     np.testing.assert_allclose(dense.loadings.data, kron.loadings.data, rtol=0, atol=1e-5 * scale)
+
+
+def test_iterative_solver_reproduces_the_exact_matern_reconstruction(decomposed, unchanged):
+    options = dict(components=2, upsampling=2, kernel="matern")
+    exact = gp_reconstruct(decomposed, **options)  # dense eigendecomposition (360 pixels)
+    with unchanged(decomposed):
+        iterative = gp_reconstruct(decomposed, solver="iterative", **options)
+    assert iterative.signal.metadata.GP_reconstruction.settings.solver == "iterative"
+    # Along the flat likelihood ridge of these smooth maps (length scales beyond the scan)
+    # the stochastic log-determinant may stop at another length scale; the maps agree.
+    scale = np.abs(exact.loadings.data).max()
+    np.testing.assert_allclose(iterative.loadings.data, exact.loadings.data, rtol=0, atol=0.01 * scale)
+    hyper = iterative.hyperparameters
+    np.testing.assert_allclose(hyper["noise_variance"], exact.hyperparameters["noise_variance"], rtol=0.1)
+    # The Monte-Carlo variance comes with its standard error, small against it.
+    error = np.moveaxis(hyper["variance_standard_error"], -1, 0)
+    assert error.shape == exact.variance.data.shape and hyper["variance_samples"] > 0
+    assert (iterative.variance.data > 0).all() and np.median(error / iterative.variance.data) < 0.2
+
+
+def test_the_matern_kernel_on_large_scans_takes_the_iterative_path():
+    from hyperspy_gp.request import Request, choose_solver
+
+    maps = np.random.default_rng(0).normal(size=(70, 60, 2))  # 4200 pixels > 4096
+
+    def request(solver):
+        return Request([0, 1], "parallel", 1, None, "matern", 1, solver, "cpu", "float64", None)
+
+    auto = request("auto")
+    assert choose_solver(maps, auto) is None and auto.solver == "iterative" and auto.iterative
+    small = request("auto")
+    choose_solver(maps[:60], small)
+    assert small.solver == "kronecker"  # 3600 pixels: dense eigendecomposition
+    with pytest.raises(ValueError, match="solver='auto' or 'iterative'"):
+        choose_solver(maps, request("kronecker"))
+    holes = maps.copy()
+    holes[3, 4] = np.nan
+    with pytest.raises(ValueError, match="complete scan grid"):
+        choose_solver(holes, request("iterative"))
+    with pytest.raises(ValueError, match="kernel='separable'"):
+        choose_solver(holes, request("auto"))

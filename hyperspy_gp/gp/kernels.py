@@ -125,6 +125,41 @@ class GridKernel:
         r2 = torch.einsum("mnd,pd->pmn", diff, lengthscale.pow(-2))
         return [_matern52_of_squared(r2)]
 
+    def stationary_values(self, lengthscale: torch.Tensor, lags: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The kernel as a function of the offset, on the grid of offsets ``lags``.
+
+        Both kernels are stationary, ``k(x, x') = c(x − x')``; this evaluates ``c``
+        with the same formula as :meth:`cross_factors`, which is what the FFT
+        (block-Toeplitz) products of :mod:`~hyperspy_gp.gp.toeplitz` need.
+
+        Parameters
+        ----------
+        lengthscale
+            ``(P, ndim)`` length scales in pixels.
+        lags
+            One 1-D tensor of offsets (pixels) per scan axis.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(P, len(lags[0]), ..., len(lags[-1]))``, differentiable in ``lengthscale``.
+        """
+        scaled = [lag.abs()[None, :] / lengthscale[:, a, None] for a, lag in enumerate(lags)]
+        shape = [lengthscale.shape[0], *(len(lag) for lag in lags)]
+
+        def on_axis(values: torch.Tensor, axis: int) -> torch.Tensor:
+            view = [values.shape[0]] + [1] * len(lags)
+            view[axis + 1] = -1
+            return values.reshape(view)
+
+        if self.kind == "separable":
+            out = torch.ones(shape, dtype=lengthscale.dtype, device=lengthscale.device)
+            for axis, r in enumerate(scaled):
+                out = out * on_axis(matern52(r), axis)
+            return out
+        r2 = sum(on_axis(r * r, axis) for axis, r in enumerate(scaled))
+        return _matern52_of_squared(r2.expand(shape))
+
     def test_shape(self, test_coords: Sequence[torch.Tensor]) -> tuple[int, ...]:
         """Shape, in factor layout, of a prediction on ``test_coords``."""
         if self.kind == "separable":

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from gpytorch.constraints import GreaterThan, Interval
 
+from hyperspy_gp.gp.iterative import DEFAULT_PROBES, iterative_log_likelihood, rademacher_probes
 from hyperspy_gp.gp.kernels import GridKernel
 from hyperspy_gp.gp.likelihood import grid_icm_log_likelihood
 
@@ -79,6 +80,12 @@ class GridICMModel(gpytorch.Module):
         without, by the Kronecker eigenbasis (:mod:`~hyperspy_gp.gp.likelihood`).
     masked_solver
         ``"dense"`` or ``"schur"``: the exact path used when ``observed`` is given.
+    iterative
+        On a complete grid, compute the likelihood by FFT products, conjugate gradients
+        and a stochastic log-determinant (:mod:`~hyperspy_gp.gp.iterative`) instead of
+        eigendecompositions: the path for the non-separable kernel on large grids.
+    n_probes
+        Probes of the iterative log-determinant estimate, or ``"exact"``.
     """
 
     def __init__(
@@ -91,6 +98,8 @@ class GridICMModel(gpytorch.Module):
         lengthscale_bounds=None,
         observed=None,
         masked_solver: str = "dense",
+        iterative: bool = False,
+        n_probes: int | str | None = None,
     ) -> None:
         super().__init__()
         self.kernel = kernel
@@ -113,6 +122,10 @@ class GridICMModel(gpytorch.Module):
         if masked_solver not in ("dense", "schur"):
             raise ValueError(f"masked_solver must be 'dense' or 'schur', not {masked_solver!r}.")
         self.masked_solver = masked_solver
+        if iterative and observed is not None:
+            raise ValueError("The iterative solver needs a complete grid (observed=None).")
+        self.iterative = bool(iterative)
+        self.n_probes = DEFAULT_PROBES if n_probes is None else n_probes
         if self.observed is not None:
             from hyperspy_gp.gp.dense import observed_index_from_mask
 
@@ -184,6 +197,12 @@ class GridICMModel(gpytorch.Module):
                 self.kernel.factors(self.lengthscale),
                 self.missing_index,
             )
+        if self.iterative:
+            shape = (targets.shape[0], self.n_tasks, *self.kernel.grid_shape)
+            probes = rademacher_probes(shape, self.n_probes, 0, self.kernel.dtype, targets.device)
+            return iterative_log_likelihood(
+                targets, self.task_covariance, self.noise, self.lengthscale, self.kernel, probes
+            )
         if self.observed is not None:
             from hyperspy_gp.gp.dense import masked_log_likelihood
 
@@ -205,7 +224,7 @@ class GridICMModel(gpytorch.Module):
         """A batch of one: a copy of model ``index`` (its parameters, not shared)."""
         sub = GridICMModel(self.kernel, 1, self.n_tasks, rank=self.rank, isotropic=self.isotropic,
                            lengthscale_bounds=self.lengthscale_bounds, observed=self.observed,
-                           masked_solver=self.masked_solver)
+                           masked_solver=self.masked_solver, iterative=self.iterative, n_probes=self.n_probes)
         with torch.no_grad():
             for name, param in sub.named_parameters():
                 param.copy_(getattr(self, name)[index : index + 1])

@@ -169,6 +169,10 @@ def _predict_rows(state: tuple[Posterior, list[torch.Tensor]], start: int, stop:
 
 def make_posterior(model: GridICMModel, targets: torch.Tensor) -> Posterior:
     """The structured posterior on a full grid; with missing pixels the Schur or dense one."""
+    if model.iterative:
+        from hyperspy_gp.gp.iterative_prediction import IterativePosterior
+
+        return IterativePosterior(model, targets)
     if model.observed is None:
         return GridPosterior(model, targets)
     if model.masked_solver == "schur":

@@ -1,0 +1,383 @@
+r"""Iterative exact inference for any stationary kernel on a full grid (CG + SLQ).
+
+The covariance ``Σ = B ⊗ K + D ⊗ I`` of the grid ICM model is applied by FFT
+(:mod:`~hyperspy_gp.gp.toeplitz`), never formed.  Linear solves use preconditioned
+conjugate gradients (CG); the preconditioner ``P`` is the same ICM model with the
+*separable* kernel of the same length scales, which the Kronecker path of
+:mod:`~hyperspy_gp.gp.likelihood` inverts and factorises exactly (``P = L Lᵀ`` with
+``L = (Q ⊗ I_T) ⊕_j chol(λ_j B + D)``).  For the paper's non-separable Matérn kernel
+``P`` is close to ``Σ``, so CG needs tens of iterations whatever the grid size.
+
+Log marginal likelihood.  With ``α = Σ^{-1} y``,
+
+.. math::
+
+    \log p(y) = -\tfrac12 yᵀα - \tfrac12 \log\det P
+                - \tfrac12 \log\det(L^{-1} Σ L^{-T}) - \tfrac{nT}{2}\log 2π .
+
+The last log-determinant is estimated by stochastic Lanczos quadrature (SLQ) with
+``m`` Rademacher probes ``ε_i``: CG on ``Σ u_i = L ε_i`` is Lanczos on
+``L^{-1} Σ L^{-T}`` started at ``ε_i``, and its coefficients give the tridiagonal
+``T_i`` with ``\log\det ≈ \frac{nT}{m} Σ_i e_1ᵀ \log(T_i) e_1``.  Only this
+correction to the exact ``\log\det P`` is estimated, so its error is small when
+``P ≈ Σ``.  The probes are drawn once per model, so the objective is a deterministic
+function of the hyperparameters.  ``probes="exact"`` uses the ``nT`` unit vectors
+instead: the estimate is then exact up to the CG tolerance (slow; for tests).
+
+Gradient.  ``∂ log p = ½ αᵀ ∂Σ α − ½ tr(Σ^{-1} ∂Σ)`` with the trace estimated by
+``(1/m) Σ_i u_iᵀ ∂Σ w_i``, ``w_i = L^{-T} ε_i`` (so that ``E[L ε εᵀ L^{-1}] = I``).
+Both are bilinear forms in ``Σ``; with ``u``, ``w`` fixed, their derivatives in ``B``
+and ``σ²`` are inner products and in the length scales a dot product of ``∂c/∂ℓ`` with
+one FFT cross-correlation.  No eigendecomposition is differentiated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hyperspy_gp.gp.cholesky import safe_cholesky
+from hyperspy_gp.gp.kernels import GridKernel
+from hyperspy_gp.gp.tensor import kron_outer
+from hyperspy_gp.gp.toeplitz import ToeplitzKernel
+
+#: Probes of the log-determinant estimate (see the module docstring).
+DEFAULT_PROBES = 16
+#: Relative residual at which CG stops.
+CG_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+#: CG iterations before :class:`CGConvergenceError`.
+MAX_CG_ITERATIONS = 1000
+
+
+class CGConvergenceError(RuntimeError):
+    """Conjugate gradients did not reach their tolerance."""
+
+
+def _along(x: torch.Tensor, matrix: torch.Tensor, axis: int, n_axes: int) -> torch.Tensor:
+    """Apply ``(P, m, n)`` matrices to grid axis ``axis`` of channel-first ``x``."""
+    dim = x.dim() - n_axes + axis
+    moved = x.movedim(dim, -1)
+    m = matrix.reshape(matrix.shape[0], *([1] * (moved.dim() - 3)), *matrix.shape[1:])
+    return (moved @ m.transpose(-1, -2)).movedim(-1, dim)
+
+
+def _maps_last(x: torch.Tensor) -> torch.Tensor:
+    """``(P, R, T, *grid)`` → ``(P, R, *grid, T)``."""
+    return x.movedim(2, -1)
+
+
+def _maps_first(x: torch.Tensor) -> torch.Tensor:
+    """``(P, R, *grid, T)`` → ``(P, R, T, *grid)``."""
+    return x.movedim(-1, 2)
+
+
+@dataclass
+class KroneckerPreconditioner:
+    """The separable-kernel ICM covariance ``P = L Lᵀ``, inverted and factorised exactly.
+
+    Channel-first tensors ``(P, R, T, *grid)``.
+    """
+
+    eigenvectors: list[torch.Tensor]  # Q_a, (P, n_a, n_a)
+    cholesky: torch.Tensor  # chol(λ_j B + D), (P, *grid, T, T)
+    inverse: torch.Tensor  # (λ_j B + D)^{-1}, (P, *grid, T, T)
+    jitter: torch.Tensor  # (P,)
+
+    @classmethod
+    def build(cls, kernel: GridKernel, lengthscale, task_covariance, noise,
+              toeplitz: ToeplitzKernel | None = None) -> KroneckerPreconditioner:
+        """Factorise ``P`` in the eigenbasis of the separable kernel with ``lengthscale``.
+
+        With ``toeplitz`` (the model's own kernel), the eigenvalues are corrected to
+        ``λ̃_j = q_jᵀ K q_j``, the diagonal of the true ``K`` in that basis (the best
+        diagonal approximation there).  Without the correction, the product and the
+        radial Matérn kernels decay differently at high spatial frequencies, and with
+        long length scales and low noise CG then needs hundreds of iterations.
+        """
+        separable = GridKernel(kernel.grid_shape, "separable", dtype=kernel.dtype, device=kernel.device)
+        eigenvalues, eigenvectors = [], []
+        for factor in separable.factors(lengthscale.detach()):
+            lam, vec = torch.linalg.eigh(factor)
+            eigenvalues.append(lam.clamp_min(0.0))
+            eigenvectors.append(vec)
+        if toeplitz is None:
+            lam_grid = kron_outer(eigenvalues)
+        else:
+            lam_grid = corrected_eigenvalues(eigenvectors, toeplitz.values.detach())
+        view = (task_covariance.shape[0], *([1] * (lam_grid.dim() - 1)), *task_covariance.shape[1:])
+        blocks = lam_grid[..., None, None] * task_covariance.detach().reshape(view)
+        blocks = blocks + torch.diag_embed(noise.detach()).reshape(view)
+        chol, jitter = safe_cholesky(blocks)
+        return cls(eigenvectors, chol, torch.cholesky_inverse(chol), jitter)
+
+    @property
+    def n_axes(self) -> int:
+        return len(self.eigenvectors)
+
+    def _rotate(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+        for axis, q in enumerate(self.eigenvectors):
+            x = _along(x, q.transpose(-1, -2) if transpose else q, axis, self.n_axes)
+        return x
+
+    def _blocks(self) -> torch.Tensor:
+        return self.cholesky.unsqueeze(1)  # broadcast over probes
+
+    def logdet(self) -> torch.Tensor:
+        """``log det P`` per model, ``(P,)``."""
+        diag = torch.diagonal(self.cholesky, dim1=-2, dim2=-1)
+        return 2.0 * torch.log(diag).reshape(diag.shape[0], -1).sum(-1)
+
+    def solve(self, x: torch.Tensor) -> torch.Tensor:
+        """``P^{-1} x``."""
+        rotated = self._rotate(x, transpose=True)
+        # A matrix product with the precomputed inverse blocks is 4× faster than a
+        # batched triangular solve of 12 × 12 blocks.
+        solved = torch.einsum("p...st,prt...->prs...", self.inverse, rotated)
+        return self._rotate(solved, transpose=False)
+
+    def factor_mul(self, eps: torch.Tensor) -> torch.Tensor:
+        """``L ε`` (a draw from ``N(0, P)`` when ``ε`` is white)."""
+        blocks = (self._blocks() @ _maps_last(eps).unsqueeze(-1)).squeeze(-1)
+        return self._rotate(_maps_first(blocks), transpose=False)
+
+    def factor_inv_t_mul(self, eps: torch.Tensor) -> torch.Tensor:
+        """``L^{-T} ε``."""
+        upper = self._blocks().transpose(-1, -2)
+        blocks = torch.linalg.solve_triangular(upper, _maps_last(eps).unsqueeze(-1), upper=True)
+        return self._rotate(_maps_first(blocks.squeeze(-1)), transpose=False)
+
+
+def corrected_eigenvalues(eigenvectors: list[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+    """``q_jᵀ K q_j`` for every Kronecker basis vector ``q_j = ⊗_a q_{a, j_a}``, ``(P, *grid)``.
+
+    With ``R_a[j, δ]`` the autocorrelation of the 1-D eigenvector ``q_{a, j}`` at offset
+    ``δ`` and ``c`` the kernel on the circulant offsets (``values``, ``(P, 2n_1, ...,
+    2n_d)``, :attr:`ToeplitzKernel.values`), ``q_jᵀ K q_j = Σ_δ c(δ) Π_a R_a[j_a, δ_a]``:
+    mode products of ``c`` with the ``R_a``, ``O(Σ_a n_a · n · 2^d)``, differentiable in
+    ``values``.
+    """
+    out = values
+    for axis, q in enumerate(eigenvectors):
+        size = 2 * q.shape[-2]
+        spectrum = torch.fft.rfft(q.transpose(-1, -2), n=size, dim=-1)
+        autocorrelation = torch.fft.irfft(spectrum.abs() ** 2, n=size, dim=-1)  # (P, n_a, 2n_a)
+        moved = out.movedim(axis + 1, -1)
+        rows = moved.reshape(moved.shape[0], -1, moved.shape[-1]) @ autocorrelation.transpose(-1, -2)
+        out = rows.reshape(*moved.shape[:-1], rows.shape[-1]).movedim(-1, axis + 1)
+    return out.clamp_min(0.0)
+
+
+def preconditioner_surrogate(precond: KroneckerPreconditioner, values, task_covariance, noise,
+                             whitened: torch.Tensor) -> torch.Tensor:
+    """``log det P(θ) − (1/m) Σ_i w_iᵀ P(θ) w_i`` with the eigenbasis held fixed, ``(P,)``.
+
+    ``P(θ) = Q (λ̃(θ) ⊗ B + D) Qᵀ`` depends on the hyperparameters through ``B``,
+    ``D`` and the corrected eigenvalues ``λ̃``; ``whitened`` holds ``w_i = L^{-T} ε_i``.
+    Its gradient is the exact ``∂ log det P`` minus the probes' estimate of it, the
+    control variate that leaves only the small ``log det(P^{-1} Σ)`` part to the probes.
+    """
+    lam = corrected_eigenvalues(precond.eigenvectors, values)
+    view = (task_covariance.shape[0], *([1] * (lam.dim() - 1)), *task_covariance.shape[1:])
+    diagonal = noise + precond.jitter[:, None]
+    blocks = lam[..., None, None] * task_covariance.reshape(view) + torch.diag_embed(diagonal).reshape(view)
+    chol = torch.linalg.cholesky(blocks)
+    logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).reshape(chol.shape[0], -1).sum(-1)
+    with torch.no_grad():
+        rotated = precond._rotate(whitened, transpose=True)
+        gram = torch.einsum("prs...,prt...->p...st", rotated, rotated) / whitened.shape[1]
+    form = (blocks * gram).reshape(blocks.shape[0], -1).sum(-1)
+    return logdet - form
+
+
+class ICMOperator:
+    """``Σ x = K (x B) + x D`` on channel-first ``x`` ``(P, R, T, *grid)``, by FFT."""
+
+    def __init__(self, toeplitz: ToeplitzKernel, task_covariance: torch.Tensor, noise: torch.Tensor) -> None:
+        self.toeplitz = toeplitz
+        self.task_covariance = task_covariance.detach()
+        self.noise = noise.detach()
+        self.n_axes = len(toeplitz.grid_shape)
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """``x B``: map ``s`` becomes ``Σ_t B_st x_t``."""
+        return torch.einsum("pst,prt...->prs...", self.task_covariance.to(x.dtype), x)
+
+    def noise_view(self) -> torch.Tensor:
+        return self.noise.reshape(*self.noise.shape[:1], 1, self.noise.shape[1], *([1] * self.n_axes))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.toeplitz.matmul(self.mix(x)) + self.noise_view() * x
+
+
+@dataclass
+class CGResult:
+    """Solutions and the Lanczos coefficients of every column."""
+
+    solution: torch.Tensor  # (P, R, T, *grid)
+    alphas: torch.Tensor  # (I, P, R)
+    betas: torch.Tensor  # (I, P, R)
+    iterations: torch.Tensor  # (P, R) iterations each column took
+
+
+def preconditioned_cg(operator, preconditioner, rhs: torch.Tensor, tol: float, max_iter: int) -> CGResult:
+    """Solve ``Σ x = rhs`` for every column ``(p, r)`` of channel-first ``rhs`` at once.
+
+    Columns stop updating once their relative residual is below ``tol``.
+
+    Raises
+    ------
+    CGConvergenceError
+        Some column did not converge in ``max_iter`` iterations.
+    """
+    spatial = tuple(range(2, rhs.dim()))
+
+    def dot(a, b):
+        return (a * b).sum(dim=spatial)
+
+    def per_column(v):
+        return v.reshape(*v.shape, *([1] * len(spatial)))
+
+    x = torch.zeros_like(rhs)
+    residual = rhs.clone()
+    z = preconditioner(residual)
+    direction = z
+    rz = dot(residual, z)
+    target = tol * dot(rhs, rhs).sqrt()
+    active = dot(residual, residual).sqrt() > target
+    iterations = torch.zeros_like(rz, dtype=torch.long)
+    alphas, betas = [], []
+    for _ in range(max_iter):
+        if not active.any():
+            break
+        ap = operator(direction)
+        alpha = torch.where(active, rz / dot(direction, ap), torch.zeros_like(rz))
+        x = x + per_column(alpha) * direction
+        residual = residual - per_column(alpha) * ap
+        z = preconditioner(residual)
+        rz_new = dot(residual, z)
+        beta = torch.where(active, rz_new / torch.where(active, rz, torch.ones_like(rz)), torch.zeros_like(rz))
+        direction = z + per_column(beta) * direction
+        rz = torch.where(active, rz_new, rz)
+        alphas.append(alpha)
+        betas.append(beta)
+        iterations = iterations + active.long()
+        active = active & (dot(residual, residual).sqrt() > target)
+    else:
+        if active.any():
+            raise CGConvergenceError(
+                f"Conjugate gradients did not reach a relative residual of {tol:g} in {max_iter} iterations "
+                f"(worst column at {float((dot(residual, residual).sqrt() / target).max() * tol):.2g}). The "
+                "covariance is too ill-conditioned for the iterative solver: raise the lower bound of the noise "
+                "or lower the upper length-scale bound."
+            )
+    empty = torch.zeros((0, *rz.shape), dtype=rhs.dtype, device=rhs.device)
+    return CGResult(x, torch.stack(alphas) if alphas else empty, torch.stack(betas) if betas else empty, iterations)
+
+
+def lanczos_logdet_quadrature(cg: CGResult, probe_norms: torch.Tensor) -> torch.Tensor:
+    """``Σ_i ‖ε_i‖² e_1ᵀ log(T_i) e_1`` per model from the CG coefficients, ``(P,)``.
+
+    ``cg`` holds probe columns only; ``probe_norms`` is ``‖ε_i‖²`` ``(P, R)``.
+    """
+    alphas, betas = cg.alphas.cpu(), cg.betas.cpu()
+    n_models, n_probes = cg.iterations.shape
+    out = torch.zeros(n_models, dtype=alphas.dtype)
+    for p in range(n_models):
+        for r in range(n_probes):
+            k = int(cg.iterations[p, r])
+            if k == 0:
+                continue
+            a, b = alphas[:k, p, r], betas[:k, p, r]
+            diag = 1.0 / a
+            diag[1:] += b[: k - 1] / a[: k - 1]
+            off = b[: k - 1].sqrt() / a[: k - 1]
+            tri = torch.diag(diag) + torch.diag(off, 1) + torch.diag(off, -1)
+            theta, vectors = torch.linalg.eigh(tri)
+            out[p] += probe_norms[p, r].cpu() * (vectors[0] ** 2 * torch.log(theta.clamp_min(1e-300))).sum()
+    return out.to(cg.alphas.device)
+
+
+def rademacher_probes(shape: tuple[int, ...], n_probes: int | str, seed: int, dtype, device) -> torch.Tensor:
+    """Whitened probes ``ε``, channel-first ``(P, m, T, *grid)``.
+
+    ``n_probes="exact"`` gives the ``nT`` unit vectors (exact trace, for tests).
+    """
+    n_models, n_tasks, *grid = shape
+    if n_probes == "exact":
+        size = n_tasks * math.prod(grid)
+        # Scaled so that, like Rademacher probes, the mean of ε εᵀ over probes is I.
+        eye = math.sqrt(size) * torch.eye(size, dtype=dtype, device=device).reshape(size, n_tasks, *grid)
+        return eye.expand(n_models, *eye.shape).clone()
+    generator = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (n_models, int(n_probes), n_tasks, *grid), generator=generator)
+    return (2.0 * signs - 1.0).to(dtype=dtype, device=device)
+
+
+def iterative_log_likelihood(
+    targets: torch.Tensor,
+    task_covariance: torch.Tensor,
+    noise: torch.Tensor,
+    lengthscale: torch.Tensor,
+    kernel: GridKernel,
+    probes: torch.Tensor,
+) -> torch.Tensor:
+    """Log marginal likelihood per model by CG and SLQ (see the module docstring).
+
+    Parameters
+    ----------
+    targets
+        ``(P, *grid, T)`` standardised maps on a complete grid.
+    task_covariance, noise, lengthscale
+        ``(P, T, T)``, ``(P, T)`` and ``(P, ndim)``; the result is differentiable in
+        all three.
+    kernel
+        The (stationary) spatial kernel.
+    probes
+        ``(P, m, T, *grid)`` whitened probes, e.g. from :func:`rademacher_probes`.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(P,)``: the estimate, whose gradient is the stochastic gradient estimate.
+    """
+    n_axes = kernel.ndim
+    y = targets.detach().movedim(-1, 1).unsqueeze(1)  # (P, 1, T, *grid)
+    toeplitz = ToeplitzKernel(kernel, lengthscale)  # values keep the graph to ℓ
+    with torch.no_grad():
+        operator = ICMOperator(toeplitz, task_covariance, noise)
+        precond = KroneckerPreconditioner.build(kernel, lengthscale, task_covariance, noise, toeplitz)
+        rhs = torch.cat([y, precond.factor_mul(probes)], dim=1)
+        cg = preconditioned_cg(operator, precond.solve, rhs, CG_TOLERANCE.get(y.dtype, 1e-5), MAX_CG_ITERATIONS)
+        alpha, solved_probes = cg.solution[:, :1], cg.solution[:, 1:]
+        n_probes = probes.shape[1]
+        probe_cg = CGResult(solved_probes, cg.alphas[:, :, 1:], cg.betas[:, :, 1:], cg.iterations[:, 1:])
+        norms = probes.pow(2).sum(dim=tuple(range(2, probes.dim())))
+        logdet = precond.logdet() + lanczos_logdet_quadrature(probe_cg, norms) / n_probes
+        quad = (y * alpha).sum(dim=tuple(range(1, y.dim())))
+        n_obs = y[0].numel()
+        value = -0.5 * (quad + logdet + n_obs * math.log(2.0 * math.pi))
+
+        # Bilinear forms whose gradients are the gradient estimate.
+        whitened = precond.factor_inv_t_mul(probes)
+        left = torch.cat([alpha, solved_probes], dim=1)
+        right = torch.cat([alpha, whitened], dim=1)
+        weights = torch.full((left.shape[1],), -0.5 / n_probes, dtype=y.dtype, device=y.device)
+        weights[0] = 0.5
+        weights = weights.reshape(1, -1, 1, *([1] * n_axes))
+        f_right = toeplitz.transform(right)
+        k_right = toeplitz.matmul_transformed(f_right)
+        spatial = tuple(range(3, left.dim()))
+        grad_b = torch.einsum("prs...,prt...->pst", weights * left, k_right)
+        grad_noise = (weights * left * right).sum(dim=(1, *spatial))
+        f_left = toeplitz.transform(weights * left)
+        correlation = toeplitz.correlation(f_left, operator.mix(f_right))
+    values = toeplitz.values
+    surrogate = (
+        (task_covariance * grad_b).sum(dim=(-2, -1))
+        + (noise * grad_noise).sum(-1)
+        + (values * correlation).reshape(values.shape[0], -1).sum(-1)
+        - 0.5 * preconditioner_surrogate(precond, values, task_covariance, noise, whitened)
+    )
+    return value + surrogate - surrogate.detach()
