@@ -8,12 +8,19 @@ the standard GPyTorch recipe — ``ExactGP`` + ``MultitaskKernel(MaternKernel(nu
 ard_num_dims=2), rank=1)`` + ``MultitaskGaussianLikelihood``, one Adam step on the
 exact MLL — is timed per training iteration, and the ratio is printed.
 
+With ``--kernel matern`` it prints the table of the paper's non-separable Matérn-5/2
+instead: the dense eigendecomposition path where it fits (≤ 64²) and the iterative
+path (FFT products, preconditioned CG, stochastic log-determinant; Monte-Carlo
+variance with 64 draws) on every size, with the CG iterations per solve and, in the
+same run, the ratio of the two per evaluation.
+
 Each case runs in a fresh subprocess so that its peak RSS is its own.
 
 Usage::
 
-    python benchmarks/bench_engine.py            # full table (a few minutes on 2 cores)
-    python benchmarks/bench_engine.py --quick    # under a minute
+    python benchmarks/bench_engine.py                  # full table (a few minutes on 2 cores)
+    python benchmarks/bench_engine.py --quick          # under a minute
+    python benchmarks/bench_engine.py --kernel matern  # non-separable kernel (about 20 minutes)
 """
 
 from __future__ import annotations
@@ -33,6 +40,10 @@ QUICK_SIZES = (32, 48)
 QUICK_TASKS = (3, 6)
 #: Largest grid side on which the GPyTorch recipe is run.
 GPYTORCH_MAX_SIDE = 48
+MATERN_SIZES = (32, 64, 128, 256)
+MATERN_TASKS = (3, 6)
+#: Largest grid side on which the dense eigendecomposition of the Matérn kernel is timed.
+DENSE_MAX_SIDE = 64
 
 
 def synthetic_maps(side: int, n_tasks: int, seed: int = 0) -> np.ndarray:
@@ -125,6 +136,70 @@ def run_gpytorch(side: int, n_tasks: int, iterations: int) -> dict:
     return {"gpytorch_iter_s": _timeit(step, repeat=iterations)}
 
 
+def run_matern(side: int, n_tasks: int, quick: bool) -> dict:
+    """The non-separable kernel: iterative path, and the dense eigen path where it fits."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    import hyperspy_gp.gp.iterative as iterative
+    from hyperspy_gp.gp.iterative_prediction import IterativePosterior
+    from hyperspy_gp.gp.kernels import GridKernel
+    from hyperspy_gp.gp.model import GridICMModel
+    from hyperspy_gp.gp.training import fit_model
+
+    targets = torch.tensor(synthetic_maps(side, n_tasks)[None])
+    cg_iterations = []
+    solve = iterative.preconditioned_cg
+
+    def counting_cg(*args, **kwargs):
+        result = solve(*args, **kwargs)
+        cg_iterations.append(int(result.iterations.max()))
+        return result
+
+    iterative.preconditioned_cg = counting_cg
+    out = {"side": side, "tasks": n_tasks}
+    try:
+        for name, is_iterative in (("dense", False), ("iterative", True)):
+            if not is_iterative and side > DENSE_MAX_SIDE:
+                continue
+            model = GridICMModel(GridKernel((side, side), "matern"), 1, n_tasks, rank=1, iterative=is_iterative)
+
+            def mll_and_grad(model=model):
+                for p in model.parameters():
+                    p.grad = None
+                model.log_likelihood(targets).sum().backward()
+
+            with threadpool_limits(limits=1, user_api="blas"):
+                out[f"{name}_mll_grad_s"] = _timeit(mll_and_grad, repeat=1 if side >= 128 or name == "dense" else 3)
+        out["cg_iterations"] = max(cg_iterations)
+        start = time.perf_counter()
+        result = fit_model(model, targets, max_iter=100 if quick else 1000)
+        out["fit_s"], out["iterations"] = time.perf_counter() - start, result.n_iterations
+        start = time.perf_counter()
+        IterativePosterior(model, targets).predict([model.kernel.axis_coordinates(side, 2)] * 2)
+        out["predict_2x_s"] = time.perf_counter() - start
+    finally:
+        iterative.preconditioned_cg = solve
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _format_matern_row(r: dict) -> str:
+    dense = r.get("dense_mll_grad_s")
+    dense_text = f"{dense:9.3f} {dense / r['iterative_mll_grad_s']:6.1f}×" if dense else f"{'—':>9} {'—':>7}"
+    return (
+        f"{r['side']:>4}² {r['tasks']:>3} | {r['iterative_mll_grad_s']:8.3f} {r['cg_iterations']:>4} | "
+        f"{r['fit_s']:7.1f} {r['iterations']:>5} | {r['predict_2x_s']:7.1f} | {r['peak_rss_mb']:8.0f} | {dense_text}"
+    )
+
+
+MATERN_HEADER = (
+    " grid   T | iterative MLL+grad | fit (s)  iter | pred 2× | peak RSS | dense eigen  speed-up\n"
+    "          |    (s)  CG iters   |               |     (s) |     (MB) | (s/eval)     per eval\n"
+    + "-" * 91
+)
+
+
 def run_case(side: int, n_tasks: int, quick: bool) -> dict:
     out = {"side": side, "tasks": n_tasks}
     out.update(run_ours(side, n_tasks, quick))
@@ -154,23 +229,32 @@ HEADER = (
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes only (under a minute)")
+    parser.add_argument("--kernel", choices=("separable", "matern"), default="separable",
+                        help="separable (default) or the non-separable Matérn-5/2 (iterative path)")
     parser.add_argument("--case", nargs=2, type=int, metavar=("SIDE", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    matern = args.kernel == "matern"
 
     if args.case:  # child process: one case, JSON on stdout
-        print(json.dumps(run_case(*args.case, quick=args.quick)))
+        run = run_matern if matern else run_case
+        print(json.dumps(run(*args.case, quick=args.quick)))
         return 0
 
-    sizes, tasks = (QUICK_SIZES, QUICK_TASKS) if args.quick else (FULL_SIZES, FULL_TASKS)
+    if matern:
+        sizes, tasks = ((32, 48), (3,)) if args.quick else (MATERN_SIZES, MATERN_TASKS)
+    else:
+        sizes, tasks = (QUICK_SIZES, QUICK_TASKS) if args.quick else (FULL_SIZES, FULL_TASKS)
     import torch
 
-    print(f"float64, torch {torch.__version__}, {torch.get_num_threads()} threads; parallel GP, rank-1 B, separable Matérn-5/2")
-    print(HEADER)
+    kernel = "non-separable Matérn-5/2" if matern else "separable Matérn-5/2"
+    print(f"float64, torch {torch.__version__}, {torch.get_num_threads()} threads; parallel GP, rank-1 B, {kernel}")
+    print(MATERN_HEADER if matern else HEADER)
     for side in sizes:
         for n_tasks in tasks:
-            cmd = [sys.executable, __file__, "--case", str(side), str(n_tasks)] + (["--quick"] if args.quick else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            print(_format_row(json.loads(proc.stdout.strip().splitlines()[-1])), flush=True)
+            cmd = [sys.executable, __file__, "--case", str(side), str(n_tasks), "--kernel", args.kernel]
+            proc = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True, check=True)
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(_format_matern_row(row) if matern else _format_row(row), flush=True)
     return 0
 
 

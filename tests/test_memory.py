@@ -38,6 +38,16 @@ def test_kronecker_fitting_is_linear_in_the_pixels_for_many_maps():
     assert 1.9 < b.fitting / a.fitting < 2.2
 
 
+def test_iterative_path_is_linear_in_the_pixels_not_quadratic_like_the_dense_kernel():
+    dense = estimate_memory((64, 64), 3, 10, kernel="matern")
+    iterative = estimate_memory((64, 64), 3, 10, kernel="matern", iterative=True)
+    assert iterative.fitting < dense.fitting  # no 4096² factor
+    a = estimate_memory((256, 256), 6, 10, kernel="matern", iterative=True)
+    b = estimate_memory((512, 256), 6, 10, kernel="matern", iterative=True)
+    assert 1.5 < (b.fitting - 6 * 2**25) / (a.fitting - 6 * 2**25) < 2.2  # beyond the fixed FFT buffers
+    assert b.prediction > a.prediction
+
+
 def test_float32_halves_the_fitting_memory():
     f64 = estimate_memory((50, 50), 3, 10, kernel="matern")
     f32 = estimate_memory((50, 50), 3, 10, kernel="matern", dtype="float32")

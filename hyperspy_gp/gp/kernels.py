@@ -11,7 +11,8 @@ may be tied (isotropic):
     the non-separable anisotropic Matérn-5/2 of the method's paper (GPyTorch's
     ``MaternKernel(nu=2.5, ard_num_dims=2)``) with
     ``r² = (Δy/ℓ_y)² + (Δx/ℓ_x)²``.  Here it is handled as one dense ``n × n``
-    factor, exact but only practical for small grids.
+    factor on small grids, and by FFT products (:meth:`GridKernel.stationary_values`,
+    :mod:`~hyperspy_gp.gp.iterative`) on large ones.
 
 Both are returned as a list of *factor* matrices so that one engine serves both:
 the separable kernel has one factor per axis, the non-separable kernel a single

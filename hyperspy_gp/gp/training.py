@@ -21,6 +21,13 @@ from hyperspy_gp.gp.model import GridICMModel
 _logger = logging.getLogger(__name__)
 
 
+#: Tightest relative tolerance used for the iterative path: its objective is a stochastic
+#: estimate accurate to about 1e-4 relative, and going further chases the estimate's
+#: error (measured on 32² × 6: 152 evaluations at 1e-9 vs 38 at 1e-6, length scales
+#: equal to 0.3 %).
+ITERATIVE_MIN_TOL = 1e-6
+
+
 class ConvergenceWarning(UserWarning):
     """The marginal likelihood optimisation stopped before meeting its tolerance."""
 
@@ -157,7 +164,8 @@ def fit_single_model(
         Iteration cap; a :class:`ConvergenceWarning` is issued when it is reached.
     tol
         Relative tolerance on the objective (SciPy's ``ftol``); the projected gradient
-        tolerance is ``sqrt(tol)``.
+        tolerance is ``sqrt(tol)``.  At least :data:`ITERATIVE_MIN_TOL` for a model on
+        the iterative path.
     show_progressbar
         Show iteration, log likelihood and length scales with tqdm.
     description
@@ -168,6 +176,8 @@ def fit_single_model(
     FitResult
         Convergence, final log likelihood and history.
     """
+    if getattr(model, "iterative", False):
+        tol = max(tol, ITERATIVE_MIN_TOL)
     params = _flat_params(model)
     n_obs = targets.numel()
     shapes = [p.shape for p in params]
