@@ -24,9 +24,9 @@ estimated standard error of every pixel.
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -43,8 +43,6 @@ from hyperspy_gp.gp.kernels import GridKernel
 from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior, Posterior
 from hyperspy_gp.gp.toeplitz import ToeplitzKernel
 
-_logger = logging.getLogger(__name__)
-
 #: Joint prior draws of the variance estimate.
 DEFAULT_VARIANCE_SAMPLES = 64
 #: Length scales the sampling embedding reaches beyond the grid.  Matérn-5/2 has decayed
@@ -52,6 +50,17 @@ DEFAULT_VARIANCE_SAMPLES = 64
 #: eigenvalues, i.e. prior draws whose covariance is off by that much, which matters
 #: where the posterior variance is many orders of magnitude below the prior.
 EMBEDDING_LENGTHSCALES = 14.0
+#: ... but at most this many points in all (length scales far beyond the scan would need
+#: embeddings of billions of points; the clipped part of the spectrum is then reported
+#: with a warning).
+MAX_EMBEDDING_POINTS = 2**21
+
+
+def _embedding_shape(fine_shape, reach) -> list[int]:
+    """Embedding lengths reaching ``reach`` beyond the grid, shrunk to :data:`MAX_EMBEDDING_POINTS`."""
+    wanted = [max(2 * m, m + math.ceil(r)) for m, r in zip(fine_shape, reach)]
+    shrink = min(1.0, (MAX_EMBEDDING_POINTS / math.prod(wanted)) ** (1 / len(wanted)))
+    return [_fast_length(max(2 * m, int(w * shrink))) for m, w in zip(fine_shape, wanted)]
 
 
 def _fast_length(n: int) -> int:
@@ -188,7 +197,7 @@ class IterativePosterior(Posterior):
             separable_kernel = GridKernel(kernel.grid_shape, "separable", dtype=kernel.dtype, device=kernel.device)
             # Sampling embeds the kernel until it has decayed, so its circulant stays PSD.
             reach = self.lengthscale.max(0).values * upsampling * EMBEDDING_LENGTHSCALES
-            fft_shape = [_fast_length(max(2 * m, m + math.ceil(r))) for m, r in zip(fine_shape, reach.tolist())]
+            fft_shape = _embedding_shape(fine_shape, reach.tolist())
             fine = ToeplitzKernel(kernel, self.lengthscale, fine_shape, 1.0 / upsampling, fft_shape)
             fine_separable = ToeplitzKernel(separable_kernel, self.lengthscale, fine_shape, 1.0 / upsampling,
                                             fft_shape)
@@ -209,31 +218,31 @@ class IterativePosterior(Posterior):
         """
         sqrt_spec, clipped = _circulant_sqrt_spectrum(fine)
         sqrt_spec_sep, clipped_sep = _circulant_sqrt_spectrum(fine_separable)
-        if max(clipped, clipped_sep) > 1e-3:
-            _logger.warning("Circulant embedding of the prior clipped %.2g of its spectrum: the variance "
-                            "estimate is slightly biased (length scales long relative to the scan).",
-                            max(clipped, clipped_sep))
+        if max(clipped, clipped_sep) > 1e-6:
+            warnings.warn(
+                f"The circulant embedding of the prior clipped {max(clipped, clipped_sep):.2g} of its spectrum "
+                "(length scales long relative to the scan): the Monte-Carlo variance may be biased beyond its "
+                "reported standard error. Consider an upper length-scale bound or kernel='separable'.",
+                UserWarning, stacklevel=2,
+            )
         task_sqrt = _task_sqrt(self.task_covariance)
         noise_sd = self.noise.sqrt()
         p, t = self.task_covariance.shape[:2]
         circulant = math.prod(fine.fft_shape)
-        batch = max(1, 4 * DEFAULT_CHUNK_BYTES // (t * circulant * 8 * 6))
+        # Per draw: ~10 upsampled arrays of T maps, and one map's embedding at a time.
+        per_draw = 8 * max(10 * t * math.prod(fine_shape), 4 * circulant)
+        batch = max(1, 4 * DEFAULT_CHUNK_BYTES // per_draw)
         generator = torch.Generator().manual_seed(self.seed)
         # Running sums of a, b, a², b², ab.
         sums = torch.zeros(5, p, t, *fine_shape, dtype=self.noise.dtype, device=self.noise.device)
         for start in range(0, self.n_samples, batch):
             size = min(batch, self.n_samples - start)
-            white = torch.randn((p, size, t, *fine.fft_shape), generator=generator, dtype=sums.dtype).to(sums.device)
             noise = torch.randn((p, size, t, *self.model.kernel.grid_shape), generator=generator,
                                 dtype=sums.dtype).to(sums.device)
             noise = noise * noise_sd.reshape(p, 1, t, *([1] * len(fine_shape)))
-            f_white = torch.fft.rfftn(white, dim=fine.grid_dims)
+            draws = _joint_draws((sqrt_spec, sqrt_spec_sep), fine, fine_shape, (p, size, t), generator)
             errors = []
-            for spectrum, toeplitz, solve in ((sqrt_spec, fine, self._solve),
-                                              (sqrt_spec_sep, fine_separable, self._separable_inverse)):
-                batched = spectrum.reshape(p, 1, 1, *spectrum.shape[1:])
-                draw = torch.fft.irfftn(f_white * batched, s=fine.fft_shape, dim=fine.grid_dims)
-                draw = draw[(..., *(slice(0, n) for n in fine_shape))]
+            for draw, toeplitz, solve in zip(draws, (fine, fine_separable), (self._solve, self._separable_inverse)):
                 prior = torch.einsum("pst,prt...->prs...", task_sqrt, draw)  # cov B ⊗ K on the fine grid
                 observed = prior[(..., *(slice(0, None, upsampling) for _ in fine_shape))] + noise
                 weights = self._operator.mix(solve(observed))
@@ -248,6 +257,21 @@ class IterativePosterior(Posterior):
         variance = (mean_a - beta * (mean_b - exact_separable)).clamp_min(0.0)
         residual = (var_a - beta * cov_ab).clamp_min(0.0)
         return variance, (residual / max(self.n_samples - 1, 1)).sqrt()
+
+
+def _joint_draws(spectra, embedding: ToeplitzKernel, fine_shape, shape, generator) -> list[torch.Tensor]:
+    """Prior draws ``(P, R, T, *fine)`` of every kernel from the same white noise, one map at a time."""
+    p, size, t = shape
+    first = spectra[0]
+    draws = [first.new_empty(p, size, t, *fine_shape) for _ in spectra]
+    crop = (..., *(slice(0, n) for n in fine_shape))
+    for task in range(t):
+        white = torch.randn((p, size, *embedding.fft_shape), generator=generator, dtype=first.dtype)
+        f_white = torch.fft.rfftn(white.to(first.device), dim=embedding.grid_dims)
+        for draw, spectrum in zip(draws, spectra):
+            batched = spectrum.reshape(p, 1, *spectrum.shape[1:])
+            draw[:, :, task] = torch.fft.irfftn(f_white * batched, s=embedding.fft_shape, dim=embedding.grid_dims)[crop]
+    return draws
 
 
 def _separable_twin(model, targets: torch.Tensor) -> GridPosterior:

@@ -207,3 +207,14 @@ def test_conjugate_gradients_say_what_to_do_when_they_do_not_converge():
     rhs = torch.randn(1, 1, 1, 8, 8, dtype=torch.float64)
     with pytest.raises(CGConvergenceError, match="noise"):
         preconditioned_cg(operator, lambda r: r, rhs, 1e-12, 3)
+
+
+def test_length_scales_far_beyond_the_scan_keep_memory_bounded_and_warn():
+    model, targets = _random_model("matern", (8, 7), 1, 2, 1)
+    with torch.no_grad():
+        model._set("raw_lengthscale", torch.full_like(model.raw_lengthscale, 5000.0))
+    posterior = IterativePosterior(model, targets, n_samples=4)
+    with pytest.warns(UserWarning, match="circulant embedding"):
+        mean, variance = posterior.predict([torch.arange(16, dtype=torch.float64) / 2,
+                                            torch.arange(14, dtype=torch.float64) / 2])
+    assert torch.isfinite(mean).all() and torch.isfinite(variance).all()
