@@ -40,7 +40,7 @@ import torch
 
 from hyperspy_gp.gp.cholesky import safe_cholesky
 from hyperspy_gp.gp.kernels import GridKernel
-from hyperspy_gp.gp.tensor import kron_outer
+from hyperspy_gp.gp.tensor import kron_dot, kron_outer
 from hyperspy_gp.gp.toeplitz import ToeplitzKernel
 
 #: Probes of the log-determinant estimate (see the module docstring).
@@ -53,14 +53,6 @@ MAX_CG_ITERATIONS = 1000
 
 class CGConvergenceError(RuntimeError):
     """Conjugate gradients did not reach their tolerance."""
-
-
-def _along(x: torch.Tensor, matrix: torch.Tensor, axis: int, n_axes: int) -> torch.Tensor:
-    """Apply ``(P, m, n)`` matrices to grid axis ``axis`` of channel-first ``x``."""
-    dim = x.dim() - n_axes + axis
-    moved = x.movedim(dim, -1)
-    m = matrix.reshape(matrix.shape[0], *([1] * (moved.dim() - 3)), *matrix.shape[1:])
-    return (moved @ m.transpose(-1, -2)).movedim(-1, dim)
 
 
 def _maps_last(x: torch.Tensor) -> torch.Tensor:
@@ -117,9 +109,9 @@ class KroneckerPreconditioner:
         return len(self.eigenvectors)
 
     def _rotate(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
-        for axis, q in enumerate(self.eigenvectors):
-            x = _along(x, q.transpose(-1, -2) if transpose else q, axis, self.n_axes)
-        return x
+        matrices = [q.transpose(-1, -2) if transpose else q for q in self.eigenvectors]
+        # Channel-first (P, R, T, *grid): the leading channel axes are left alone.
+        return kron_dot(x, [None] * (x.dim() - 1 - self.n_axes) + matrices)
 
     def _blocks(self) -> torch.Tensor:
         return self.cholesky.unsqueeze(1)  # broadcast over probes
@@ -158,15 +150,12 @@ def corrected_eigenvalues(eigenvectors: list[torch.Tensor], values: torch.Tensor
     mode products of ``c`` with the ``R_a``, ``O(Σ_a n_a · n · 2^d)``, differentiable in
     ``values``.
     """
-    out = values
-    for axis, q in enumerate(eigenvectors):
+    autocorrelations = []
+    for q in eigenvectors:
         size = 2 * q.shape[-2]
         spectrum = torch.fft.rfft(q.transpose(-1, -2), n=size, dim=-1)
-        autocorrelation = torch.fft.irfft(spectrum.abs() ** 2, n=size, dim=-1)  # (P, n_a, 2n_a)
-        moved = out.movedim(axis + 1, -1)
-        rows = moved.reshape(moved.shape[0], -1, moved.shape[-1]) @ autocorrelation.transpose(-1, -2)
-        out = rows.reshape(*moved.shape[:-1], rows.shape[-1]).movedim(-1, axis + 1)
-    return out.clamp_min(0.0)
+        autocorrelations.append(torch.fft.irfft(spectrum.abs() ** 2, n=size, dim=-1))  # (P, n_a, 2n_a)
+    return kron_dot(values, autocorrelations).clamp_min(0.0)
 
 
 def preconditioner_surrogate(precond: KroneckerPreconditioner, values, task_covariance, noise,

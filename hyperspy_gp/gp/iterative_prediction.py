@@ -192,13 +192,13 @@ class IterativePosterior(Posterior):
         kernel: GridKernel = self.model.kernel
         fine_shape = tuple(n * upsampling for n in kernel.grid_shape)
         with torch.no_grad():
-            fine = ToeplitzKernel(kernel, self.lengthscale, fine_shape, spacing=1.0 / upsampling)
-            mean = fine.matmul(_scatter(self.mean_weights, upsampling, fine_shape))
-            separable_kernel = GridKernel(kernel.grid_shape, "separable", dtype=kernel.dtype, device=kernel.device)
-            # Sampling embeds the kernel until it has decayed, so its circulant stays PSD.
+            # Sampling embeds the kernel until it has decayed, so its circulant stays PSD;
+            # products with k* are exact with any embedding, so the mean uses the same one.
             reach = self.lengthscale.max(0).values * upsampling * EMBEDDING_LENGTHSCALES
             fft_shape = _embedding_shape(fine_shape, reach.tolist())
             fine = ToeplitzKernel(kernel, self.lengthscale, fine_shape, 1.0 / upsampling, fft_shape)
+            mean = fine.matmul(_scatter(self.mean_weights, upsampling, fine_shape))
+            separable_kernel = GridKernel(kernel.grid_shape, "separable", dtype=kernel.dtype, device=kernel.device)
             fine_separable = ToeplitzKernel(separable_kernel, self.lengthscale, fine_shape, 1.0 / upsampling,
                                             fft_shape)
             exact_separable = self._separable.predict(

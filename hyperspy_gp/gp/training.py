@@ -176,7 +176,7 @@ def fit_single_model(
     FitResult
         Convergence, final log likelihood and history.
     """
-    if getattr(model, "iterative", False):
+    if model.iterative:
         tol = max(tol, ITERATIVE_MIN_TOL)
     params = _flat_params(model)
     n_obs = targets.numel()
