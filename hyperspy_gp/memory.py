@@ -44,6 +44,10 @@ AVAILABLE_FRACTION = 0.8
 FALLBACK_BUDGET = 8 * 2**30
 #: Temporaries of one prediction chunk when ``chunks=None`` (as the engine chooses).
 CHUNK_BYTES = 64 * 2**20
+#: Complex spectra transformed at once by the FFT products of the iterative path.
+FFT_GROUP_BYTES = 2**25
+#: Probes of the iterative path's log-determinant estimate.
+LOGDET_PROBES = 16
 _FLOAT64 = 8
 
 
@@ -205,15 +209,13 @@ def _fitting_bytes(grid_shape, n_models, n_tasks, kernel, n_observed, itemsize) 
 
 
 def _iterative_bytes(grid_shape, upsampling, n_models, n_tasks, itemsize) -> tuple[int, int]:
-    from hyperspy_gp.gp.iterative import DEFAULT_PROBES
-
     n_pixels = math.prod(grid_shape)
-    columns = n_models * (1 + DEFAULT_PROBES) * n_tasks
+    columns = n_models * (1 + LOGDET_PROBES) * n_tasks
     # CG: solution, residual, preconditioned residual, direction, its product and the
     # right-hand sides; gradient: left and right vectors, K·right and their spectra.
     vectors = 12 * columns * n_pixels * itemsize
     preconditioner = 3 * n_models * n_pixels * n_tasks**2 * itemsize
-    fitting = vectors + preconditioner + 3 * 2 * 2**25  # FFT groups (toeplitz.FFT_GROUP_BYTES)
+    fitting = vectors + preconditioner + 3 * 2 * FFT_GROUP_BYTES  # FFT groups, spectra and products
     fine = n_pixels * upsampling ** len(grid_shape)
     # Upsampled mean, variance, error and the separable twin's variance; one batch of draws.
     prediction = 6 * n_models * n_tasks * fine * _FLOAT64 + 4 * CHUNK_BYTES

@@ -1,5 +1,6 @@
 """The memory estimate and the budget check run before any fitting."""
 
+import subprocess
 import sys
 
 import pytest
@@ -44,8 +45,16 @@ def test_iterative_path_is_linear_in_the_pixels_not_quadratic_like_the_dense_ker
     assert iterative.fitting < dense.fitting  # no 4096² factor
     a = estimate_memory((256, 256), 6, 10, kernel="matern", iterative=True)
     b = estimate_memory((512, 256), 6, 10, kernel="matern", iterative=True)
-    assert 1.5 < (b.fitting - 6 * 2**25) / (a.fitting - 6 * 2**25) < 2.2  # beyond the fixed FFT buffers
+    buffers = 6 * memory.FFT_GROUP_BYTES  # fixed FFT buffers
+    assert 1.5 < (b.fitting - buffers) / (a.fitting - buffers) < 2.2
     assert b.prediction > a.prediction
+
+
+def test_the_estimate_of_every_path_runs_without_importing_torch():
+    code = ("import sys; from hyperspy_gp.memory import estimate_memory; "
+            "estimate_memory((300, 300), 6, 10, kernel='matern', iterative=True); "
+            "estimate_memory((300, 300), 6, 10, n_missing=4); assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_float32_halves_the_fitting_memory():

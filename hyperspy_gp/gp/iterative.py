@@ -42,9 +42,11 @@ from hyperspy_gp.gp.cholesky import safe_cholesky
 from hyperspy_gp.gp.kernels import GridKernel
 from hyperspy_gp.gp.tensor import kron_dot, kron_outer
 from hyperspy_gp.gp.toeplitz import ToeplitzKernel
+from hyperspy_gp.memory import LOGDET_PROBES
 
-#: Probes of the log-determinant estimate (see the module docstring).
-DEFAULT_PROBES = 16
+#: Probes of the log-determinant estimate (see the module docstring; the memory estimate
+#: of :mod:`hyperspy_gp.memory` assumes the same).
+DEFAULT_PROBES = LOGDET_PROBES
 #: Relative residual at which CG stops.
 CG_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 #: CG iterations before :class:`CGConvergenceError`.

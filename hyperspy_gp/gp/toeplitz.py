@@ -22,10 +22,12 @@ from collections.abc import Sequence
 
 import torch
 
+from hyperspy_gp import memory
 from hyperspy_gp.gp.kernels import GridKernel
 
-#: Bytes of complex spectra transformed at once by :meth:`ToeplitzKernel.matmul`.
-FFT_GROUP_BYTES = 2**25
+#: Bytes of complex spectra transformed at once by :meth:`ToeplitzKernel.matmul` (the
+#: memory estimate of :mod:`hyperspy_gp.memory` assumes the same).
+FFT_GROUP_BYTES = memory.FFT_GROUP_BYTES
 
 
 def circulant_offsets(length: int, spacing: float, dtype: torch.dtype, device) -> torch.Tensor:
