@@ -267,9 +267,9 @@ def lengthscale_scan(
     grid = hsglue.navigation_shape(signal)
     upper_bounds, lower_bound = _check_scan_options(upper_bounds, lower_bound, margin, batch_size, grid)
     maps = check_maps(hsglue.read_decomposition(signal, request.components).maps, request.components)
-    observed = choose_solver(maps, request)  # also settles request.solver
+    observed = choose_solver(maps, request)  # also settles request.solver and request.crop
     return scan_loading_maps(
-        maps,
+        request.fitted_region(maps),
         upper_bounds=upper_bounds,
         lower_bound=lower_bound,
         components=request.components,

@@ -84,10 +84,11 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
 
     grid = maps.shape[:-1]
     n_maps = maps.shape[-1]
-    standardised, centre, scale = standardise(maps)
+    origin = [0] * len(grid) if request.crop is None else [box.start for box in request.crop]
+    standardised, centre, scale = standardise(request.fitted_region(maps))
     measured = np.isfinite(maps).all(axis=-1)
     torch_dtype = getattr(torch, request.dtype)
-    kernel = GridKernel(grid, request.kernel, dtype=torch_dtype, device=request.device)
+    kernel = GridKernel(standardised.shape[:-1], request.kernel, dtype=torch_dtype, device=request.device)
     if request.mode == "parallel":
         targets = standardised[None]
         model = GridICMModel(kernel, 1, n_maps, rank=request.rank, isotropic=isotropic,
@@ -101,8 +102,9 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
     targets_t = torch.as_tensor(np.ascontiguousarray(targets), dtype=torch_dtype, device=request.device)
     result = fit_model(model, targets_t, max_iter=max_iter, tol=tol, show_progressbar=show_progressbar)
 
-    posterior = make_posterior(model, targets_t)
-    test_coords = [kernel.axis_coordinates(n, request.upsampling) for n in grid]
+    posterior = make_posterior(model, targets_t, domain=(origin, grid))
+    # The whole scan, in pixels of the fitted box (negative before it).
+    test_coords = [kernel.axis_coordinates(n, request.upsampling) - start for n, start in zip(grid, origin)]
     with hsglue.dask_progressbar(show_progressbar):
         mean, variance = dask.compute(*posterior.predict_dask(test_coords, chunk_rows=request.chunks))
     mean, variance = _per_map(mean, request.mode), _per_map(variance, request.mode)

@@ -68,8 +68,10 @@ def build_outputs(signal, decomposition, fit: MapsFit, request: Request, lazy: b
         "isotropic": bool(isotropic),
         "rank": request.rank if request.mode == "parallel" else 0,
         "solver": request.solver,
-        "missing_pixels": 0 if request.observed is None else int((~request.observed).sum()),
+        "missing_pixels": request.n_missing,
     }
+    if request.crop is not None:  # fitted on the box of the measured pixels, [start, stop) per axis
+        settings["fitted_region"] = [[box.start, box.stop] for box in request.crop]
     if request.lengthscale_scan is not None:
         settings["lengthscale_bounds_requested"] = "auto"
         settings["lengthscale_scan"] = request.lengthscale_scan.as_dictionary()

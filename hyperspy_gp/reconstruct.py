@@ -191,7 +191,9 @@ def gp_reconstruct(
         (see :mod:`hyperspy_gp.gp.iterative`).  ``"auto"`` takes ``"kronecker"`` for
         complete grids (``"iterative"`` for ``kernel="matern"`` beyond 4096 pixels)
         and the cheaper exact path that fits otherwise.  Missing pixels are
-        predicted like any other.
+        predicted like any other; whole missing edge rows and columns are cropped
+        away first (exact), so only the missing pixels inside the box of the
+        measured ones count against these limits.
     max_iter, tol : int, float
         Iteration cap and relative tolerance of the L-BFGS-B likelihood maximisation;
         a ``ConvergenceWarning`` is issued when the cap is reached.
@@ -275,7 +277,7 @@ def _choose_lengthscale_bounds(maps, request: Request, isotropic: bool, signal, 
     from hyperspy_gp.lengthscale_scan import scan_loading_maps
 
     scan = scan_loading_maps(
-        maps, components=request.components, observed=request.observed,
+        request.fitted_region(maps), components=request.components, observed=request.observed,
         masked_solver=request.masked_solver, iterative=request.iterative,
         axes_names=[str(a.name) for a in hsglue.navigation_axes(signal)], isotropic=isotropic,
         kernel=request.kernel, device=request.device, dtype=request.dtype, show_progressbar=show_progressbar,

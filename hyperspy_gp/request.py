@@ -37,8 +37,16 @@ class Request:
         As the parameters of :func:`hyperspy_gp.gp_reconstruct`, normalised
         (``lengthscale_bounds`` is ``None``, ``"auto"`` or a pair of floats or ``None``).
     observed
-        Boolean grid of the measured pixels for the dense solver; ``None`` for the
-        Kronecker path (set by :func:`choose_solver`).
+        Boolean grid of the measured pixels inside :attr:`crop`, for the solvers of
+        missing pixels; ``None`` when the fitted grid is complete (set by
+        :func:`choose_solver`).
+    crop
+        Slices of the scan grid that bound its measured pixels, when missing pixels
+        fill whole edge rows or columns: the GP is fitted on that box, which is exact
+        (unmeasured pixels carry no data) and keeps its grid structure, and predicts
+        on the whole scan.  ``None`` when the box is the whole scan.
+    n_missing
+        Scan pixels without finite loadings, inside the box or not.
     lengthscale_scan
         The :class:`~hyperspy_gp.lengthscale_scan.LengthscaleScan` behind
         ``lengthscale_bounds="auto"``, once it ran.
@@ -59,7 +67,9 @@ class Request:
     device: str
     dtype: str
     chunks: int | None
-    observed: np.ndarray | None = None  # measured pixels, None for the Kronecker path
+    observed: np.ndarray | None = None  # measured pixels inside crop, None for a complete fitted grid
+    crop: tuple[slice, ...] | None = None  # bounding box of the measured pixels, None for the whole scan
+    n_missing: int = 0
     lengthscale_scan: object | None = None  # the LengthscaleScan behind lengthscale_bounds="auto"
 
     @property
@@ -78,6 +88,28 @@ class Request:
         'dense'
         """
         return "dense" if self.solver == "dense" else "schur"
+
+    def fitted_region(self, maps: np.ndarray) -> np.ndarray:
+        """The part of ``maps`` the GP is fitted on: the box :attr:`crop`.
+
+        Parameters
+        ----------
+        maps : numpy.ndarray
+            Loading maps ``(*grid, T)`` of the whole scan.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``maps`` inside :attr:`crop` (a view), or ``maps`` itself.
+
+        Examples
+        --------
+        >>> request = Request([0], "parallel", 1, None, "separable", 1, "auto", "cpu", "float64", None)
+        >>> request.crop = (slice(1, 3), slice(0, 4))
+        >>> request.fitted_region(np.zeros((4, 4, 1))).shape
+        (2, 4, 1)
+        """
+        return maps if self.crop is None else maps[self.crop]
 
     @property
     def iterative(self) -> bool:
@@ -283,14 +315,18 @@ def check_maps(maps: np.ndarray, components: list[int]) -> np.ndarray:
 
 
 def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
-    """Choose the exact path for ``maps``: set ``request.solver`` and return the mask.
+    """Choose the exact path for ``maps``: set ``request.solver`` and ``request.crop``, return the mask.
 
-    A complete grid is solved in the Kronecker eigenbasis, or iteratively
-    (``"iterative"``, :mod:`~hyperspy_gp.gp.iterative`) for ``kernel="matern"`` on more
-    than :data:`MAX_DENSE_PIXELS` pixels.  With missing pixels,
-    ``"auto"`` takes the cheaper exact path that fits: ``"dense"`` (Cholesky on the
-    observed pixels, :mod:`~hyperspy_gp.gp.dense`) or ``"kronecker"`` with a Schur
-    complement over the missing pixels (:mod:`~hyperspy_gp.gp.schur`).
+    Missing pixels that fill whole rows or columns at the edges of the scan (a
+    flyback column, a distorted first line, a border cut by a ``navigation_mask``) are
+    cropped away: the GP is fitted on the box that bounds the measured pixels, which is
+    exact, and predicts on the whole scan.  A complete box is solved in the Kronecker
+    eigenbasis, or iteratively (``"iterative"``, :mod:`~hyperspy_gp.gp.iterative`) for
+    ``kernel="matern"`` on more than :data:`MAX_DENSE_PIXELS` pixels.  With missing
+    pixels inside the box, ``"auto"`` takes the cheaper exact path that fits:
+    ``"dense"`` (Cholesky on the observed pixels, :mod:`~hyperspy_gp.gp.dense`) or
+    ``"kronecker"`` with a Schur complement over the missing pixels
+    (:mod:`~hyperspy_gp.gp.schur`).
 
     Parameters
     ----------
@@ -302,8 +338,8 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     Returns
     -------
     numpy.ndarray or None
-        Boolean grid of the measured pixels, or ``None`` for a complete grid solved in
-        the Kronecker eigenbasis.
+        Boolean mask of the measured pixels inside ``request.crop``, or ``None`` when
+        that box is complete and solved without a mask.
 
     Raises
     ------
@@ -316,14 +352,21 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     >>> request = Request([0, 1], "parallel", 1, None, "separable", 1, "auto", "cpu", "float64", None)
     >>> choose_solver(maps, request) is None  # complete grid: Kronecker path
     True
-    >>> maps[2, 3] = np.nan  # a missing pixel: Schur complement on the Kronecker basis
+    >>> maps[:, 0] = np.nan  # a missing edge column: fitted on the measured 6 × 5 box
+    >>> choose_solver(maps, request) is None, request.crop, request.solver
+    (True, (slice(0, 6, None), slice(1, 6, None)), 'kronecker')
+    >>> maps[2, 3] = np.nan  # and a missing pixel inside: Schur complement on the Kronecker basis
     >>> int((~choose_solver(maps, request)).sum()), request.solver
     (1, 'kronecker')
     """
     from hyperspy_gp.gp.dense import MAX_DENSE_VALUES
     from hyperspy_gp.gp.schur import MAX_SCHUR_ENTRIES
 
-    observed = np.isfinite(maps).all(axis=-1)
+    measured = np.isfinite(maps).all(axis=-1)
+    request.n_missing = int((~measured).sum())
+    box = measured_box(measured)
+    request.crop = None if measured[box].shape == measured.shape else box
+    observed = measured[box]
     large_matern = request.kernel == "matern" and observed.size > MAX_DENSE_PIXELS
     if observed.all() and request.solver != "dense":
         if request.solver == "auto":
@@ -335,34 +378,35 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
                 "stochastic log-determinant), or kernel='separable'."
             )
         return None
+    n_missing = int((~observed).sum())
     if request.solver == "iterative":
         raise ValueError(
-            f"solver='iterative' needs a complete scan grid; {int((~observed).sum())} pixels have no finite "
-            "loadings (e.g. a navigation_mask). Use solver='auto', or decompose without a navigation_mask."
+            f"solver='iterative' needs a complete scan grid; {n_missing} pixels inside the box of the measured "
+            "ones have no finite loadings (e.g. a navigation_mask). Use solver='auto', or decompose without a "
+            "navigation_mask."
         )
     if large_matern:
         raise ValueError(
             f"kernel='matern' with missing pixels is solved densely, which is limited to {MAX_DENSE_PIXELS} "
-            f"pixels; this scan has {observed.size}. Use kernel='separable', crop the scan with s.inav[...], or "
-            "decompose without a navigation_mask."
+            f"pixels; the box of the measured pixels has {observed.size}. Use kernel='separable', crop the scan "
+            "with s.inav[...], or decompose without a navigation_mask."
         )
     tasks = maps.shape[-1] if request.mode == "parallel" else 1
-    n_missing = int((~observed).sum())
     dense_values = int(observed.sum()) * tasks
     schur_entries = n_missing * tasks * observed.size * tasks
     fits = {"dense": dense_values <= MAX_DENSE_VALUES, "kronecker": schur_entries <= MAX_SCHUR_ENTRIES}
     if request.solver == "auto":
         # Cholesky of the observed covariance vs one structured solve per missing value.
-        cost = {"dense": dense_values**3 / 3, "kronecker": n_missing * tasks * observed.size * (sum(maps.shape[:-1]) + tasks)}
+        cost = {"dense": dense_values**3 / 3, "kronecker": n_missing * tasks * observed.size * (sum(observed.shape) + tasks)}
         feasible = [name for name in ("kronecker", "dense") if fits[name]]
         if not feasible:
             raise ValueError(
-                f"{n_missing} of {observed.size} scan pixels have no finite loadings (e.g. a navigation_mask). "
-                f"Exact inference with missing pixels needs either at most {MAX_DENSE_VALUES} observed values "
-                f"(here {dense_values}; dense solver) or few missing ones (here {n_missing} × {tasks} maps on "
-                f"{observed.size} pixels; Kronecker solver with a Schur complement). Crop the scan with "
-                "s.inav[...], choose fewer components or mode='independent', or decompose without a "
-                "navigation_mask."
+                f"{n_missing} of {observed.size} pixels in the box of the measured ones have no finite loadings "
+                f"(e.g. a navigation_mask). Exact inference with missing pixels needs either at most "
+                f"{MAX_DENSE_VALUES} observed values (here {dense_values}; dense solver) or few missing ones (here "
+                f"{n_missing} × {tasks} maps on {observed.size} pixels; Kronecker solver with a Schur complement). "
+                "Crop the scan with s.inav[...], choose fewer components or mode='independent', or decompose "
+                "without a navigation_mask."
             )
         request.solver = min(feasible, key=cost.__getitem__)
     elif not fits[request.solver]:
@@ -373,6 +417,34 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
             "with s.inav[...], or choose fewer components."
         )
     return observed
+
+
+def measured_box(measured: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box holding every measured pixel.
+
+    Parameters
+    ----------
+    measured : numpy.ndarray
+        Boolean grid, with at least one ``True`` pixel.
+
+    Returns
+    -------
+    tuple of slice
+        One slice per axis.
+
+    Examples
+    --------
+    >>> measured = np.zeros((4, 5), dtype=bool)
+    >>> measured[1:3, 2] = measured[2, 4] = True
+    >>> measured_box(measured)
+    (slice(1, 3, None), slice(2, 5, None))
+    """
+    box = []
+    for axis in range(measured.ndim):
+        others = tuple(a for a in range(measured.ndim) if a != axis)
+        hits = np.flatnonzero(measured.any(axis=others))
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
 
 
 def warn_masked_channels(factors: np.ndarray) -> None:

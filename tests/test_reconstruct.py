@@ -6,7 +6,10 @@ import pytest
 
 from hyperspy_gp import GPReconstruction, gp_reconstruct
 from hyperspy_gp.signals import EELSGPSpectrum, LazyEELSGPSpectrum
-from hyperspy_gp.synthetic import atomic_eels_spectrum_image, normalized_cross_correlation
+from hyperspy_gp.synthetic import (
+    atomic_eels_spectrum_image,
+    normalized_cross_correlation,
+)
 
 
 @pytest.fixture(scope="module")
@@ -334,8 +337,39 @@ def test_too_many_missing_pixels_for_every_exact_path_is_refused_before_fitting(
     mask = np.zeros(s.axes_manager.navigation_shape, dtype=bool)
     mask[:, ::2] = True
     s.decomposition(output_dimension=3, navigation_mask=mask, print_info=False)
-    with pytest.raises(ValueError, match="3200 of 6400 scan pixels .* Schur complement"):
+    with pytest.raises(ValueError, match="3120 of 6320 pixels in the box of the measured ones .* Schur complement"):
         gp_reconstruct(s, components=3)
+
+
+def test_missing_edge_lines_are_cropped_away_exactly_and_predicted(tmp_path, unchanged):
+    # Distorted first lines and a flyback column: 1168 missing pixels, too many for the
+    # Schur complement and too many measured ones for the dense path on the full scan.
+    rng = np.random.default_rng(2)
+    yy, xx = np.mgrid[:100, :90]
+    maps = np.stack([np.sin(xx / 3.0) * np.cos(yy / 4.0), np.cos(xx / 5.0 + yy / 7.0)], -1)
+    maps += 0.05 * rng.standard_normal(maps.shape)
+    maps[:12], maps[:, -1] = np.nan, np.nan
+    factors = np.abs(rng.standard_normal((16, 2))) + 0.1
+    s = _with_decomposition(np.nan_to_num(maps), factors)
+    s.learning_results.loadings = maps.reshape(-1, 2)
+    with unchanged(s):
+        rec = gp_reconstruct(s, components=2, upsampling=2)
+    settings = rec.signal.metadata.GP_reconstruction.settings
+    assert settings.solver == "kronecker" and settings.missing_pixels == 12 * 90 + 88
+    assert settings.fitted_region == [[12, 100], [0, 89]]
+    assert rec.loadings.data.shape == (2, 200, 180)
+    assert np.isfinite(rec.signal.data).all() and np.isfinite(rec.variance.data).all()
+    # Inside the box: the reconstruction of the cropped maps themselves.
+    box = maps[12:, :89]
+    cropped = gp_reconstruct(_with_decomposition(box, factors), components=2, upsampling=2)
+    np.testing.assert_allclose(rec.hyperparameters["lengthscale_px"], cropped.hyperparameters["lengthscale_px"])
+    np.testing.assert_allclose(rec.loadings.data[:, 24:, :178], cropped.loadings.data, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(rec.variance.data[:, 24:, :178], cropped.variance.data, rtol=1e-9)
+    # Outside it, extrapolated, with more uncertainty the farther from the data.
+    assert (rec.variance.data[:, 0].mean(-1) > 5 * rec.variance.data[:, 100].mean(-1)).all()
+    rec.loadings.save(tmp_path / "loadings.hspy")
+    loaded = hs.load(tmp_path / "loadings.hspy")
+    assert loaded.metadata.GP_reconstruction.settings.fitted_region == [[12, 100], [0, 89]]
 
 
 def test_missing_pixel_is_filled_from_its_neighbours_with_more_uncertainty():
@@ -364,7 +398,7 @@ def test_forcing_the_dense_solver_gives_the_kronecker_result(decomposed):
 
 
 def test_iterative_solver_reproduces_the_exact_matern_reconstruction(decomposed, unchanged):
-    options = dict(components=2, upsampling=2, kernel="matern")
+    options = {"components": 2, "upsampling": 2, "kernel": "matern"}
     exact = gp_reconstruct(decomposed, **options)  # dense eigendecomposition (360 pixels)
     with unchanged(decomposed):
         iterative = gp_reconstruct(decomposed, solver="iterative", **options)

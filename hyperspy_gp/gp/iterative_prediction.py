@@ -88,10 +88,10 @@ def lattice_upsampling(test_coords: Sequence[torch.Tensor], limit: int = 64) -> 
     raise ValueError("The iterative path predicts on grids with spacing 1/u of the scan step only.")
 
 
-def _scatter(x: torch.Tensor, upsampling: int, fine_shape: Sequence[int]) -> torch.Tensor:
-    """Place channel-first grid values on every ``u``-th point of a finer grid (zeros elsewhere)."""
+def _scatter(x: torch.Tensor, lattice: tuple[slice, ...], fine_shape: Sequence[int]) -> torch.Tensor:
+    """Place channel-first grid values at the ``lattice`` points of a finer grid (zeros elsewhere)."""
     out = x.new_zeros(*x.shape[: x.dim() - len(fine_shape)], *fine_shape)
-    out[(..., *(slice(0, None, upsampling) for _ in fine_shape))] = x
+    out[(..., *lattice)] = x
     return out
 
 
@@ -125,12 +125,21 @@ class IterativePosterior(Posterior):
         Prior draws of the variance estimate.
     seed
         Seed of the draws (predictions are deterministic).
+    domain
+        ``(origin, shape)``: predictions cover ``shape`` pixels per axis, starting
+        ``origin`` pixels before the training grid (which must lie inside), e.g. a whole
+        scan around the box of its measured pixels.  The training grid by default.
     """
 
     def __init__(self, model, targets: torch.Tensor, n_samples: int = DEFAULT_VARIANCE_SAMPLES,
-                 seed: int = 0) -> None:
+                 seed: int = 0, domain=None) -> None:
         self.model = model
         self.n_samples, self.seed = int(n_samples), int(seed)
+        grid = model.kernel.grid_shape
+        origin, shape = ((0,) * len(grid), grid) if domain is None else domain
+        self.origin, self.domain_shape = tuple(int(o) for o in origin), tuple(int(n) for n in shape)
+        if any(o < 0 or o + n > m for o, n, m in zip(self.origin, grid, self.domain_shape)):
+            raise ValueError(f"The training grid {grid} at {self.origin} is not inside the domain {self.domain_shape}.")
         with torch.no_grad():
             self.lengthscale = model.lengthscale.detach().clone()
             self.task_covariance = model.task_covariance.detach().clone()
@@ -172,7 +181,11 @@ class IterativePosterior(Posterior):
         """Latent mean and variance ``(P, m_1, ..., m_d, T)`` at the grid of ``test_coords``."""
         upsampling = lattice_upsampling(test_coords)
         mean, variance, _ = self.upsampled_maps(upsampling)
-        index = [torch.round(c.detach().cpu().double() * upsampling).long().numpy() for c in test_coords]
+        index = [torch.round((c.detach().cpu().double() + o) * upsampling).long().numpy()
+                 for c, o in zip(test_coords, self.origin)]
+        if any(len(i) and (i.min() < 0 or i.max() >= n * upsampling) for i, n in zip(index, self.domain_shape)):
+            raise ValueError("Test coordinates outside the prediction domain of the iterative posterior "
+                             f"({self.domain_shape} pixels from {[-o for o in self.origin]}).")
         selector = (slice(None), *np.ix_(*index), slice(None))
         device = self.mean_weights.device
         return mean[selector].to(device), variance[selector].to(device)
@@ -181,8 +194,13 @@ class IterativePosterior(Posterior):
         """Estimated standard error of the variance of each pixel, ``(P, *fine, T)``."""
         return self.upsampled_maps(upsampling)[2]
 
+    def _training_lattice(self, upsampling: int) -> tuple[slice, ...]:
+        """Where the training pixels sit on the ``u``-times denser grid of the domain."""
+        grid = self.model.kernel.grid_shape
+        return tuple(slice(o * upsampling, (o + n) * upsampling, upsampling) for o, n in zip(self.origin, grid))
+
     def upsampled_maps(self, upsampling: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean, variance and its standard error on the ``u``-times denser grid (cached)."""
+        """Mean, variance and its standard error on the ``u``-times denser domain grid (cached)."""
         with self._lock:
             if upsampling not in self._maps:
                 self._maps[upsampling] = self._compute_maps(upsampling)
@@ -190,25 +208,26 @@ class IterativePosterior(Posterior):
 
     def _compute_maps(self, upsampling: int):
         kernel: GridKernel = self.model.kernel
-        fine_shape = tuple(n * upsampling for n in kernel.grid_shape)
+        fine_shape = tuple(n * upsampling for n in self.domain_shape)
+        lattice = self._training_lattice(upsampling)
         with torch.no_grad():
             # Sampling embeds the kernel until it has decayed, so its circulant stays PSD;
             # products with k* are exact with any embedding, so the mean uses the same one.
             reach = self.lengthscale.max(0).values * upsampling * EMBEDDING_LENGTHSCALES
             fft_shape = _embedding_shape(fine_shape, reach.tolist())
             fine = ToeplitzKernel(kernel, self.lengthscale, fine_shape, 1.0 / upsampling, fft_shape)
-            mean = fine.matmul(_scatter(self.mean_weights, upsampling, fine_shape))
+            mean = fine.matmul(_scatter(self.mean_weights, lattice, fine_shape))
             separable_kernel = GridKernel(kernel.grid_shape, "separable", dtype=kernel.dtype, device=kernel.device)
             fine_separable = ToeplitzKernel(separable_kernel, self.lengthscale, fine_shape, 1.0 / upsampling,
                                             fft_shape)
             exact_separable = self._separable.predict(
-                [kernel.axis_coordinates(n, upsampling) for n in kernel.grid_shape]
+                [kernel.axis_coordinates(n, upsampling) - o for n, o in zip(self.domain_shape, self.origin)]
             )[1].movedim(-1, 1)
-            variance, error = self._estimate_variance(fine, fine_separable, upsampling, fine_shape, exact_separable)
+            variance, error = self._estimate_variance(fine, fine_separable, lattice, fine_shape, exact_separable)
         as_maps_last = [x.movedim(1, -1).cpu() for x in (mean, variance, error)]
         return tuple(as_maps_last)
 
-    def _estimate_variance(self, fine, fine_separable, upsampling: int, fine_shape, exact_separable):
+    def _estimate_variance(self, fine, fine_separable, lattice: tuple[slice, ...], fine_shape, exact_separable):
         """Control-variate estimate of the variance and its standard error, ``(P, T, *fine)`` each.
 
         With ``a = d²`` and ``b = d_sep²`` per draw, ``ā − β (b̄ − v_sep)`` with the
@@ -244,9 +263,9 @@ class IterativePosterior(Posterior):
             errors = []
             for draw, toeplitz, solve in zip(draws, (fine, fine_separable), (self._solve, self._separable_inverse)):
                 prior = torch.einsum("pst,prt...->prs...", task_sqrt, draw)  # cov B ⊗ K on the fine grid
-                observed = prior[(..., *(slice(0, None, upsampling) for _ in fine_shape))] + noise
+                observed = prior[(..., *lattice)] + noise
                 weights = self._operator.mix(solve(observed))
-                errors.append(prior - toeplitz.matmul(_scatter(weights, upsampling, fine_shape)))
+                errors.append(prior - toeplitz.matmul(_scatter(weights, lattice, fine_shape)))
             a, b = errors[0].pow(2), errors[1].pow(2)
             for index, term in enumerate((a, b, a * a, b * b, a * b)):
                 sums[index] += term.sum(1)

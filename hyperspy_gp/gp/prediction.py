@@ -167,12 +167,18 @@ def _predict_rows(state: tuple[Posterior, list[torch.Tensor]], start: int, stop:
         ) from exc
 
 
-def make_posterior(model: GridICMModel, targets: torch.Tensor) -> Posterior:
-    """The structured posterior on a full grid; with missing pixels the Schur or dense one."""
+def make_posterior(model: GridICMModel, targets: torch.Tensor, domain=None) -> Posterior:
+    """The structured posterior on a full grid; with missing pixels the Schur or dense one.
+
+    ``domain`` is ``(origin, shape)``: the pixel grid predictions will cover, ``shape``
+    pixels per axis starting ``origin`` pixels before the training grid (by default
+    the training grid).  Only the iterative posterior, which computes whole maps on a
+    lattice, needs it; the others predict at any coordinates.
+    """
     if model.iterative:
         from hyperspy_gp.gp.iterative_prediction import IterativePosterior
 
-        return IterativePosterior(model, targets)
+        return IterativePosterior(model, targets, domain=domain)
     if model.observed is None:
         return GridPosterior(model, targets)
     if model.masked_solver == "schur":

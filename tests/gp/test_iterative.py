@@ -218,3 +218,30 @@ def test_length_scales_far_beyond_the_scan_keep_memory_bounded_and_warn():
         mean, variance = posterior.predict([torch.arange(16, dtype=torch.float64) / 2,
                                             torch.arange(14, dtype=torch.float64) / 2])
     assert torch.isfinite(mean).all() and torch.isfinite(variance).all()
+
+
+def test_posterior_predicts_a_domain_around_its_training_grid():
+    # A box fitted inside a larger scan (missing edge rows and columns cropped away):
+    # the mean on the whole scan is exact, the variance within its standard error, and
+    # the border, farther from the data, is more uncertain.
+    box, origin, scan, upsampling = (10, 9), (2, 0), (13, 11), 2
+    model, targets = _random_model("matern", box, 1, 2, 1, seed=5)
+    observed = np.zeros(scan, dtype=bool)
+    observed[origin[0] : origin[0] + box[0], : box[1]] = True
+    full = torch.zeros(1, *scan, 2, dtype=torch.float64)
+    full[:, observed] = targets.reshape(1, -1, 2)
+    _, mean_ref, var_ref = dense_icm(full[0], model.lengthscale[0], model.task_covariance[0], model.noise[0],
+                                     "matern", upsampling=upsampling, observed=observed)
+    mean_ref, var_ref = mean_ref.detach(), var_ref.detach()
+    posterior = IterativePosterior(model, targets, domain=(origin, scan))
+    coords = [torch.arange(n * upsampling, dtype=torch.float64) / upsampling - o for n, o in zip(scan, origin)]
+    mean, variance = posterior.predict(coords)
+    assert mean.shape == (1, 26, 22, 2)
+    assert _rel(mean[0], mean_ref) < 1e-8
+    error = posterior.variance_standard_error(upsampling)[0]
+    z = (variance[0] - var_ref) / (error + 1e-9)
+    assert float(z.pow(2).mean().sqrt()) < 2.0
+    assert float(var_ref[0].mean()) > 2 * float(var_ref[10].mean())  # the reference agrees: border above
+    assert float(variance[0, 0].mean()) > 2 * float(variance[0, 10].mean())
+    with pytest.raises(ValueError, match="outside the prediction domain"):
+        posterior.predict([coords[0] - 5.0, coords[1]])

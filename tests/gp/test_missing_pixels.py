@@ -90,3 +90,42 @@ def test_fit_with_holes_fills_them_from_the_neighbours():
     # The uncertainty is larger where no data was measured.
     v = var[0, ..., 0].numpy()
     assert v[holes].mean() > 2 * v[observed].mean()
+
+
+def _border_and_hole(shape, hole):
+    """Measured pixels of a scan whose first row and last two columns are missing."""
+    observed = np.ones(shape, dtype=bool)
+    observed[0], observed[:, -2:] = False, False
+    if hole:
+        observed[3, 2] = False
+    return observed
+
+
+@pytest.mark.parametrize("kind", ["separable", "matern"])
+@pytest.mark.parametrize("n_tasks,rank", [(1, 0), (3, 1)])
+@pytest.mark.parametrize("hole", [False, True])
+def test_fit_on_the_box_of_the_measured_pixels_is_exact_on_the_whole_scan(kind, n_tasks, rank, hole):
+    # Missing edge rows and columns are cropped away (request.choose_solver): the box
+    # model has the likelihood of the observed pixels, and predicts the whole scan
+    # (border included) as the dense reference on the full grid does.
+    from hyperspy_gp.request import measured_box
+
+    shape, upsampling = (9, 8), 2
+    observed = _border_and_hole(shape, hole)
+    box = measured_box(observed)
+    assert box == (slice(1, 9), slice(0, 6))
+    inner = observed[box]
+    model, targets = _model(kind, inner.shape, n_tasks, rank, None if inner.all() else inner)
+    full_targets = torch.zeros(1, *shape, n_tasks, dtype=torch.float64)
+    full_targets[(slice(None), *box)] = targets
+    s = model.state()
+    ref = dense_icm(full_targets[0], s["lengthscale"][0], s["task_covariance"][0], s["noise"][0], kind,
+                    upsampling=upsampling, observed=observed)
+    with torch.no_grad():
+        mll = model.log_likelihood(targets)[0]
+    origin = [b.start for b in box]
+    coords = [model.kernel.axis_coordinates(n, upsampling) - o for n, o in zip(shape, origin)]
+    mean, var = make_posterior(model, targets, domain=(origin, shape)).predict(coords)
+    assert _rel(mll, ref[0]) < RTOL
+    assert _rel(mean[0], ref[1]) < RTOL
+    assert _rel(var[0], ref[2]) < RTOL
