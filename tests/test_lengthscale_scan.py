@@ -252,3 +252,16 @@ def test_scan_with_missing_pixels_is_the_same_on_both_exact_paths():
              for solver in ("schur", "dense")]
     np.testing.assert_allclose(scans[0].lengthscales, scans[1].lengthscales, rtol=1e-8)
     np.testing.assert_allclose(scans[0].log_likelihood, scans[1].log_likelihood, rtol=1e-10)
+
+
+def test_scan_of_a_signal_with_missing_edge_lines_fits_the_measured_box(unchanged):
+    maps = _test_maps()
+    masked = maps.copy()
+    masked[:2], masked[:, -1] = np.nan, np.nan  # distorted first lines, a flyback column
+    s = _signal_with_maps(np.nan_to_num(masked))
+    s.learning_results.loadings = masked.reshape(-1, 2)
+    with unchanged(s):
+        result = lengthscale_scan(s, components=[0], upper_bounds=BOUNDS[:4])
+    box = scan_loading_maps(maps[2:, :-1, :1], upper_bounds=BOUNDS[:4])
+    np.testing.assert_allclose(result.lengthscales, box.lengthscales, rtol=1e-10)
+    np.testing.assert_allclose(result.log_likelihood, box.log_likelihood, rtol=1e-10)
