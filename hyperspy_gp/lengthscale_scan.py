@@ -267,9 +267,10 @@ def lengthscale_scan(
     grid = hsglue.navigation_shape(signal)
     upper_bounds, lower_bound = _check_scan_options(upper_bounds, lower_bound, margin, batch_size, grid)
     maps = check_maps(hsglue.read_decomposition(signal, request.components).maps, request.components)
-    observed = choose_solver(maps, request)  # also settles request.solver and request.crop
+    observed = choose_solver(maps, request)  # also settles request.solver and request.lines
     return scan_loading_maps(
         request.fitted_region(maps),
+        points=request.fitted_coordinates(grid)[1],
         upper_bounds=upper_bounds,
         lower_bound=lower_bound,
         components=request.components,
@@ -297,6 +298,7 @@ def scan_loading_maps(
     observed: np.ndarray | None = None,
     masked_solver: str = "schur",
     iterative: bool = False,
+    points: Sequence[np.ndarray] | None = None,
     axes_names: Sequence[str] | None = None,
     isotropic: bool = False,
     kernel: str = "separable",
@@ -321,6 +323,10 @@ def scan_loading_maps(
     iterative : bool
         Fit by conjugate gradients and a stochastic log-determinant
         (:mod:`~hyperspy_gp.gp.iterative`), for ``kernel="matern"`` on large grids.
+    points : sequence of ndarray, optional
+        Coordinates (pixels) of the maps' lines per axis, when they are not
+        ``0, 1, ..., n - 1`` (scan lines without data left out, see
+        :meth:`~hyperspy_gp.request.Request.fitted_coordinates`).
     components, axes_names : sequence, optional
         Labels of the maps and of the scan axes; default ``0..T-1`` and numpy axes.
     upper_bounds, lower_bound, isotropic, kernel, margin, batch_size, max_iter, tol, device, dtype
@@ -347,8 +353,8 @@ def scan_loading_maps(
     size = n_maps if batch_size is None else int(batch_size)
     groups = [standardised[i : i + size] for i in range(0, n_maps, size)]
     options = dict(upper_bounds=upper_bounds, lower_bound=lower_bound, observed=observed,
-                   masked_solver=masked_solver, iterative=iterative, isotropic=isotropic,
-                   kernel=kernel, max_iter=max_iter, tol=tol, device=device, dtype=dtype)
+                   masked_solver=masked_solver, iterative=iterative, points=points,
+                   isotropic=isotropic, kernel=kernel, max_iter=max_iter, tol=tol, device=device, dtype=dtype)
     if len(groups) == 1:
         sweeps = [_sweep(groups[0], show_progressbar=show_progressbar, **options)]
     else:
@@ -534,8 +540,8 @@ def _check_scan_options(upper_bounds, lower_bound, margin, batch_size, grid) -> 
     return bounds, float(lower)
 
 
-def _sweep(targets, upper_bounds, lower_bound, observed, masked_solver, iterative, isotropic, kernel, max_iter, tol,
-           device, dtype, show_progressbar):
+def _sweep(targets, upper_bounds, lower_bound, observed, masked_solver, iterative, points, isotropic, kernel,
+           max_iter, tol, device, dtype, show_progressbar):
     """Fit ``(P, *grid, 1)`` maps at each upper bound, warm-starting each fit from the last."""
     import torch
     from tqdm.auto import tqdm
@@ -545,7 +551,7 @@ def _sweep(targets, upper_bounds, lower_bound, observed, masked_solver, iterativ
     from hyperspy_gp.gp.training import fit_model
 
     torch_dtype = getattr(torch, dtype)
-    grid_kernel = GridKernel(targets.shape[1:-1], kernel, dtype=torch_dtype, device=device)
+    grid_kernel = GridKernel(targets.shape[1:-1], kernel, dtype=torch_dtype, device=device, points=points)
     targets_t = torch.as_tensor(np.ascontiguousarray(targets), dtype=torch_dtype, device=device)
     lengthscales, logliks, converged, fractions, previous = [], [], [], [], None
     with tqdm(total=len(upper_bounds), desc="Length-scale scan", unit="bound",

@@ -84,11 +84,12 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
 
     grid = maps.shape[:-1]
     n_maps = maps.shape[-1]
-    origin = [0] * len(grid) if request.crop is None else [box.start for box in request.crop]
+    origin, points = request.fitted_coordinates(grid)
     standardised, centre, scale = standardise(request.fitted_region(maps))
     measured = np.isfinite(maps).all(axis=-1)
     torch_dtype = getattr(torch, request.dtype)
-    kernel = GridKernel(standardised.shape[:-1], request.kernel, dtype=torch_dtype, device=request.device)
+    kernel = GridKernel(standardised.shape[:-1], request.kernel, dtype=torch_dtype, device=request.device,
+                        points=points)
     if request.mode == "parallel":
         targets = standardised[None]
         model = GridICMModel(kernel, 1, n_maps, rank=request.rank, isotropic=isotropic,

@@ -69,9 +69,9 @@ def build_outputs(signal, decomposition, fit: MapsFit, request: Request, lazy: b
         "rank": request.rank if request.mode == "parallel" else 0,
         "solver": request.solver,
         "missing_pixels": request.n_missing,
+        # Scan lines without data, left out of the fit (per axis, numpy order).
+        "skipped_lines": request.skipped_lines(decomposition.maps.shape[:-1]),
     }
-    if request.crop is not None:  # fitted on the box of the measured pixels, [start, stop) per axis
-        settings["fitted_region"] = [[box.start, box.stop] for box in request.crop]
     if request.lengthscale_scan is not None:
         settings["lengthscale_bounds_requested"] = "auto"
         settings["lengthscale_scan"] = request.lengthscale_scan.as_dictionary()

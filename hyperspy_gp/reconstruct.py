@@ -191,9 +191,9 @@ def gp_reconstruct(
         (see :mod:`hyperspy_gp.gp.iterative`).  ``"auto"`` takes ``"kronecker"`` for
         complete grids (``"iterative"`` for ``kernel="matern"`` beyond 4096 pixels)
         and the cheaper exact path that fits otherwise.  Missing pixels are
-        predicted like any other; whole missing edge rows and columns are cropped
-        away first (exact), so only the missing pixels inside the box of the
-        measured ones count against these limits.
+        predicted like any other; scan lines without a measured pixel are left out
+        of the fit first (exact, the Kronecker structure is kept), so only the
+        missing pixels on the kept lines count against these limits.
     max_iter, tol : int, float
         Iteration cap and relative tolerance of the L-BFGS-B likelihood maximisation;
         a ``ConvergenceWarning`` is issued when the cap is reached.
@@ -277,7 +277,8 @@ def _choose_lengthscale_bounds(maps, request: Request, isotropic: bool, signal, 
     from hyperspy_gp.lengthscale_scan import scan_loading_maps
 
     scan = scan_loading_maps(
-        request.fitted_region(maps), components=request.components, observed=request.observed,
+        request.fitted_region(maps), points=request.fitted_coordinates(maps.shape[:-1])[1],
+        components=request.components, observed=request.observed,
         masked_solver=request.masked_solver, iterative=request.iterative,
         axes_names=[str(a.name) for a in hsglue.navigation_axes(signal)], isotropic=isotropic,
         kernel=request.kernel, device=request.device, dtype=request.dtype, show_progressbar=show_progressbar,

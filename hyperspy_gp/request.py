@@ -37,16 +37,16 @@ class Request:
         As the parameters of :func:`hyperspy_gp.gp_reconstruct`, normalised
         (``lengthscale_bounds`` is ``None``, ``"auto"`` or a pair of floats or ``None``).
     observed
-        Boolean grid of the measured pixels inside :attr:`crop`, for the solvers of
-        missing pixels; ``None`` when the fitted grid is complete (set by
+        Boolean grid of the measured pixels on the fitted :attr:`lines`, for the
+        solvers of missing pixels; ``None`` when the fitted grid is complete (set by
         :func:`choose_solver`).
-    crop
-        Slices of the scan grid that bound its measured pixels, when missing pixels
-        fill whole edge rows or columns: the GP is fitted on that box, which is exact
-        (unmeasured pixels carry no data) and keeps its grid structure, and predicts
-        on the whole scan.  ``None`` when the box is the whole scan.
+    lines
+        Indices, per scan axis, of the lines (rows, columns) that hold a measured
+        pixel, when some lines hold none: the GP is fitted on the grid of those lines,
+        which is exact (unmeasured pixels carry no data) and keeps its Kronecker
+        structure, and predicts the whole scan.  ``None`` when every line is kept.
     n_missing
-        Scan pixels without finite loadings, inside the box or not.
+        Scan pixels without finite loadings, on skipped lines or not.
     lengthscale_scan
         The :class:`~hyperspy_gp.lengthscale_scan.LengthscaleScan` behind
         ``lengthscale_bounds="auto"``, once it ran.
@@ -67,8 +67,8 @@ class Request:
     device: str
     dtype: str
     chunks: int | None
-    observed: np.ndarray | None = None  # measured pixels inside crop, None for a complete fitted grid
-    crop: tuple[slice, ...] | None = None  # bounding box of the measured pixels, None for the whole scan
+    observed: np.ndarray | None = None  # measured pixels on the fitted lines, None for a complete fitted grid
+    lines: tuple[np.ndarray, ...] | None = None  # scan lines with a measured pixel, None for all
     n_missing: int = 0
     lengthscale_scan: object | None = None  # the LengthscaleScan behind lengthscale_bounds="auto"
 
@@ -90,7 +90,7 @@ class Request:
         return "dense" if self.solver == "dense" else "schur"
 
     def fitted_region(self, maps: np.ndarray) -> np.ndarray:
-        """The part of ``maps`` the GP is fitted on: the box :attr:`crop`.
+        """The part of ``maps`` the GP is fitted on: the scan :attr:`lines` that hold data.
 
         Parameters
         ----------
@@ -100,16 +100,69 @@ class Request:
         Returns
         -------
         numpy.ndarray
-            ``maps`` inside :attr:`crop` (a view), or ``maps`` itself.
+            ``maps`` on the kept lines, or ``maps`` itself.
 
         Examples
         --------
         >>> request = Request([0], "parallel", 1, None, "separable", 1, "auto", "cpu", "float64", None)
-        >>> request.crop = (slice(1, 3), slice(0, 4))
+        >>> request.lines = (np.array([0, 2, 3]), np.arange(4))
         >>> request.fitted_region(np.zeros((4, 4, 1))).shape
-        (2, 4, 1)
+        (3, 4, 1)
         """
-        return maps if self.crop is None else maps[self.crop]
+        return maps if self.lines is None else maps[np.ix_(*self.lines)]
+
+    def fitted_coordinates(self, grid_shape: tuple[int, ...]) -> tuple[list[int], list[np.ndarray]]:
+        """Where the fitted grid sits in the scan: its first line and its lines relative to it.
+
+        Relative coordinates make evenly spaced kept lines the regular grid ``0, 1, ...``
+        that the iterative path needs, at an offset (``origin``) in the scan.
+
+        Parameters
+        ----------
+        grid_shape : tuple of int
+            The scan grid, numpy order.
+
+        Returns
+        -------
+        origin : list of int
+            Index of the first kept line per axis.
+        points : list of numpy.ndarray
+            Kept lines minus ``origin``, per axis (training coordinates in pixels).
+
+        Examples
+        --------
+        >>> request = Request([0], "parallel", 1, None, "separable", 1, "auto", "cpu", "float64", None)
+        >>> request.lines = (np.array([1, 2, 4]), np.arange(3))
+        >>> origin, points = request.fitted_coordinates((5, 3))
+        >>> origin, [p.tolist() for p in points]
+        ([1, 0], [[0, 1, 3], [0, 1, 2]])
+        """
+        lines = self.lines or tuple(np.arange(n) for n in grid_shape)
+        origin = [int(kept[0]) for kept in lines]
+        return origin, [kept - start for kept, start in zip(lines, origin)]
+
+    def skipped_lines(self, grid_shape: tuple[int, ...]) -> list[list[int]]:
+        """Indices, per scan axis, of the lines left out of the fit for holding no data.
+
+        Parameters
+        ----------
+        grid_shape : tuple of int
+            The scan grid, numpy order.
+
+        Returns
+        -------
+        list of list of int
+
+        Examples
+        --------
+        >>> request = Request([0], "parallel", 1, None, "separable", 1, "auto", "cpu", "float64", None)
+        >>> request.lines = (np.array([0, 2, 3]), np.arange(4))
+        >>> request.skipped_lines((4, 4))
+        [[1], []]
+        """
+        if self.lines is None:
+            return [[] for _ in grid_shape]
+        return [sorted(set(range(n)) - set(kept.tolist())) for n, kept in zip(grid_shape, self.lines)]
 
     @property
     def iterative(self) -> bool:
@@ -315,15 +368,16 @@ def check_maps(maps: np.ndarray, components: list[int]) -> np.ndarray:
 
 
 def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
-    """Choose the exact path for ``maps``: set ``request.solver`` and ``request.crop``, return the mask.
+    """Choose the exact path for ``maps``: set ``request.solver`` and ``request.lines``, return the mask.
 
-    Missing pixels that fill whole rows or columns at the edges of the scan (a
-    flyback column, a distorted first line, a border cut by a ``navigation_mask``) are
-    cropped away: the GP is fitted on the box that bounds the measured pixels, which is
-    exact, and predicts on the whole scan.  A complete box is solved in the Kronecker
-    eigenbasis, or iteratively (``"iterative"``, :mod:`~hyperspy_gp.gp.iterative`) for
-    ``kernel="matern"`` on more than :data:`MAX_DENSE_PIXELS` pixels.  With missing
-    pixels inside the box, ``"auto"`` takes the cheaper exact path that fits:
+    Scan lines (rows, columns) without a single measured pixel (a flyback column,
+    distorted first lines, lines skipped by a sparse scan, a border cut by a
+    ``navigation_mask``) are left out: the GP is fitted on the grid of the other lines,
+    which is exact and keeps the Kronecker structure, and predicts the whole scan.  A
+    complete fitted grid is solved in the Kronecker eigenbasis, or iteratively
+    (``"iterative"``, :mod:`~hyperspy_gp.gp.iterative`, which needs evenly spaced
+    lines) for ``kernel="matern"`` on more than :data:`MAX_DENSE_PIXELS` pixels.  With
+    missing pixels on the kept lines, ``"auto"`` takes the cheaper exact path that fits:
     ``"dense"`` (Cholesky on the observed pixels, :mod:`~hyperspy_gp.gp.dense`) or
     ``"kronecker"`` with a Schur complement over the missing pixels
     (:mod:`~hyperspy_gp.gp.schur`).
@@ -338,8 +392,8 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     Returns
     -------
     numpy.ndarray or None
-        Boolean mask of the measured pixels inside ``request.crop``, or ``None`` when
-        that box is complete and solved without a mask.
+        Boolean mask of the measured pixels on ``request.lines``, or ``None`` when that
+        grid is complete and solved without a mask.
 
     Raises
     ------
@@ -352,10 +406,10 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     >>> request = Request([0, 1], "parallel", 1, None, "separable", 1, "auto", "cpu", "float64", None)
     >>> choose_solver(maps, request) is None  # complete grid: Kronecker path
     True
-    >>> maps[:, 0] = np.nan  # a missing edge column: fitted on the measured 6 × 5 box
-    >>> choose_solver(maps, request) is None, request.crop, request.solver
-    (True, (slice(0, 6, None), slice(1, 6, None)), 'kronecker')
-    >>> maps[2, 3] = np.nan  # and a missing pixel inside: Schur complement on the Kronecker basis
+    >>> maps[:, [0, 3]] = np.nan  # two missing columns: fitted on the other 6 × 4 pixels
+    >>> choose_solver(maps, request) is None, request.skipped_lines((6, 6)), request.solver
+    (True, [[], [0, 3]], 'kronecker')
+    >>> maps[2, 4] = np.nan  # and a missing pixel on a kept line: Schur complement on the Kronecker basis
     >>> int((~choose_solver(maps, request)).sum()), request.solver
     (1, 'kronecker')
     """
@@ -364,10 +418,19 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
 
     measured = np.isfinite(maps).all(axis=-1)
     request.n_missing = int((~measured).sum())
-    box = measured_box(measured)
-    request.crop = None if measured[box].shape == measured.shape else box
-    observed = measured[box]
+    lines = measured_lines(measured)
+    request.lines = None if all(len(kept) == n for kept, n in zip(lines, measured.shape)) else lines
+    observed = request.fitted_region(measured)
     large_matern = request.kernel == "matern" and observed.size > MAX_DENSE_PIXELS
+    even = all(np.all(np.diff(kept) == 1) for kept in lines)  # FFT products need evenly spaced lines
+    if (large_matern or request.solver == "iterative") and not even:
+        what = "solver='iterative'" if request.solver == "iterative" else (
+            f"kernel='matern' on more than {MAX_DENSE_PIXELS} pixels (solved iteratively)")
+        raise ValueError(
+            f"{what} needs FFT products on evenly spaced scan lines; lines {request.skipped_lines(measured.shape)} "
+            "(per axis, numpy order) hold no data. Use kernel='separable' or solver='auto', or crop the scan with "
+            "s.inav[...]."
+        )
     if observed.all() and request.solver != "dense":
         if request.solver == "auto":
             request.solver = "iterative" if large_matern else "kronecker"
@@ -381,14 +444,14 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     n_missing = int((~observed).sum())
     if request.solver == "iterative":
         raise ValueError(
-            f"solver='iterative' needs a complete scan grid; {n_missing} pixels inside the box of the measured "
-            "ones have no finite loadings (e.g. a navigation_mask). Use solver='auto', or decompose without a "
+            f"solver='iterative' needs a complete scan grid; {n_missing} pixels on the measured scan lines "
+            "have no finite loadings (e.g. a navigation_mask). Use solver='auto', or decompose without a "
             "navigation_mask."
         )
     if large_matern:
         raise ValueError(
             f"kernel='matern' with missing pixels is solved densely, which is limited to {MAX_DENSE_PIXELS} "
-            f"pixels; the box of the measured pixels has {observed.size}. Use kernel='separable', crop the scan "
+            f"pixels; the measured scan lines hold {observed.size}. Use kernel='separable', crop the scan "
             "with s.inav[...], or decompose without a navigation_mask."
         )
     tasks = maps.shape[-1] if request.mode == "parallel" else 1
@@ -401,7 +464,7 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
         feasible = [name for name in ("kronecker", "dense") if fits[name]]
         if not feasible:
             raise ValueError(
-                f"{n_missing} of {observed.size} pixels in the box of the measured ones have no finite loadings "
+                f"{n_missing} of {observed.size} pixels on the measured scan lines have no finite loadings "
                 f"(e.g. a navigation_mask). Exact inference with missing pixels needs either at most "
                 f"{MAX_DENSE_VALUES} observed values (here {dense_values}; dense solver) or few missing ones (here "
                 f"{n_missing} × {tasks} maps on {observed.size} pixels; Kronecker solver with a Schur complement). "
@@ -419,8 +482,8 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     return observed
 
 
-def measured_box(measured: np.ndarray) -> tuple[slice, ...]:
-    """The smallest box holding every measured pixel.
+def measured_lines(measured: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Indices, per axis, of the scan lines that hold a measured pixel.
 
     Parameters
     ----------
@@ -429,22 +492,21 @@ def measured_box(measured: np.ndarray) -> tuple[slice, ...]:
 
     Returns
     -------
-    tuple of slice
-        One slice per axis.
+    tuple of numpy.ndarray
+        One increasing integer array per axis.
 
     Examples
     --------
     >>> measured = np.zeros((4, 5), dtype=bool)
     >>> measured[1:3, 2] = measured[2, 4] = True
-    >>> measured_box(measured)
-    (slice(1, 3, None), slice(2, 5, None))
+    >>> [kept.tolist() for kept in measured_lines(measured)]
+    [[1, 2], [2, 4]]
     """
-    box = []
+    lines = []
     for axis in range(measured.ndim):
         others = tuple(a for a in range(measured.ndim) if a != axis)
-        hits = np.flatnonzero(measured.any(axis=others))
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
+        lines.append(np.flatnonzero(measured.any(axis=others)))
+    return tuple(lines)
 
 
 def warn_masked_channels(factors: np.ndarray) -> None:

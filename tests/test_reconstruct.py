@@ -35,6 +35,13 @@ def _with_decomposition(maps, factors, **signal_kwargs):
     return s
 
 
+def _with_missing_pixels(maps, factors):
+    """As :func:`_with_decomposition`, with the NaN of ``maps`` kept in the loadings (missing pixels)."""
+    s = _with_decomposition(np.nan_to_num(maps), factors)
+    s.learning_results.loadings = maps.reshape(-1, maps.shape[-1]).copy()
+    return s
+
+
 # --------------------------------------------------------------------------- API
 
 
@@ -334,14 +341,38 @@ def test_a_few_masked_pixels_on_a_scan_too_large_for_the_dense_path():
 
 def test_too_many_missing_pixels_for_every_exact_path_is_refused_before_fitting():
     s = atomic_eels_spectrum_image(shape=(80, 80), n_channels=16, seed=0)
-    mask = np.zeros(s.axes_manager.navigation_shape, dtype=bool)
-    mask[:, ::2] = True
+    mask = np.random.default_rng(0).random(s.axes_manager.navigation_shape) < 0.5  # a random sparse scan
     s.decomposition(output_dimension=3, navigation_mask=mask, print_info=False)
-    with pytest.raises(ValueError, match="3120 of 6320 pixels in the box of the measured ones .* Schur complement"):
+    missing = int(mask.sum())
+    with pytest.raises(ValueError, match=f"{missing} of 6400 pixels on the measured scan lines .* Schur complement"):
         gp_reconstruct(s, components=3)
 
 
-def test_missing_edge_lines_are_cropped_away_exactly_and_predicted(tmp_path, unchanged):
+def test_a_scan_of_every_other_line_is_fitted_exactly_on_its_lines(unchanged):
+    # A sparse line scan: 40 of 80 lines, 3200 missing pixels, beyond the dense and the
+    # Schur paths on the full grid; on the grid of its lines it is complete (Kronecker).
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:80, :64]
+    maps = np.stack([np.sin(xx / 4.0) * np.cos(yy / 5.0), np.cos(xx / 6.0 + yy / 9.0)], -1)
+    maps += 0.05 * rng.standard_normal(maps.shape)
+    maps[1::2] = np.nan
+    factors = np.abs(rng.standard_normal((16, 2))) + 0.1
+    s = _with_missing_pixels(maps, factors)
+    with unchanged(s):
+        rec = gp_reconstruct(s, components=2, upsampling=2)
+    settings = rec.signal.metadata.GP_reconstruction.settings
+    assert settings.solver == "kronecker" and settings.missing_pixels == 40 * 64
+    assert settings.skipped_lines == [list(range(1, 80, 2)), []]
+    truth = np.stack([np.sin(xx / 4.0) * np.cos(yy / 5.0), np.cos(xx / 6.0 + yy / 9.0)], 0)
+    skipped = rec.loadings.data[:, 2::4, ::2]  # the unmeasured lines, at the scan pixels
+    assert np.abs(skipped - truth[:, 1::2]).max() < 0.1  # interpolated across one line
+    var = rec.variance.data
+    assert (var[:, 2::4, ::2].mean((1, 2)) > var[:, 4:-4:4, ::2].mean((1, 2))).all()  # unmeasured: less sure
+    with pytest.raises(ValueError, match=r"evenly spaced scan lines; lines \[\[1, 3, 5"):
+        gp_reconstruct(s, components=2, kernel="matern", solver="iterative")
+
+
+def test_missing_edge_lines_are_left_out_exactly_and_predicted(tmp_path, unchanged):
     # Distorted first lines and a flyback column: 1168 missing pixels, too many for the
     # Schur complement and too many measured ones for the dense path on the full scan.
     rng = np.random.default_rng(2)
@@ -350,13 +381,12 @@ def test_missing_edge_lines_are_cropped_away_exactly_and_predicted(tmp_path, unc
     maps += 0.05 * rng.standard_normal(maps.shape)
     maps[:12], maps[:, -1] = np.nan, np.nan
     factors = np.abs(rng.standard_normal((16, 2))) + 0.1
-    s = _with_decomposition(np.nan_to_num(maps), factors)
-    s.learning_results.loadings = maps.reshape(-1, 2)
+    s = _with_missing_pixels(maps, factors)
     with unchanged(s):
         rec = gp_reconstruct(s, components=2, upsampling=2)
     settings = rec.signal.metadata.GP_reconstruction.settings
     assert settings.solver == "kronecker" and settings.missing_pixels == 12 * 90 + 88
-    assert settings.fitted_region == [[12, 100], [0, 89]]
+    assert settings.skipped_lines == [list(range(12)), [89]]
     assert rec.loadings.data.shape == (2, 200, 180)
     assert np.isfinite(rec.signal.data).all() and np.isfinite(rec.variance.data).all()
     # Inside the box: the reconstruction of the cropped maps themselves.
@@ -369,7 +399,7 @@ def test_missing_edge_lines_are_cropped_away_exactly_and_predicted(tmp_path, unc
     assert (rec.variance.data[:, 0].mean(-1) > 5 * rec.variance.data[:, 100].mean(-1)).all()
     rec.loadings.save(tmp_path / "loadings.hspy")
     loaded = hs.load(tmp_path / "loadings.hspy")
-    assert loaded.metadata.GP_reconstruction.settings.fitted_region == [[12, 100], [0, 89]]
+    assert loaded.metadata.GP_reconstruction.settings.skipped_lines == [list(range(12)), [89]]
 
 
 def test_missing_pixel_is_filled_from_its_neighbours_with_more_uncertainty():
@@ -378,8 +408,7 @@ def test_missing_pixel_is_filled_from_its_neighbours_with_more_uncertainty():
     truth = 0.5 + 0.5 * np.sin(2 * np.pi * xx / 8) * np.sin(2 * np.pi * yy / 8)
     maps = np.stack([truth, truth[::-1]], -1) + 0.02 * rng.standard_normal((16, 16, 2))
     maps[5, 9] = np.nan
-    s = _with_decomposition(np.nan_to_num(maps), np.abs(rng.standard_normal((20, 2))) + 0.1)
-    s.learning_results.loadings = maps.reshape(-1, 2)
+    s = _with_missing_pixels(maps, np.abs(rng.standard_normal((20, 2))) + 0.1)
     rec = gp_reconstruct(s, components=2)
     filled = rec.loadings.data[:, 5, 9]
     np.testing.assert_allclose(filled, [truth[5, 9], truth[::-1][5, 9]], atol=0.05)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 KERNELS = ("separable", "matern")
@@ -60,6 +61,11 @@ class GridKernel:
         ``"separable"`` or ``"matern"`` (see the module docstring).
     dtype, device
         Torch dtype and device of the matrices produced.
+    points
+        Training coordinates (pixels, increasing) per axis, when they are not
+        ``0, 1, ..., n_a - 1``: the scan lines that were measured when whole lines are
+        missing.  The grid is then a product of those lines, still Kronecker for the
+        separable kernel, but no longer regularly spaced (:attr:`uniform` is false).
     """
 
     def __init__(
@@ -68,6 +74,7 @@ class GridKernel:
         kind: str = "separable",
         dtype: torch.dtype = torch.float64,
         device: str | torch.device = "cpu",
+        points: Sequence[Sequence[float]] | None = None,
     ) -> None:
         if kind not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, not {kind!r}.")
@@ -75,6 +82,17 @@ class GridKernel:
         self.kind = kind
         self.dtype = dtype
         self.device = torch.device(device)
+        if points is None:
+            self.points = [self.axis_coordinates(n) for n in self.grid_shape]
+        else:
+            self.points = [torch.as_tensor(np.asarray(p, dtype=float), dtype=dtype, device=self.device) for p in points]
+            if tuple(len(p) for p in self.points) != self.grid_shape:
+                raise ValueError(f"points of lengths {[len(p) for p in self.points]} do not match {self.grid_shape}.")
+
+    @property
+    def uniform(self) -> bool:
+        """Whether the training points are ``0, 1, ..., n_a - 1`` on every axis (FFT products need it)."""
+        return all(torch.equal(p, self.axis_coordinates(len(p))) for p in self.points)
 
     @property
     def ndim(self) -> int:
@@ -93,8 +111,7 @@ class GridKernel:
 
     def factors(self, lengthscale: torch.Tensor) -> list[torch.Tensor]:
         """Training covariance factors for a batch of length scales ``(P, ndim)``."""
-        train = [self.axis_coordinates(n) for n in self.grid_shape]
-        return self.cross_factors(lengthscale, train)
+        return self.cross_factors(lengthscale, self.points)
 
     def cross_factors(
         self, lengthscale: torch.Tensor, test_coords: Sequence[torch.Tensor]
@@ -114,7 +131,7 @@ class GridKernel:
             Separable: one ``(P, m_a, n_a)`` matrix per axis.  Non-separable: a single
             ``(P, Π m_a, Π n_a)`` matrix over the flattened (row-major) grids.
         """
-        train = [self.axis_coordinates(n) for n in self.grid_shape]
+        train = self.points
         if self.kind == "separable":
             return [
                 matern52((t[:, None] - x[None, :]).abs() / lengthscale[:, a, None, None])

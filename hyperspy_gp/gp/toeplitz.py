@@ -65,6 +65,8 @@ class ToeplitzKernel:
         spacing: float = 1.0,
         fft_shape: Sequence[int] | None = None,
     ) -> None:
+        if not kernel.uniform:
+            raise ValueError("FFT products need a regular grid; this kernel's training points skip scan lines.")
         self.grid_shape = tuple(kernel.grid_shape if grid_shape is None else grid_shape)
         self.fft_shape = tuple(2 * n for n in self.grid_shape) if fft_shape is None else tuple(fft_shape)
         if any(size < 2 * n - 1 for size, n in zip(self.fft_shape, self.grid_shape)):

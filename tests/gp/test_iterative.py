@@ -221,7 +221,7 @@ def test_length_scales_far_beyond_the_scan_keep_memory_bounded_and_warn():
 
 
 def test_posterior_predicts_a_domain_around_its_training_grid():
-    # A box fitted inside a larger scan (missing edge rows and columns cropped away):
+    # A box fitted inside a larger scan (missing edge rows and columns left out):
     # the mean on the whole scan is exact, the variance within its standard error, and
     # the border, farther from the data, is more uncertain.
     box, origin, scan, upsampling = (10, 9), (2, 0), (13, 11), 2

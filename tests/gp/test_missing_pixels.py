@@ -14,9 +14,10 @@ from .dense_reference import dense_icm
 RTOL = 1e-6
 
 
-def _model(kind, shape, n_tasks, rank, observed, seed=0):
+def _model(kind, shape, n_tasks, rank, observed, seed=0, kernel=None):
     gen = torch.Generator().manual_seed(seed)
-    model = GridICMModel(GridKernel(shape, kind), 1, n_tasks, rank=rank, observed=observed)
+    kernel = GridKernel(shape, kind) if kernel is None else kernel
+    model = GridICMModel(kernel, 1, n_tasks, rank=rank, observed=observed)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.4 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
@@ -92,10 +93,10 @@ def test_fit_with_holes_fills_them_from_the_neighbours():
     assert v[holes].mean() > 2 * v[observed].mean()
 
 
-def _border_and_hole(shape, hole):
-    """Measured pixels of a scan whose first row and last two columns are missing."""
+def _skipped_lines_and_hole(shape, hole):
+    """Measured pixels of a scan missing its first row, its fifth row and its last two columns."""
     observed = np.ones(shape, dtype=bool)
-    observed[0], observed[:, -2:] = False, False
+    observed[0], observed[4], observed[:, -2:] = False, False, False
     if hole:
         observed[3, 2] = False
     return observed
@@ -104,28 +105,30 @@ def _border_and_hole(shape, hole):
 @pytest.mark.parametrize("kind", ["separable", "matern"])
 @pytest.mark.parametrize("n_tasks,rank", [(1, 0), (3, 1)])
 @pytest.mark.parametrize("hole", [False, True])
-def test_fit_on_the_box_of_the_measured_pixels_is_exact_on_the_whole_scan(kind, n_tasks, rank, hole):
-    # Missing edge rows and columns are cropped away (request.choose_solver): the box
-    # model has the likelihood of the observed pixels, and predicts the whole scan
-    # (border included) as the dense reference on the full grid does.
-    from hyperspy_gp.request import measured_box
+def test_fit_on_the_measured_scan_lines_is_exact_on_the_whole_scan(kind, n_tasks, rank, hole):
+    # Scan lines without data are left out (request.choose_solver): the model on the
+    # grid of the kept lines has the likelihood of the observed pixels, and predicts
+    # the whole scan (skipped lines included) as the dense reference on the full grid.
+    from hyperspy_gp.request import measured_lines
 
     shape, upsampling = (9, 8), 2
-    observed = _border_and_hole(shape, hole)
-    box = measured_box(observed)
-    assert box == (slice(1, 9), slice(0, 6))
-    inner = observed[box]
-    model, targets = _model(kind, inner.shape, n_tasks, rank, None if inner.all() else inner)
+    observed = _skipped_lines_and_hole(shape, hole)
+    lines = measured_lines(observed)
+    assert [kept.tolist() for kept in lines] == [[1, 2, 3, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5]]
+    inner = observed[np.ix_(*lines)]
+    origin = [int(kept[0]) for kept in lines]
+    kernel = GridKernel(inner.shape, kind, points=[kept - o for kept, o in zip(lines, origin)])
+    assert not kernel.uniform
+    model, targets = _model(kind, inner.shape, n_tasks, rank, None if inner.all() else inner, kernel=kernel)
     full_targets = torch.zeros(1, *shape, n_tasks, dtype=torch.float64)
-    full_targets[(slice(None), *box)] = targets
+    full_targets[(slice(None), *np.ix_(*lines))] = targets
     s = model.state()
     ref = dense_icm(full_targets[0], s["lengthscale"][0], s["task_covariance"][0], s["noise"][0], kind,
                     upsampling=upsampling, observed=observed)
     with torch.no_grad():
         mll = model.log_likelihood(targets)[0]
-    origin = [b.start for b in box]
     coords = [model.kernel.axis_coordinates(n, upsampling) - o for n, o in zip(shape, origin)]
-    mean, var = make_posterior(model, targets, domain=(origin, shape)).predict(coords)
+    mean, var = make_posterior(model, targets).predict(coords)
     assert _rel(mll, ref[0]) < RTOL
     assert _rel(mean[0], ref[1]) < RTOL
     assert _rel(var[0], ref[2]) < RTOL
