@@ -113,8 +113,8 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
     variance = scale**2 * variance
     hyper = _hyperparameters(model, result, request.mode, scale, int(measured.sum()))
     hyper["jitter"] = _report_jitter(posterior.jitter.detach().cpu().numpy(), request.mode, scale)
-    if request.iterative:
-        error = posterior.variance_standard_error(request.upsampling).cpu().numpy()
+    if not posterior.variance_is_exact:  # a Monte-Carlo estimate: report its standard error
+        error = posterior.variance_standard_error(test_coords).cpu().numpy()
         hyper["variance_samples"] = posterior.n_samples
         hyper["variance_standard_error"] = _per_map(error, request.mode) * scale**2
     return MapsFit(mean, variance, hyper, result.history)

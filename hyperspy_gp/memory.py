@@ -46,8 +46,10 @@ FALLBACK_BUDGET = 8 * 2**30
 CHUNK_BYTES = 64 * 2**20
 #: Complex spectra transformed at once by the FFT products of the iterative path.
 FFT_GROUP_BYTES = 2**25
-#: Probes of the iterative path's log-determinant estimate.
+#: Probes of the stochastic log-determinant estimates (iterative path, Schur complement by CG).
 LOGDET_PROBES = 16
+#: Draws of the Monte-Carlo variance of the Schur complement by CG.
+VARIANCE_DRAWS = 64
 _FLOAT64 = 8
 
 
@@ -145,6 +147,7 @@ def estimate_memory(
     lazy_output: bool = False,
     chunks: int | None = None,
     iterative: bool = False,
+    schur_cg: bool = False,
 ) -> MemoryEstimate:
     """Estimate the peak memory of :func:`~hyperspy_gp.gp_reconstruct`.
 
@@ -163,6 +166,9 @@ def estimate_memory(
         Missing pixels on the Kronecker path (Schur complement), 0 for a complete grid.
     iterative
         Whether the iterative path (``solver="iterative"``) serves a complete grid.
+    schur_cg
+        Whether the Schur complement over the ``n_missing`` pixels is solved by
+        conjugate gradients (many scattered missing pixels) rather than factorised.
 
     Returns
     -------
@@ -184,10 +190,18 @@ def estimate_memory(
     itemsize = 4 if dtype == "float32" else _FLOAT64
     n_models, n_tasks = (1, n_maps) if mode == "parallel" else (n_maps, 1)
     fitting = _fitting_bytes(grid_shape, n_models, n_tasks, kernel, n_observed, itemsize)
-    if n_observed is None and n_missing:
+    prediction = _prediction_bytes(grid_shape, upsampling, n_models, n_tasks, kernel, n_observed, chunks)
+    if n_observed is None and n_missing and schur_cg:
+        # CG vectors over the missing values; probe vectors on the grid, Σ of one of them
+        # and its autograd copy; the diagonal blocks of Σ⁻¹.  Prediction: the draws'
+        # weights, their white noise, and the draws' predictions (one chunk per thread).
+        columns = n_models * (1 + LOGDET_PROBES) * n_tasks
+        fitting += (6 * columns * n_missing + 4 * columns * n_pixels + 2 * n_models * n_pixels * n_tasks**2) * itemsize
+        draws = n_models * VARIANCE_DRAWS * n_tasks * n_pixels
+        prediction += 3 * draws * _FLOAT64 + (os.cpu_count() or 1) * CHUNK_BYTES
+    elif n_observed is None and n_missing:
         # Schur columns Σ⁻¹E_M, H = Σ⁻¹E_M L⁻ᵀ and ΣH with its autograd copy: |M|·n·T each.
         fitting += 4 * n_models * n_missing * n_tasks * n_pixels * n_tasks * itemsize
-    prediction = _prediction_bytes(grid_shape, upsampling, n_models, n_tasks, kernel, n_observed, chunks)
     if iterative:
         fitting, prediction = _iterative_bytes(grid_shape, upsampling, n_models, n_tasks, itemsize)
     return MemoryEstimate(4 * map_bytes, spectrum, fitting, prediction + 2 * 2 * map_bytes)

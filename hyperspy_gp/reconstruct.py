@@ -181,8 +181,11 @@ def gp_reconstruct(
     solver : {"auto", "kronecker", "dense", "iterative"}
         Exact inference path.  ``"kronecker"``: the spatial eigenbasis of the full grid,
         fast at any size; with missing pixels (NaN loadings, e.g. from a
-        decomposition's ``navigation_mask``) plus a Schur complement over them, for a
-        few missing pixels (missing values × grid values ≤ 32 million).
+        decomposition's ``navigation_mask``) plus a Schur complement over them,
+        factorised for a few missing pixels (missing values × grid values ≤ 32
+        million), by conjugate gradients with a stochastic log-determinant beyond (the
+        variance then a Monte-Carlo estimate, its standard error in
+        ``hyperparameters["variance_standard_error"]``).
         ``"dense"``: Cholesky on the observed pixels, limited to 6000 observed values
         (pixels × maps in a parallel GP).  ``"iterative"`` (complete grids, any
         kernel): FFT products, preconditioned conjugate gradients and a stochastic
@@ -296,7 +299,7 @@ def _check_memory(maps: np.ndarray, decomposition, request: Request, lazy: bool,
         upsampling=request.upsampling, kernel=request.kernel, dtype=request.dtype, lazy_output=lazy,
         n_observed=int(request.observed.sum()) if request.solver == "dense" else None,
         n_missing=0 if request.observed is None else int((~request.observed).sum()), chunks=request.chunks,
-        iterative=request.iterative,
+        iterative=request.iterative, schur_cg=request.schur_cg,
     )
     _logger.info("Estimated memory: %s", estimate.describe())
     check_memory_budget(estimate, memory_budget)

@@ -47,6 +47,10 @@ class Request:
         structure, and predicts the whole scan.  ``None`` when every line is kept.
     n_missing
         Scan pixels without finite loadings, on skipped lines or not.
+    schur_cg
+        Whether the Schur complement over the missing pixels is solved by conjugate
+        gradients with a stochastic log-determinant (too many missing pixels to
+        factorise it; set by :func:`choose_solver`).
     lengthscale_scan
         The :class:`~hyperspy_gp.lengthscale_scan.LengthscaleScan` behind
         ``lengthscale_bounds="auto"``, once it ran.
@@ -69,6 +73,7 @@ class Request:
     chunks: int | None
     observed: np.ndarray | None = None  # measured pixels on the fitted lines, None for a complete fitted grid
     lines: tuple[np.ndarray, ...] | None = None  # scan lines with a measured pixel, None for all
+    schur_cg: bool = False  # the Schur complement by CG (many scattered missing pixels)
     n_missing: int = 0
     lengthscale_scan: object | None = None  # the LengthscaleScan behind lengthscale_bounds="auto"
 
@@ -76,7 +81,9 @@ class Request:
     def masked_solver(self) -> str:
         """The exact path for missing pixels, in :class:`~hyperspy_gp.gp.model.GridICMModel` terms.
 
-        ``"schur"`` (Schur complement on the Kronecker basis) unless ``solver="dense"``.
+        ``"schur"`` (Schur complement on the Kronecker basis, factorised) or
+        ``"schur-cg"`` (by conjugate gradients, :attr:`schur_cg`) unless
+        ``solver="dense"``.
 
         Returns
         -------
@@ -87,7 +94,9 @@ class Request:
         >>> Request([0], "parallel", 1, None, "separable", 1, "dense", "cpu", "float64", None).masked_solver
         'dense'
         """
-        return "dense" if self.solver == "dense" else "schur"
+        if self.solver == "dense":
+            return "dense"
+        return "schur-cg" if self.schur_cg else "schur"
 
     def fitted_region(self, maps: np.ndarray) -> np.ndarray:
         """The part of ``maps`` the GP is fitted on: the scan :attr:`lines` that hold data.
@@ -379,8 +388,11 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     lines) for ``kernel="matern"`` on more than :data:`MAX_DENSE_PIXELS` pixels.  With
     missing pixels on the kept lines, ``"auto"`` takes the cheaper exact path that fits:
     ``"dense"`` (Cholesky on the observed pixels, :mod:`~hyperspy_gp.gp.dense`) or
-    ``"kronecker"`` with a Schur complement over the missing pixels
-    (:mod:`~hyperspy_gp.gp.schur`).
+    ``"kronecker"`` with a Schur complement over the missing pixels, factorised
+    (:mod:`~hyperspy_gp.gp.schur`); when neither fits (a sparse scan, many dead
+    pixels), ``"kronecker"`` with the Schur complement solved by conjugate gradients and
+    a stochastic log-determinant (``request.schur_cg``,
+    :mod:`~hyperspy_gp.gp.schur_iterative`).
 
     Parameters
     ----------
@@ -417,7 +429,7 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     from hyperspy_gp.gp.schur import MAX_SCHUR_ENTRIES
 
     measured = np.isfinite(maps).all(axis=-1)
-    request.n_missing = int((~measured).sum())
+    request.n_missing, request.schur_cg = int((~measured).sum()), False
     lines = measured_lines(measured)
     request.lines = None if all(len(kept) == n for kept, n in zip(lines, measured.shape)) else lines
     observed = request.fitted_region(measured)
@@ -462,23 +474,14 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
         # Cholesky of the observed covariance vs one structured solve per missing value.
         cost = {"dense": dense_values**3 / 3, "kronecker": n_missing * tasks * observed.size * (sum(observed.shape) + tasks)}
         feasible = [name for name in ("kronecker", "dense") if fits[name]]
-        if not feasible:
-            raise ValueError(
-                f"{n_missing} of {observed.size} pixels on the measured scan lines have no finite loadings "
-                f"(e.g. a navigation_mask). Exact inference with missing pixels needs either at most "
-                f"{MAX_DENSE_VALUES} observed values (here {dense_values}; dense solver) or few missing ones (here "
-                f"{n_missing} × {tasks} maps on {observed.size} pixels; Kronecker solver with a Schur complement). "
-                "Crop the scan with s.inav[...], choose fewer components or mode='independent', or decompose "
-                "without a navigation_mask."
-            )
-        request.solver = min(feasible, key=cost.__getitem__)
-    elif not fits[request.solver]:
-        limit = (f"at most {MAX_DENSE_VALUES} observed values (here {dense_values})" if request.solver == "dense"
-                 else f"few missing pixels ({n_missing} here, on {observed.size} pixels)")
+        # Neither fits: the Schur complement by conjugate gradients (many scattered missing pixels).
+        request.solver = min(feasible, key=cost.__getitem__) if feasible else "kronecker"
+    elif request.solver == "dense" and not fits["dense"]:
         raise ValueError(
-            f"solver={request.solver!r} with missing pixels needs {limit}. Use solver='auto', crop the scan "
-            "with s.inav[...], or choose fewer components."
+            f"solver='dense' with missing pixels needs at most {MAX_DENSE_VALUES} observed values (here "
+            f"{dense_values}). Use solver='auto', crop the scan with s.inav[...], or choose fewer components."
         )
+    request.schur_cg = request.solver == "kronecker" and not fits["kronecker"]
     return observed
 
 

@@ -53,7 +53,8 @@ def test_iterative_path_is_linear_in_the_pixels_not_quadratic_like_the_dense_ker
 def test_the_estimate_of_every_path_runs_without_importing_torch():
     code = ("import sys; from hyperspy_gp.memory import estimate_memory; "
             "estimate_memory((300, 300), 6, 10, kernel='matern', iterative=True); "
-            "estimate_memory((300, 300), 6, 10, n_missing=4); assert 'torch' not in sys.modules")
+            "estimate_memory((300, 300), 6, 10, n_missing=4); "
+            "estimate_memory((300, 300), 6, 10, n_missing=9000, schur_cg=True); assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -125,3 +126,12 @@ def test_schur_columns_are_counted_for_missing_pixels_on_the_kronecker_path():
     complete = estimate_memory((256, 256), 6, 100)
     holes = estimate_memory((256, 256), 6, 100, n_missing=10)
     assert holes.fitting - complete.fitting == 4 * 10 * 6 * 256 * 256 * 6 * 8
+
+
+def test_schur_complement_by_cg_is_linear_in_the_missing_pixels_not_in_missing_times_grid():
+    complete = estimate_memory((256, 256), 6, 100)
+    few = estimate_memory((256, 256), 6, 100, n_missing=1000, schur_cg=True)
+    many = estimate_memory((256, 256), 6, 100, n_missing=30000, schur_cg=True)
+    assert complete.fitting < few.fitting < many.fitting < 2 * 2**30  # factorised: 30000 × 65536 × 36 values
+    assert many.fitting - few.fitting == 6 * 17 * 6 * 29000 * 8  # CG vectors over the missing values
+    assert few.prediction > complete.prediction  # the variance draws

@@ -339,13 +339,28 @@ def test_a_few_masked_pixels_on_a_scan_too_large_for_the_dense_path():
         gp_reconstruct(s, components=3, solver="dense")
 
 
-def test_too_many_missing_pixels_for_every_exact_path_is_refused_before_fitting():
-    s = atomic_eels_spectrum_image(shape=(80, 80), n_channels=16, seed=0)
-    mask = np.random.default_rng(0).random(s.axes_manager.navigation_shape) < 0.5  # a random sparse scan
-    s.decomposition(output_dimension=3, navigation_mask=mask, print_info=False)
-    missing = int(mask.sum())
-    with pytest.raises(ValueError, match=f"{missing} of 6400 pixels on the measured scan lines .* Schur complement"):
-        gp_reconstruct(s, components=3)
+def test_a_random_sparse_scan_is_fitted_by_the_schur_complement_with_cg(unchanged):
+    # Half the pixels at random: too many measured values for the dense path, too many
+    # missing ones to factorise the Schur complement; CG solves it.
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[:80, :72]
+    truth = np.stack([np.sin(xx / 4.0) * np.cos(yy / 5.0), np.cos(xx / 6.0 + yy / 9.0), np.sin(yy / 7.0)], -1)
+    maps = truth + 0.05 * rng.standard_normal(truth.shape)
+    missing = rng.random((80, 72)) < 0.5
+    maps[missing] = np.nan
+    s = _with_missing_pixels(maps, np.abs(rng.standard_normal((16, 3))) + 0.1)
+    with unchanged(s):
+        rec = gp_reconstruct(s, components=3)
+    settings = rec.signal.metadata.GP_reconstruction.settings
+    assert settings.solver == "kronecker" and settings.missing_pixels == int(missing.sum())
+    loadings = np.moveaxis(rec.loadings.data, 0, -1)
+    assert np.abs(loadings[missing] - truth[missing]).max() < 0.15  # the unmeasured pixels, predicted
+    # The variance is a Monte-Carlo estimate there, reported with its standard error.
+    hyper = rec.hyperparameters
+    assert hyper["variance_samples"] > 0 and hyper["variance_standard_error"].shape == (80, 72, 3)
+    variance = np.moveaxis(rec.variance.data, 0, -1)
+    assert (variance[missing].mean(0) > variance[~missing].mean(0)).all()
+    assert np.median(hyper["variance_standard_error"][missing] / variance[missing]) < 0.2
 
 
 def test_a_scan_of_every_other_line_is_fitted_exactly_on_its_lines(unchanged):

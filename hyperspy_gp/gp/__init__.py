@@ -11,8 +11,9 @@ Where things live:
   covariance ``B = W Wᵀ + diag(v)``, per-map noise).
 - :mod:`~hyperspy_gp.gp.training` — maximisation of the marginal likelihood.
 - :mod:`~hyperspy_gp.gp.prediction` — predictive mean and variance on a (denser) grid.
-- :mod:`~hyperspy_gp.gp.schur`, :mod:`~hyperspy_gp.gp.dense` — exact inference with
-  missing pixels.
+- :mod:`~hyperspy_gp.gp.schur`, :mod:`~hyperspy_gp.gp.schur_iterative`,
+  :mod:`~hyperspy_gp.gp.dense` — exact inference with missing pixels (Schur
+  complement factorised or by conjugate gradients, dense Cholesky).
 - :mod:`~hyperspy_gp.gp.toeplitz`, :mod:`~hyperspy_gp.gp.iterative`,
   :mod:`~hyperspy_gp.gp.iterative_prediction` — any stationary kernel on a complete
   grid: FFT products, conjugate gradients, a stochastic log-determinant.

@@ -233,7 +233,7 @@ def preconditioned_cg(operator, preconditioner, rhs: torch.Tensor, tol: float, m
     x = torch.zeros_like(rhs)
     residual = rhs.clone()
     z = preconditioner(residual)
-    direction = z
+    direction = z.clone()  # updated in place below; z may be the residual itself
     rz = dot(residual, z)
     target = tol * dot(rhs, rhs).sqrt()
     active = dot(residual, residual).sqrt() > target
@@ -244,12 +244,13 @@ def preconditioned_cg(operator, preconditioner, rhs: torch.Tensor, tol: float, m
             break
         ap = operator(direction)
         alpha = torch.where(active, rz / dot(direction, ap), torch.zeros_like(rz))
-        x = x + per_column(alpha) * direction
-        residual = residual - per_column(alpha) * ap
+        # In place: fewer large temporaries per iteration keep the process's memory flat.
+        x.addcmul_(per_column(alpha), direction)
+        residual.addcmul_(per_column(alpha), ap, value=-1.0)
         z = preconditioner(residual)
         rz_new = dot(residual, z)
         beta = torch.where(active, rz_new / torch.where(active, rz, torch.ones_like(rz)), torch.zeros_like(rz))
-        direction = z + per_column(beta) * direction
+        direction = direction.mul_(per_column(beta)).add_(z)
         rz = torch.where(active, rz_new, rz)
         alphas.append(alpha)
         betas.append(beta)

@@ -18,7 +18,7 @@ its solves are exact and cheap.  The estimate
 
 is unbiased, and its error is that of the *difference* between the two models'
 variances, not of the variance itself.  ``probes="exact"``-style exactness is not
-available here: :attr:`IterativePosterior.variance_standard_error` reports the
+available here: :meth:`IterativePosterior.variance_standard_error` reports the
 estimated standard error of every pixel.
 """
 
@@ -131,6 +131,8 @@ class IterativePosterior(Posterior):
         scan around the box of its measured pixels.  The training grid by default.
     """
 
+    variance_is_exact = False
+
     def __init__(self, model, targets: torch.Tensor, n_samples: int = DEFAULT_VARIANCE_SAMPLES,
                  seed: int = 0, domain=None) -> None:
         self.model = model
@@ -179,8 +181,16 @@ class IterativePosterior(Posterior):
 
     def predict(self, test_coords: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent mean and variance ``(P, m_1, ..., m_d, T)`` at the grid of ``test_coords``."""
+        mean, variance, _ = self._select(test_coords)
+        return mean, variance
+
+    def variance_standard_error(self, test_coords: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Estimated standard error of the variance at the grid of ``test_coords``, ``(P, m_1, ..., m_d, T)``."""
+        return self._select(test_coords)[2]
+
+    def _select(self, test_coords: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Mean, variance and its standard error at ``test_coords``, from the cached whole maps."""
         upsampling = lattice_upsampling(test_coords)
-        mean, variance, _ = self.upsampled_maps(upsampling)
         index = [torch.round((c.detach().cpu().double() + o) * upsampling).long().numpy()
                  for c, o in zip(test_coords, self.origin)]
         if any(len(i) and (i.min() < 0 or i.max() >= n * upsampling) for i, n in zip(index, self.domain_shape)):
@@ -188,11 +198,7 @@ class IterativePosterior(Posterior):
                              f"({self.domain_shape} pixels from {[-o for o in self.origin]}).")
         selector = (slice(None), *np.ix_(*index), slice(None))
         device = self.mean_weights.device
-        return mean[selector].to(device), variance[selector].to(device)
-
-    def variance_standard_error(self, upsampling: int) -> torch.Tensor:
-        """Estimated standard error of the variance of each pixel, ``(P, *fine, T)``."""
-        return self.upsampled_maps(upsampling)[2]
+        return tuple(x[selector].to(device) for x in self.upsampled_maps(upsampling))
 
     def _training_lattice(self, upsampling: int) -> tuple[slice, ...]:
         """Where the training pixels sit on the ``u``-times denser grid of the domain."""

@@ -17,7 +17,11 @@ import numpy as np
 import torch
 from gpytorch.constraints import GreaterThan, Interval
 
-from hyperspy_gp.gp.iterative import DEFAULT_PROBES, iterative_log_likelihood, rademacher_probes
+from hyperspy_gp.gp.iterative import (
+    DEFAULT_PROBES,
+    iterative_log_likelihood,
+    rademacher_probes,
+)
 from hyperspy_gp.gp.kernels import GridKernel
 from hyperspy_gp.gp.likelihood import grid_icm_log_likelihood
 
@@ -31,6 +35,8 @@ MIN_NOISE = 1e-6
 MIN_TASK_VARIANCE = 1e-8
 #: Default starting length scale (pixels), moved inside the bounds when needed.
 DEFAULT_LENGTHSCALE_INIT = 3.0
+#: Exact paths for missing pixels (see :class:`GridICMModel`).
+MASKED_SOLVERS = ("dense", "schur", "schur-cg")
 
 
 def lengthscale_constraint(bounds: tuple[float | None, float | None] | None):
@@ -79,13 +85,17 @@ class GridICMModel(gpytorch.Module):
         with a Schur complement over the missing ones (:mod:`~hyperspy_gp.gp.schur`);
         without, by the Kronecker eigenbasis (:mod:`~hyperspy_gp.gp.likelihood`).
     masked_solver
-        ``"dense"`` or ``"schur"``: the exact path used when ``observed`` is given.
+        The exact path used when ``observed`` is given: ``"dense"``, ``"schur"`` (Schur
+        complement factorised, a few missing pixels) or ``"schur-cg"`` (Schur complement
+        by conjugate gradients with a stochastic log-determinant, many scattered ones,
+        :mod:`~hyperspy_gp.gp.schur_iterative`).
     iterative
         On a complete grid, compute the likelihood by FFT products, conjugate gradients
         and a stochastic log-determinant (:mod:`~hyperspy_gp.gp.iterative`) instead of
         eigendecompositions: the path for the non-separable kernel on large grids.
     n_probes
-        Probes of the iterative log-determinant estimate, or ``"exact"``.
+        Probes of the stochastic log-determinant estimates (``iterative`` and
+        ``"schur-cg"``), or ``"exact"``.
     """
 
     def __init__(
@@ -119,8 +129,8 @@ class GridICMModel(gpytorch.Module):
             self.register_parameter("task_factor", torch.nn.Parameter(torch.zeros(n_models, n_tasks, rank, **opts)))
         self.to(**opts)  # constraint bounds follow the model's dtype and device
         self.observed = None if observed is None else np.asarray(observed, dtype=bool)
-        if masked_solver not in ("dense", "schur"):
-            raise ValueError(f"masked_solver must be 'dense' or 'schur', not {masked_solver!r}.")
+        if masked_solver not in MASKED_SOLVERS:
+            raise ValueError(f"masked_solver must be one of {MASKED_SOLVERS}, not {masked_solver!r}.")
         self.masked_solver = masked_solver
         if iterative and observed is not None:
             raise ValueError("The iterative solver needs a complete grid (observed=None).")
@@ -185,40 +195,34 @@ class GridICMModel(gpytorch.Module):
         mask = torch.as_tensor(self.observed.reshape(-1), device=targets.device)
         return flat[:, mask]
 
+    def schur_probes(self, targets: torch.Tensor) -> torch.Tensor:
+        """Fixed probes ``(P, R, T, m)`` over the missing values for ``masked_solver="schur-cg"``."""
+        shape = (targets.shape[0], self.n_tasks, self.missing_index.shape[0])
+        return rademacher_probes(shape, self.n_probes, 0, self.kernel.dtype, targets.device)
+
     def log_likelihood(self, targets: torch.Tensor) -> torch.Tensor:
         """Exact log marginal likelihood of each model, ``(P,)``."""
-        if self.observed is not None and self.masked_solver == "schur":
-            from hyperspy_gp.gp.schur import schur_log_likelihood
-
-            return schur_log_likelihood(
-                self.as_factor_layout(targets),
-                self.task_covariance,
-                self.noise,
-                self.kernel.factors(self.lengthscale),
-                self.missing_index,
-            )
         if self.iterative:
             shape = (targets.shape[0], self.n_tasks, *self.kernel.grid_shape)
             probes = rademacher_probes(shape, self.n_probes, 0, self.kernel.dtype, targets.device)
             return iterative_log_likelihood(
                 targets, self.task_covariance, self.noise, self.lengthscale, self.kernel, probes
             )
-        if self.observed is not None:
+        covariances = (self.task_covariance, self.noise, self.kernel.factors(self.lengthscale))
+        if self.observed is None:
+            return grid_icm_log_likelihood(self.as_factor_layout(targets), *covariances)
+        if self.masked_solver == "dense":
             from hyperspy_gp.gp.dense import masked_log_likelihood
 
-            return masked_log_likelihood(
-                self.observed_values(targets),
-                self.task_covariance,
-                self.noise,
-                self.kernel.factors(self.lengthscale),
-                self.observed_index,
-            )
-        return grid_icm_log_likelihood(
-            self.as_factor_layout(targets),
-            self.task_covariance,
-            self.noise,
-            self.kernel.factors(self.lengthscale),
-        )
+            return masked_log_likelihood(self.observed_values(targets), *covariances, self.observed_index)
+        if self.masked_solver == "schur":
+            from hyperspy_gp.gp.schur import schur_log_likelihood
+
+            return schur_log_likelihood(self.as_factor_layout(targets), *covariances, self.missing_index)
+        from hyperspy_gp.gp.schur_iterative import schur_cg_log_likelihood
+
+        return schur_cg_log_likelihood(self.as_factor_layout(targets), *covariances, self.missing_index,
+                                       self.schur_probes(targets))
 
     def submodel(self, index: int) -> GridICMModel:
         """A batch of one: a copy of model ``index`` (its parameters, not shared)."""

@@ -41,8 +41,13 @@ class Posterior:
     Subclasses define ``predict(test_coords)``, ``default_chunk_rows(test_coords)`` and
     ``mean_weights`` (whose first dimension is the batch ``P``, last the maps ``T``)
     and ``jitter`` (``(P,)``, the diagonal added to factorise the training covariance,
-    see :mod:`~hyperspy_gp.gp.cholesky`).
+    see :mod:`~hyperspy_gp.gp.cholesky`).  Posteriors whose variance is a Monte-Carlo
+    estimate set :attr:`variance_is_exact` to false and define
+    ``variance_standard_error(test_coords)`` and ``n_samples``.
     """
+
+    #: Whether :meth:`predict` returns the exact variance (else an estimate with a standard error).
+    variance_is_exact = True
 
     def predict_in_chunks(
         self, test_coords: Sequence[torch.Tensor], chunk_rows: int | None = None
@@ -181,6 +186,10 @@ def make_posterior(model: GridICMModel, targets: torch.Tensor, domain=None) -> P
         return IterativePosterior(model, targets, domain=domain)
     if model.observed is None:
         return GridPosterior(model, targets)
+    if model.masked_solver == "schur-cg":
+        from hyperspy_gp.gp.schur_iterative import SchurCGPosterior
+
+        return SchurCGPosterior(model, targets)
     if model.masked_solver == "schur":
         from hyperspy_gp.gp.schur import SchurPosterior
 

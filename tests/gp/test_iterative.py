@@ -179,7 +179,7 @@ def test_posterior_mean_is_exact_and_variance_within_its_standard_error(shape, u
     coords = [torch.arange(n * upsampling, dtype=torch.float64) / upsampling for n in shape]
     mean, variance = posterior.predict(coords)
     assert _rel(mean, mean_ref.detach()) < 1e-8
-    error = posterior.variance_standard_error(upsampling)
+    error = posterior.variance_standard_error(coords)
     # (On a line scan both kernels coincide: the control variate makes the estimate exact.)
     z = (variance - var_ref.detach()) / (error + 1e-9)
     assert float(z.pow(2).mean().sqrt()) < 2.0  # calibrated standard error
@@ -238,7 +238,7 @@ def test_posterior_predicts_a_domain_around_its_training_grid():
     mean, variance = posterior.predict(coords)
     assert mean.shape == (1, 26, 22, 2)
     assert _rel(mean[0], mean_ref) < 1e-8
-    error = posterior.variance_standard_error(upsampling)[0]
+    error = posterior.variance_standard_error(coords)[0]
     z = (variance[0] - var_ref) / (error + 1e-9)
     assert float(z.pow(2).mean().sqrt()) < 2.0
     assert float(var_ref[0].mean()) > 2 * float(var_ref[10].mean())  # the reference agrees: border above

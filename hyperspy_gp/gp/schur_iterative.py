@@ -1,0 +1,262 @@
+r"""Exact inference with many scattered missing pixels: the Schur complement by CG.
+
+:mod:`~hyperspy_gp.gp.schur` factorises ``C = (Σ^{-1})_{MM}`` over the missing values
+``M``, one structured solve per missing value: right for a few missing pixels, too
+slow and too large for a sparse scan (a random subset of the pixels) or many dead
+pixels.  Here ``C`` is never formed.  A product ``C v`` scatters ``v`` onto the grid,
+applies ``Σ^{-1}`` exactly in the Kronecker eigenbasis and gathers the missing values
+back: ``O(n Σ_a n_a T)``.  The same identities as in :mod:`~hyperspy_gp.gp.schur`
+then need three things:
+
+- ``z* = -C^{-1} (Σ^{-1} ȳ(0))_M``, the conditional mean of the missing values, by
+  preconditioned conjugate gradients (CG) to a relative residual of 1e-10: exact.
+- ``log det C``, by stochastic Lanczos quadrature (as in
+  :mod:`~hyperspy_gp.gp.iterative`) with the block-Jacobi preconditioner ``J`` (the
+  ``T × T`` diagonal blocks of ``C``, ``Σ_j q_j(i)^2 M_j``, exact and cheap):
+  ``log det C = log det J + log det(J^{-1/2} C J^{-1/2})``, the last term estimated from
+  fixed probes ``z_i = chol(J) ε_i``.  For scattered missing pixels ``C`` is close to
+  block-diagonal, so CG needs tens of iterations and the estimate is accurate; large
+  masked regions make ``C`` ill-conditioned (CG then stops with a message).
+- its gradient ``∂(-½ log det C) = ½ tr(C^{-1} (Σ^{-1} ∂Σ Σ^{-1})_{MM})``, estimated by
+  ``½ (1/m) Σ_i u_iᵀ ∂Σ w_i`` with ``u_i = Σ^{-1} E_M C^{-1} z_i`` and ``w_i = Σ^{-1} E_M
+  J^{-1} z_i``: bilinear forms in ``Σ``, differentiated with the vectors held fixed.
+
+Prediction.  The mean is the full-grid posterior mean of the completed maps ``ȳ(z*)``
+(exact).  The variance is the full-grid variance plus ``g(x*)ᵀ C^{-1} g(x*)`` with
+``g(x*) = (Σ^{-1} c(x*))_M``; that increase is estimated from ``S`` draws ``v_s ~ N(0,
+C^{-1})`` (``v = C^{-1} w`` with ``w = (Σ^{-1/2} ε)_M``, exact draws of ``N(0, C)``), as the
+mean of ``(g(x*)ᵀ v_s)^2``, a structured prediction per draw.  Its standard error is
+reported per pixel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from hyperspy_gp.gp.cholesky import safe_cholesky
+from hyperspy_gp.gp.iterative import (
+    CG_TOLERANCE,
+    MAX_CG_ITERATIONS,
+    CGConvergenceError,
+    CGResult,
+    lanczos_logdet_quadrature,
+    preconditioned_cg,
+)
+from hyperspy_gp.gp.likelihood import (
+    GridICMSolve,
+    grid_icm_log_likelihood,
+    solve_grid_icm,
+)
+from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior
+from hyperspy_gp.gp.schur import _apply_covariance
+from hyperspy_gp.gp.tensor import kron_dot
+from hyperspy_gp.memory import VARIANCE_DRAWS
+
+#: Draws solved together (as many vectors as the likelihood's CG holds).
+DRAWS_PER_SOLVE = 16
+#: Draws of the Monte-Carlo variance increase at the missing pixels (the memory
+#: estimate of :mod:`hyperspy_gp.memory` assumes the same).
+DEFAULT_VARIANCE_SAMPLES = VARIANCE_DRAWS
+
+
+class MaskedOperator:
+    """``C = (Σ^{-1})_{MM}`` and its block-Jacobi preconditioner, on ``(P, R, T, m)`` vectors.
+
+    Parameters
+    ----------
+    solve
+        The full-grid eigenbasis and ``T × T`` blocks (:func:`solve_grid_icm`).
+    index
+        ``(m, n_factors)`` coordinates of the missing pixels in factor layout.
+    """
+
+    def __init__(self, solve: GridICMSolve, index: torch.Tensor) -> None:
+        self.solve, self.index = solve, index
+        self.eigenvectors = solve.eigenvectors
+        self.inverse_blocks = solve.block_inverse()  # M_j, (P, *fg, T, T)
+        with torch.no_grad():
+            squared = [q * q for q in self.eigenvectors]  # Q_a[i, j]²
+            p, *fg, t, _ = self.inverse_blocks.shape
+            diagonal = kron_dot(self.inverse_blocks.reshape(p, *fg, t * t), squared).reshape(p, *fg, t, t)
+            blocks = diagonal[(slice(None), *index.T)]  # (P, m, T, T)
+            self.jacobi_cholesky, _ = safe_cholesky(0.5 * (blocks + blocks.transpose(-1, -2)))
+            self.jacobi_inverse = torch.cholesky_inverse(self.jacobi_cholesky)
+
+    def grid_shape(self) -> tuple[int, ...]:
+        return tuple(self.inverse_blocks.shape[1:-2])
+
+    def scatter(self, v: torch.Tensor) -> torch.Tensor:
+        """``E_M v``: ``(P, R, T, m)`` → grid ``(P, *fg, T, R)`` (zeros at the observed pixels)."""
+        p, r, t, _ = v.shape
+        out = v.new_zeros(p, *self.grid_shape(), t, r)
+        out[(slice(None), *self.index.T)] = v.permute(0, 3, 2, 1)
+        return out
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``E_Mᵀ x``: grid ``(P, *fg, T, R)`` → ``(P, R, T, m)``."""
+        return x[(slice(None), *self.index.T)].permute(0, 3, 2, 1)
+
+    def inverse_covariance(self, x: torch.Tensor) -> torch.Tensor:
+        """``Σ^{-1} x`` for grid ``x`` ``(P, *fg, T, R)``, exactly in the eigenbasis."""
+        rotated = kron_dot(x, [q.transpose(-1, -2) for q in self.eigenvectors])
+        return kron_dot(self.inverse_blocks @ rotated, self.eigenvectors)
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.gather(self.inverse_covariance(self.scatter(v)))
+
+    def precondition(self, r: torch.Tensor) -> torch.Tensor:
+        """``J^{-1} r``."""
+        return torch.einsum("pmst,prtm->prsm", self.jacobi_inverse, r)
+
+    def jacobi_factor(self, eps: torch.Tensor) -> torch.Tensor:
+        """``chol(J) ε``: probes with covariance ``J``."""
+        return torch.einsum("pmst,prtm->prsm", self.jacobi_cholesky, eps)
+
+    def jacobi_factor_inv_t(self, eps: torch.Tensor) -> torch.Tensor:
+        """``chol(J)^{-T} ε`` (``= J^{-1} chol(J) ε``)."""
+        upper = self.jacobi_cholesky.transpose(-1, -2)[:, None]  # (P, 1, m, T, T)
+        solved = torch.linalg.solve_triangular(upper, eps.permute(0, 1, 3, 2).unsqueeze(-1), upper=True)
+        return solved.squeeze(-1).permute(0, 1, 3, 2)
+
+    def logdet_jacobi(self) -> torch.Tensor:
+        diag = torch.diagonal(self.jacobi_cholesky, dim1=-2, dim2=-1)
+        return 2.0 * torch.log(diag).reshape(diag.shape[0], -1).sum(-1)
+
+    def cg(self, rhs: torch.Tensor) -> CGResult:
+        """``C^{-1} rhs`` by block-Jacobi preconditioned CG, with a message for large masked regions."""
+        try:
+            return preconditioned_cg(self, self.precondition, rhs, CG_TOLERANCE.get(rhs.dtype, 1e-5),
+                                     MAX_CG_ITERATIONS)
+        except CGConvergenceError as exc:
+            raise CGConvergenceError(
+                f"{exc} The iterative Schur complement suits scattered missing pixels (sparse scans, dead "
+                "pixels); large connected masked regions make it ill-conditioned. Crop such regions away "
+                "with s.inav[...], or decompose without a navigation_mask there."
+            ) from None
+
+
+class SchurCGSolve:
+    """Completed targets ``ȳ(z*)``, the ``log det C`` estimate and the gradient vectors (no autograd)."""
+
+    def __init__(self, targets, task_covariance, noise, factors, index: torch.Tensor, probes: torch.Tensor) -> None:
+        with torch.no_grad():
+            zeroed = targets.clone()
+            zeroed[(slice(None), *index.T)] = 0.0
+            solve = solve_grid_icm(zeroed, task_covariance, noise, factors)
+            self.operator = op = MaskedOperator(solve, index)
+            alpha0 = kron_dot(solve.rotated_weights, solve.eigenvectors)  # Σ⁻¹ ȳ(0), (P, *fg, T)
+            u = op.gather(alpha0.unsqueeze(-1))  # (P, 1, T, m)
+            cg = op.cg(torch.cat([u, op.jacobi_factor(probes)], dim=1))
+            self.completed = zeroed
+            self.completed[(slice(None), *index.T)] = -cg.solution[:, 0].transpose(-1, -2)
+            n_probes = probes.shape[1]
+            probe_cg = CGResult(cg.solution[:, 1:], cg.alphas[:, :, 1:], cg.betas[:, :, 1:], cg.iterations[:, 1:])
+            norms = probes.pow(2).sum(dim=(2, 3))
+            self.logdet_c = op.logdet_jacobi() + lanczos_logdet_quadrature(probe_cg, norms) / n_probes
+            self.left = op.inverse_covariance(op.scatter(probe_cg.solution))  # Σ⁻¹ E_M C⁻¹ z_i
+            self.right = op.inverse_covariance(op.scatter(op.jacobi_factor_inv_t(probes)))  # Σ⁻¹ E_M J⁻¹ z_i
+            self.n_missing_values = index.shape[0] * targets.shape[-1]
+            self.jitter = solve.jitter
+
+
+def schur_cg_log_likelihood(targets, task_covariance, noise, factors, index: torch.Tensor,
+                            probes: torch.Tensor) -> torch.Tensor:
+    """``log p(y_O)`` per model, ``(P,)``, with ``log det C`` estimated (see the module docstring).
+
+    Parameters
+    ----------
+    targets, task_covariance, noise, factors, index
+        As for :func:`~hyperspy_gp.gp.schur.schur_log_likelihood`.
+    probes
+        ``(P, R, T, m)`` whitened probes over the missing values, e.g. Rademacher signs
+        (:func:`~hyperspy_gp.gp.iterative.rademacher_probes` with the grid ``(m,)``).
+
+    Returns
+    -------
+    torch.Tensor
+        Differentiable in every argument but ``targets`` and ``probes``.
+    """
+    schur = SchurCGSolve(targets, task_covariance, noise, factors, index, probes)
+    full = grid_icm_log_likelihood(schur.completed, task_covariance, noise, factors)
+    forms = (schur.left * _apply_covariance(schur.right, task_covariance, noise, factors)).sum(
+        dim=tuple(range(1, schur.left.dim()))) / probes.shape[1]
+    correction = -0.5 * schur.logdet_c + 0.5 * schur.n_missing_values * math.log(2.0 * math.pi)
+    return full + correction + 0.5 * (forms - forms.detach())
+
+
+class SchurCGPosterior(GridPosterior):
+    """Posterior of a model fitted with many missing pixels: exact mean, Monte-Carlo variance increase.
+
+    Parameters
+    ----------
+    model, targets
+        As for :class:`~hyperspy_gp.gp.schur.SchurPosterior`.
+    n_samples
+        Draws of the variance increase.
+    seed
+        Seed of the draws (predictions are deterministic).
+    """
+
+    variance_is_exact = False
+
+    def __init__(self, model, targets: torch.Tensor, n_samples: int = DEFAULT_VARIANCE_SAMPLES,
+                 seed: int = 0) -> None:
+        self.n_samples = int(n_samples)
+        with torch.no_grad():
+            factors = model.kernel.factors(model.lengthscale)
+            probes = model.schur_probes(targets)
+            schur = SchurCGSolve(model.as_factor_layout(targets), model.task_covariance, model.noise, factors,
+                                 model.missing_index, probes)
+            op = schur.operator
+            completed = schur.completed.reshape(targets.shape)
+            # w ~ N(0, C): Σ⁻¹ = F Fᵀ with F = Q chol(S_j)⁻ᵀ, w = (F ε)_M; v = C⁻¹ w ~ N(0, C⁻¹).
+            generator = torch.Generator().manual_seed(seed)
+            chol = op.solve.cholesky  # (P, *fg, T, T)
+            eps = torch.randn((*chol.shape[:-1], self.n_samples), generator=generator, dtype=chol.dtype)
+            whitened = torch.linalg.solve_triangular(chol.transpose(-1, -2), eps.to(chol.device), upper=True)
+            w = op.gather(kron_dot(whitened, op.eigenvectors))
+            # A batch of draws at a time: CG's vectors and the grid temporaries of each
+            # product stay the size of the likelihood's.
+            batch = DRAWS_PER_SOLVE
+            v = torch.cat([op.cg(w[:, i : i + batch]).solution for i in range(0, self.n_samples, batch)], 1)
+            # Weights of the structured "mean" of each draw: B M_j Qᵀ E_M v, (P, *fg, T, S).
+            rotated = kron_dot(op.scatter(v), [q.transpose(-1, -2) for q in op.eigenvectors])
+            b = model.task_covariance.reshape(chol.shape[0], *([1] * (chol.dim() - 3)), *chol.shape[-2:])
+            self.draw_weights = b @ (op.inverse_blocks @ rotated)
+        super().__init__(model, completed)
+        self.jitter = torch.maximum(self.jitter, schur.jitter)
+
+    def _increase_draws(self, test_coords: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``g(x*)ᵀ v_s`` for every test point and draw, ``(P, *test, T, S)``."""
+        cross = self.model.kernel.cross_factors(self.lengthscale, test_coords)
+        rotated = [k @ q for k, q in zip(cross, self.eigenvectors)]
+        out = kron_dot(self.draw_weights, rotated)
+        p, t, s = out.shape[0], out.shape[-2], out.shape[-1]
+        return out.reshape(p, *(len(c) for c in test_coords), t, s)
+
+    def predict(self, test_coords: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent mean and variance ``(P, m_1, ..., m_d, T)`` on the grid of ``test_coords``."""
+        mean, variance = super().predict(test_coords)
+        with torch.no_grad():
+            increase = self._increase_draws(test_coords).pow(2).mean(-1)
+        return mean, variance + increase
+
+    def variance_standard_error(self, test_coords: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Standard error of the Monte-Carlo variance of each test point, ``(P, m_1, ..., m_d, T)``."""
+        rows = self.default_chunk_rows(test_coords)
+        parts = []
+        with torch.no_grad():
+            for start in range(0, len(test_coords[0]), rows):
+                chunk = [test_coords[0][start : start + rows], *test_coords[1:]]
+                parts.append(self._increase_draws(chunk).pow(2).std(-1) / math.sqrt(self.n_samples))
+        return torch.cat(parts, dim=1)
+
+    def default_chunk_rows(self, test_coords: Sequence[torch.Tensor]) -> int:
+        """Rows per chunk keeping the draws' predictions under :data:`~hyperspy_gp.gp.prediction.DEFAULT_CHUNK_BYTES`."""
+        rows = super().default_chunk_rows(test_coords)
+        p, *fg, t, s = self.draw_weights.shape
+        per_row = max(math.prod(len(c) for c in test_coords[1:]), math.prod(fg[1:])) * p * t * s * 8 * 3
+        return max(1, min(rows, DEFAULT_CHUNK_BYTES // max(per_row, 1)))
