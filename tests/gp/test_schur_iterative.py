@@ -23,18 +23,19 @@ def _scattered(shape, fraction, seed=0):
     return observed
 
 
-def _pair(kind, shape, n_tasks, rank, observed, n_probes=None, seed=0):
-    """The same random model with the CG and the dense path, and random targets."""
+def _pair(kind, shape, n_tasks, rank, observed, n_probes=None, seed=0, n_models=1):
+    """The same random models with the CG and the dense path, and random targets."""
     models = []
     for solver in ("schur-cg", "dense"):
-        model = GridICMModel(GridKernel(shape, kind), 1, n_tasks, rank=rank, observed=observed,
+        model = GridICMModel(GridKernel(shape, kind), n_models, n_tasks, rank=rank, observed=observed,
                              masked_solver=solver, n_probes=n_probes)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for param in model.parameters():
                 param.add_(0.4 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
         models.append(model)
-    targets = torch.randn(1, *shape, n_tasks, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    targets = torch.randn(n_models, *shape, n_tasks, generator=torch.Generator().manual_seed(seed + 1),
+                          dtype=torch.float64)
     return models, targets
 
 
@@ -50,9 +51,10 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("kind,shape", [("separable", (8, 7)), ("matern", (7, 6)), ("separable", (15,))])
-@pytest.mark.parametrize("n_tasks,rank", [(1, 0), (3, 1)])
-def test_exact_probes_give_the_dense_likelihood_and_gradient(kind, shape, n_tasks, rank):
-    (cg, dense), targets = _pair(kind, shape, n_tasks, rank, _scattered(shape, 0.3), n_probes="exact")
+@pytest.mark.parametrize("n_models,n_tasks,rank", [(3, 1, 0), (1, 3, 1)])
+def test_exact_probes_give_the_dense_likelihood_and_gradient(kind, shape, n_models, n_tasks, rank):
+    (cg, dense), targets = _pair(kind, shape, n_tasks, rank, _scattered(shape, 0.3), n_probes="exact",
+                                 n_models=n_models)
     value, grad = _value_and_gradient(cg, targets)
     value_ref, grad_ref = _value_and_gradient(dense, targets)
     assert _rel(value, value_ref) < 1e-6
