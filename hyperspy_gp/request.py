@@ -9,6 +9,7 @@ module level.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -23,6 +24,17 @@ MAX_DEFAULT_COMPONENTS = 10
 #: Largest grid (pixels) on which the non-separable kernel is diagonalised densely;
 #: beyond it ``solver="auto"`` takes the iterative path (:mod:`~hyperspy_gp.gp.iterative`).
 MAX_DENSE_PIXELS = 4096
+#: Seconds per unit of work of each path for missing pixels (measured on 2 CPU cores,
+#: float64, likelihood + gradient), to choose the cheapest: dense Cholesky per
+#: (observed values)³; factorised Schur complement per missing value × T × grid values
+#: × Σ factor sizes; Schur complement by CG per CG iteration × right-hand side × grid
+#: values × Σ factor sizes.
+SECONDS_PER_UNIT = {"dense": 4e-11, "schur": 4e-10, "schur-cg": 1.5e-10}
+#: CG iterations assumed by the cost model (measured: 10–60 for scattered pixels).
+EXPECTED_CG_ITERATIONS = 50
+#: An exact deterministic path is preferred unless the Schur complement by CG is
+#: estimated to be this many times cheaper.
+EXACT_PREFERENCE = 4.0
 
 
 @dataclass
@@ -471,11 +483,13 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     schur_entries = n_missing * tasks * observed.size * tasks
     fits = {"dense": dense_values <= MAX_DENSE_VALUES, "kronecker": schur_entries <= MAX_SCHUR_ENTRIES}
     if request.solver == "auto":
-        # Cholesky of the observed covariance vs one structured solve per missing value.
-        cost = {"dense": dense_values**3 / 3, "kronecker": n_missing * tasks * observed.size * (sum(observed.shape) + tasks)}
-        feasible = [name for name in ("kronecker", "dense") if fits[name]]
-        # Neither fits: the Schur complement by conjugate gradients (many scattered missing pixels).
-        request.solver = min(feasible, key=cost.__getitem__) if feasible else "kronecker"
+        cost = _missing_pixel_costs(observed.shape, request.kernel, n_missing, dense_values, tasks)
+        exact = [name for name in ("kronecker", "dense") if fits[name]]
+        best = min(exact, key=cost.__getitem__) if exact else None
+        if best is not None and cost[best] <= EXACT_PREFERENCE * cost["schur-cg"]:
+            request.solver = best
+        else:  # many scattered missing pixels: the Schur complement by conjugate gradients
+            request.solver, fits["kronecker"] = "kronecker", False
     elif request.solver == "dense" and not fits["dense"]:
         raise ValueError(
             f"solver='dense' with missing pixels needs at most {MAX_DENSE_VALUES} observed values (here "
@@ -483,6 +497,20 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
         )
     request.schur_cg = request.solver == "kronecker" and not fits["kronecker"]
     return observed
+
+
+def _missing_pixel_costs(grid_shape, kernel: str, n_missing: int, dense_values: int, tasks: int) -> dict:
+    """Estimated seconds per likelihood evaluation of each path for missing pixels (:data:`SECONDS_PER_UNIT`)."""
+    from hyperspy_gp.memory import LOGDET_PROBES
+
+    n = math.prod(grid_shape)
+    factors = sum(grid_shape) if kernel == "separable" else n  # one dense factor for the Matérn kernel
+    rhs = (1 + LOGDET_PROBES) * tasks
+    return {
+        "dense": SECONDS_PER_UNIT["dense"] * float(dense_values) ** 3,
+        "kronecker": SECONDS_PER_UNIT["schur"] * n_missing * tasks * tasks * n * factors,
+        "schur-cg": SECONDS_PER_UNIT["schur-cg"] * EXPECTED_CG_ITERATIONS * rhs * n * (factors + tasks),
+    }
 
 
 def measured_lines(measured: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -353,6 +353,7 @@ def test_a_random_sparse_scan_is_fitted_by_the_schur_complement_with_cg(unchange
         rec = gp_reconstruct(s, components=3)
     settings = rec.signal.metadata.GP_reconstruction.settings
     assert settings.solver == "kronecker" and settings.missing_pixels == int(missing.sum())
+    assert settings.masked_solver == "schur-cg"
     loadings = np.moveaxis(rec.loadings.data, 0, -1)
     assert np.abs(loadings[missing] - truth[missing]).max() < 0.15  # the unmeasured pixels, predicted
     # The variance is a Monte-Carlo estimate there, reported with its standard error.
@@ -361,6 +362,25 @@ def test_a_random_sparse_scan_is_fitted_by_the_schur_complement_with_cg(unchange
     variance = np.moveaxis(rec.variance.data, 0, -1)
     assert (variance[missing].mean(0) > variance[~missing].mean(0)).all()
     assert np.median(hyper["variance_standard_error"][missing] / variance[missing]) < 0.2
+
+
+def test_missing_pixels_take_the_cheapest_path_preferring_exact_ones():
+    from hyperspy_gp.request import Request, choose_solver
+
+    maps = np.random.default_rng(0).normal(size=(90, 80, 2))
+    missing = np.random.default_rng(1).random((90, 80)) < 0.4
+
+    def choose(n_missing, mode):
+        holes = maps.copy()
+        holes[np.nonzero(missing)[0][:n_missing], np.nonzero(missing)[1][:n_missing]] = np.nan
+        request = Request([0, 1], mode, 1, None, "separable", 1, "auto", "cpu", "float64", None)
+        choose_solver(holes, request)
+        return request.masked_solver
+
+    assert choose(3, "parallel") == "schur"  # a few dead pixels: factorised, exact
+    assert choose(100, "independent") == "schur"
+    assert choose(int(missing.sum()), "independent") == "schur-cg"  # factorising would cost ~20× more
+    assert choose(int(missing.sum()), "parallel") == "schur-cg"  # no exact path fits at all
 
 
 def test_a_scan_of_every_other_line_is_fitted_exactly_on_its_lines(unchanged):
