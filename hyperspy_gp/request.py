@@ -29,7 +29,7 @@ MAX_DENSE_PIXELS = 4096
 #: (observed values)³; factorised Schur complement per missing value × T × grid values
 #: × Σ factor sizes; Schur complement by CG per CG iteration × right-hand side × grid
 #: values × Σ factor sizes.
-SECONDS_PER_UNIT = {"dense": 4e-11, "schur": 4e-10, "schur-cg": 1.5e-10}
+SECONDS_PER_UNIT = {"dense": 4e-11, "schur": 8e-10, "schur-cg": 1.5e-10}
 #: CG iterations assumed by the cost model (measured: 10–60 for scattered pixels).
 EXPECTED_CG_ITERATIONS = 50
 #: An exact deterministic path is preferred unless the Schur complement by CG is

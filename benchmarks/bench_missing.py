@@ -1,0 +1,160 @@
+"""Benchmark of the exact paths for missing pixels, against the complete grid in the same run.
+
+Prints one table: for each scan size and mask pattern, the path ``solver="auto"``
+chooses (``lines``: scan lines without data left out, ``schur``: Schur complement
+factorised, ``schur-cg``: Schur complement by conjugate gradients with a stochastic
+log-determinant, ``dense``: Cholesky on the measured pixels), the seconds per
+likelihood + gradient evaluation, the CG iterations of that evaluation, the time of the
+whole reconstruction of the maps (fit and 2× upsampled prediction with variance) with
+the most CG iterations any of its solves needed (they grow as the fit lowers the noise), the
+peak RSS of the process that ran the case, and the evaluation's cost relative to the
+complete grid (the first row of each size, run in the same way).
+
+The maps are the separable-kernel parallel GP's usual synthetic lattice
+(``bench_engine.synthetic_maps``); every case runs in a fresh subprocess so that its
+peak RSS is its own.
+
+Usage::
+
+    python benchmarks/bench_missing.py          # 64² and 128² × 6 maps (an hour or more on 2 cores)
+    python benchmarks/bench_missing.py --quick  # 48² × 3 maps (about two minutes)
+    python benchmarks/bench_missing.py --sides 128 --patterns "edge lines" "every other line"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import _timeit, synthetic_maps
+
+#: Mask patterns, in table order; the first is the baseline.
+PATTERNS = ("complete", "20 dead pixels", "edge lines", "every other line", "5% random", "20% random", "50% random")
+
+
+def missing_mask(pattern: str, side: int) -> np.ndarray:
+    """Boolean ``(side, side)`` grid of the missing pixels of ``pattern``."""
+    rng = np.random.default_rng(1)
+    mask = np.zeros((side, side), dtype=bool)
+    if pattern == "20 dead pixels":
+        mask.flat[rng.choice(side * side, 20, replace=False)] = True
+    elif pattern == "edge lines":  # distorted first lines and a flyback column
+        mask[: side // 10], mask[:, -1] = True, True
+    elif pattern == "every other line":
+        mask[1::2] = True
+    elif pattern.endswith("% random"):
+        mask = rng.random((side, side)) < int(pattern.split("%")[0]) / 100
+    return mask
+
+
+def run_case(side: int, n_tasks: int, pattern: str) -> dict:
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from hyperspy_gp.gp import schur_iterative
+    from hyperspy_gp.gp.kernels import GridKernel
+    from hyperspy_gp.gp.model import GridICMModel
+    from hyperspy_gp.maps_gp import fit_and_predict_maps, standardise
+    from hyperspy_gp.request import Request, choose_solver
+
+    maps = synthetic_maps(side, n_tasks)
+    maps[missing_mask(pattern, side)] = np.nan
+    request = Request(list(range(n_tasks)), "parallel", 2, None, "separable", 1, "auto", "cpu", "float64", None)
+    request.observed = choose_solver(maps, request)
+    if request.observed is not None:
+        path = request.masked_solver
+    else:
+        path = "complete" if request.lines is None else "lines"
+
+    # One evaluation of the model that fit_and_predict_maps builds.
+    points = request.fitted_coordinates(maps.shape[:-1])[1]
+    targets = torch.tensor(standardise(request.fitted_region(maps))[0][None])
+    model = GridICMModel(GridKernel(targets.shape[1:-1], points=points), 1, n_tasks, rank=1,
+                         observed=request.observed, masked_solver=request.masked_solver)
+    iterations = []
+    solve = schur_iterative.preconditioned_cg
+
+    def counting_cg(*args, **kwargs):
+        result = solve(*args, **kwargs)
+        iterations.append(int(result.iterations.max()))
+        return result
+
+    def mll_and_grad():
+        for p in model.parameters():
+            p.grad = None
+        model.log_likelihood(targets).sum().backward()
+
+    schur_iterative.preconditioned_cg = counting_cg
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            per_eval = _timeit(mll_and_grad, repeat=1 if side >= 128 else 3)
+        first = max(iterations) if iterations else None
+        start = time.perf_counter()
+        fit = fit_and_predict_maps(maps, request, False, 1000, 1e-9, False)
+    finally:
+        schur_iterative.preconditioned_cg = solve
+    return {
+        "side": side, "tasks": n_tasks, "pattern": pattern, "path": path,
+        "missing": int(np.isnan(maps[..., 0]).sum()), "mll_grad_s": per_eval,
+        "cg_iterations": first, "cg_iterations_fit": max(iterations) if iterations else None,
+        "reconstruct_s": time.perf_counter() - start, "fit_iterations": fit.hyperparameters["iterations"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+HEADER = (
+    " grid   T  mask               missing  path     | MLL+grad  CG its   | fit + 2× pred  iter | peak RSS | vs complete\n"
+    "                                                |   (s)   first max  |       (s)           |     (MB) |  per eval\n"
+    + "-" * 116
+)
+
+
+def _format_row(r: dict, baseline: float) -> str:
+    cg = f"{r['cg_iterations']:>3} {r['cg_iterations_fit']:>4}" if r["cg_iterations"] is not None else "  —    —"
+    return (
+        f"{r['side']:>4}² {r['tasks']:>3}  {r['pattern']:<18} {r['missing']:>7}  {r['path']:<8} | "
+        f"{r['mll_grad_s']:8.3f}  {cg}  | {r['reconstruct_s']:10.1f}   {r['fit_iterations']:>5} | "
+        f"{r['peak_rss_mb']:8.0f} | {r['mll_grad_s'] / baseline:8.1f}×"
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="48² × 3 maps only (about two minutes)")
+    parser.add_argument("--sides", type=int, nargs="+", help="scan sides (default 64 128)")
+    parser.add_argument("--patterns", nargs="+", choices=PATTERNS, help="mask patterns (default all)")
+    parser.add_argument("--case", nargs=3, metavar=("SIDE", "T", "PATTERN"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.case:  # child process: one case, JSON on stdout
+        side, n_tasks, pattern = args.case
+        print(json.dumps(run_case(int(side), int(n_tasks), pattern)))
+        return 0
+
+    import torch
+
+    cases = [(48, 3)] if args.quick else [(side, 6) for side in (args.sides or (64, 128))]
+    patterns = ["complete"] + [p for p in (args.patterns or PATTERNS) if p != "complete"]
+    print(f"float64, torch {torch.__version__}, {torch.get_num_threads()} threads; parallel GP, rank-1 B, "
+          "separable Matérn-5/2, solver='auto'")
+    print(HEADER)
+    for side, n_tasks in cases:
+        baseline = None
+        for pattern in patterns:
+            cmd = [sys.executable, __file__, "--case", str(side), str(n_tasks), pattern]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            baseline = baseline or row["mll_grad_s"]
+            print(_format_row(row, baseline), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
