@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hyperspy_gp import _hyperspy as hsglue
+from hyperspy_gp.memory import LOGDET_PROBES
 
 MODES = ("parallel", "independent")
 SOLVERS = ("auto", "kronecker", "dense", "iterative")
@@ -501,8 +502,6 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
 
 def _missing_pixel_costs(grid_shape, kernel: str, n_missing: int, dense_values: int, tasks: int) -> dict:
     """Estimated seconds per likelihood evaluation of each path for missing pixels (:data:`SECONDS_PER_UNIT`)."""
-    from hyperspy_gp.memory import LOGDET_PROBES
-
     n = math.prod(grid_shape)
     factors = sum(grid_shape) if kernel == "separable" else n  # one dense factor for the Matérn kernel
     rhs = (1 + LOGDET_PROBES) * tasks

@@ -139,9 +139,13 @@ class MaskedOperator:
 
 
 class SchurCGSolve:
-    """Completed targets ``ȳ(z*)``, the ``log det C`` estimate and the gradient vectors (no autograd)."""
+    """Completed targets ``ȳ(z*)`` and, with ``probes``, the ``log det C`` estimate and the gradient vectors.
 
-    def __init__(self, targets, task_covariance, noise, factors, index: torch.Tensor, probes: torch.Tensor) -> None:
+    Without ``probes`` (prediction) only ``z*`` is solved for.  No autograd.
+    """
+
+    def __init__(self, targets, task_covariance, noise, factors, index: torch.Tensor,
+                 probes: torch.Tensor | None = None) -> None:
         with torch.no_grad():
             zeroed = targets.clone()
             zeroed[(slice(None), *index.T)] = 0.0
@@ -149,17 +153,24 @@ class SchurCGSolve:
             self.operator = op = MaskedOperator(solve, index)
             alpha0 = kron_dot(solve.rotated_weights, solve.eigenvectors)  # Σ⁻¹ ȳ(0), (P, *fg, T)
             u = op.gather(alpha0.unsqueeze(-1))  # (P, 1, T, m)
-            cg = op.cg(torch.cat([u, op.jacobi_factor(probes)], dim=1))
+            cg = op.cg(u if probes is None else torch.cat([u, op.jacobi_factor(probes)], dim=1))
             self.completed = zeroed
             self.completed[(slice(None), *index.T)] = -cg.solution[:, 0].transpose(-1, -2)
+            self.n_missing_values = index.shape[0] * targets.shape[-1]
+            self.jitter = solve.jitter
+            if probes is not None:
+                self._estimate_logdet(cg, probes)
+
+    def _estimate_logdet(self, cg: CGResult, probes: torch.Tensor) -> None:
+        """``log det C`` by SLQ from the probe columns of ``cg``, and the gradient vectors."""
+        op = self.operator
+        with torch.no_grad():
             n_probes = probes.shape[1]
             probe_cg = CGResult(cg.solution[:, 1:], cg.alphas[:, :, 1:], cg.betas[:, :, 1:], cg.iterations[:, 1:])
             norms = probes.pow(2).sum(dim=(2, 3))
             self.logdet_c = op.logdet_jacobi() + lanczos_logdet_quadrature(probe_cg, norms) / n_probes
             self.left = op.inverse_covariance(op.scatter(probe_cg.solution))  # Σ⁻¹ E_M C⁻¹ z_i
             self.right = op.inverse_covariance(op.scatter(op.jacobi_factor_inv_t(probes)))  # Σ⁻¹ E_M J⁻¹ z_i
-            self.n_missing_values = index.shape[0] * targets.shape[-1]
-            self.jitter = solve.jitter
 
 
 def schur_cg_log_likelihood(targets, task_covariance, noise, factors, index: torch.Tensor,
@@ -207,9 +218,8 @@ class SchurCGPosterior(GridPosterior):
         self.n_samples = int(n_samples)
         with torch.no_grad():
             factors = model.kernel.factors(model.lengthscale)
-            probes = model.schur_probes(targets)
             schur = SchurCGSolve(model.as_factor_layout(targets), model.task_covariance, model.noise, factors,
-                                 model.missing_index, probes)
+                                 model.missing_index)
             op = schur.operator
             completed = schur.completed.reshape(targets.shape)
             # w ~ N(0, C): Σ⁻¹ = F Fᵀ with F = Q chol(S_j)⁻ᵀ, w = (F ε)_M; v = C⁻¹ w ~ N(0, C⁻¹).
