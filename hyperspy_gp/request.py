@@ -487,16 +487,16 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
         cost = _missing_pixel_costs(observed.shape, request.kernel, n_missing, dense_values, tasks)
         exact = [name for name in ("kronecker", "dense") if fits[name]]
         best = min(exact, key=cost.__getitem__) if exact else None
-        if best is not None and cost[best] <= EXACT_PREFERENCE * cost["schur-cg"]:
-            request.solver = best
-        else:  # many scattered missing pixels: the Schur complement by conjugate gradients
-            request.solver, fits["kronecker"] = "kronecker", False
+        # Many scattered missing pixels: the Schur complement by conjugate gradients.
+        request.schur_cg = best is None or cost[best] > EXACT_PREFERENCE * cost["schur-cg"]
+        request.solver = "kronecker" if request.schur_cg else best
     elif request.solver == "dense" and not fits["dense"]:
         raise ValueError(
             f"solver='dense' with missing pixels needs at most {MAX_DENSE_VALUES} observed values (here "
             f"{dense_values}). Use solver='auto', crop the scan with s.inav[...], or choose fewer components."
         )
-    request.schur_cg = request.solver == "kronecker" and not fits["kronecker"]
+    else:
+        request.schur_cg = request.solver == "kronecker" and not fits["kronecker"]
     return observed
 
 

@@ -88,11 +88,8 @@ class GridKernel:
             self.points = [torch.as_tensor(np.asarray(p, dtype=float), dtype=dtype, device=self.device) for p in points]
             if tuple(len(p) for p in self.points) != self.grid_shape:
                 raise ValueError(f"points of lengths {[len(p) for p in self.points]} do not match {self.grid_shape}.")
-
-    @property
-    def uniform(self) -> bool:
-        """Whether the training points are ``0, 1, ..., n_a - 1`` on every axis (FFT products need it)."""
-        return all(torch.equal(p, self.axis_coordinates(len(p))) for p in self.points)
+        #: Whether the training points are ``0, 1, ..., n_a - 1`` on every axis (FFT products need it).
+        self.uniform = all(torch.equal(p, self.axis_coordinates(len(p))) for p in self.points)
 
     @property
     def ndim(self) -> int:
