@@ -185,6 +185,16 @@ class GridICMModel(gpytorch.Module):
             b = b + self.task_factor @ self.task_factor.transpose(-1, -2)
         return b
 
+    @property
+    def stochastic_objective(self) -> bool:
+        """Whether :meth:`log_likelihood` is a stochastic estimate (probes, not ``"exact"``).
+
+        True on the iterative path and for ``masked_solver="schur-cg"`` with missing
+        pixels; the optimiser's tolerance is then loosened to the estimate's precision.
+        """
+        uses_probes = self.iterative or (self.observed is not None and self.masked_solver == "schur-cg")
+        return uses_probes and self.n_probes != "exact"
+
     def as_factor_layout(self, targets: torch.Tensor) -> torch.Tensor:
         """Reshape ``(P, *grid, T)`` targets to the kernel's factor layout."""
         return targets.reshape(targets.shape[0], *self.kernel.factor_shape, targets.shape[-1])

@@ -145,3 +145,35 @@ def test_models_of_a_batch_are_fitted_as_if_alone():
     np.testing.assert_allclose(batch.noise[1].detach().numpy(), alone.noise[0].detach().numpy(), rtol=1e-10)
     assert result.log_likelihood.shape == (2,)
     assert result.history["lengthscale"].shape[:2] == (result.n_iterations + 1, 2)
+
+
+@pytest.mark.parametrize(
+    ("options", "stochastic"),
+    [
+        ({}, False),
+        ({"iterative": True}, True),
+        ({"masked_solver": "schur"}, False),
+        ({"masked_solver": "schur-cg"}, True),
+        ({"masked_solver": "schur-cg", "n_probes": "exact"}, False),
+    ],
+)
+def test_the_tolerance_stops_at_the_precision_of_a_stochastic_likelihood(monkeypatch, options, stochastic):
+    """A probe estimate of the likelihood is fitted to 1e-6, not to the requested 1e-12."""
+    from hyperspy_gp.gp import training
+
+    tolerances, real = [], training._lbfgsb
+
+    def recording(objective, x0, callback, max_iter, tol):
+        tolerances.append(tol)
+        return real(objective, x0, callback, max_iter, tol)
+
+    monkeypatch.setattr(training, "_lbfgsb", recording)
+    observed = np.ones((16, 16), dtype=bool)
+    observed[3, 5] = observed[10, 2] = False
+    model = GridICMModel(GridKernel((16, 16)), 1, 2, rank=1, observed=observed if "masked_solver" in options else None,
+                         **options)
+    assert model.stochastic_objective is stochastic
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fit_model(model, _lattice_maps((16, 16)), max_iter=3, tol=1e-12)
+    assert tolerances[0] == (training.STOCHASTIC_MIN_TOL if stochastic else 1e-12)
