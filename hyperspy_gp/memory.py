@@ -50,6 +50,9 @@ FFT_GROUP_BYTES = 2**25
 LOGDET_PROBES = 16
 #: Draws of the Monte-Carlo variance of the Schur complement by CG.
 VARIANCE_DRAWS = 64
+#: Values (pixels × maps) of a tile, one block of the Schur complement by CG's
+#: block-Jacobi preconditioner.
+JACOBI_BLOCK_VALUES = 64
 _FLOAT64 = 8
 
 
@@ -193,10 +196,13 @@ def estimate_memory(
     prediction = _prediction_bytes(grid_shape, upsampling, n_models, n_tasks, kernel, n_observed, chunks)
     if n_observed is None and n_missing and schur_cg:
         # CG vectors over the missing values; probe vectors on the grid, Σ of one of them
-        # and its autograd copy; the diagonal blocks of Σ⁻¹.  Prediction: the draws'
+        # and its autograd copy; the preconditioner's tile blocks (k² values for the
+        # k ≤ JACOBI_BLOCK_VALUES values of each tile that holds a missing pixel) with
+        # their factors, and the chunk they are built in.  Prediction: the draws'
         # weights, their white noise, and the draws' predictions (one chunk per thread).
         columns = n_models * (1 + LOGDET_PROBES) * n_tasks
-        fitting += (6 * columns * n_missing + 4 * columns * n_pixels + 2 * n_models * n_pixels * n_tasks**2) * itemsize
+        tiles = n_models * min(n_missing * JACOBI_BLOCK_VALUES**2, n_pixels * n_tasks * JACOBI_BLOCK_VALUES)
+        fitting += (6 * columns * n_missing + 4 * columns * n_pixels + 2 * tiles) * itemsize + CHUNK_BYTES
         draws = n_models * VARIANCE_DRAWS * n_tasks * n_pixels
         prediction += 3 * draws * _FLOAT64 + (os.cpu_count() or 1) * CHUNK_BYTES
     elif n_observed is None and n_missing:

@@ -133,5 +133,8 @@ def test_schur_complement_by_cg_is_linear_in_the_missing_pixels_not_in_missing_t
     few = estimate_memory((256, 256), 6, 100, n_missing=1000, schur_cg=True)
     many = estimate_memory((256, 256), 6, 100, n_missing=30000, schur_cg=True)
     assert complete.fitting < few.fitting < many.fitting < 2 * 2**30  # factorised: 30000 × 65536 × 36 values
-    assert many.fitting - few.fitting == 6 * 17 * 6 * 29000 * 8  # CG vectors over the missing values
+    # CG vectors over the missing values, and the preconditioner's tile blocks (their
+    # factors too): at most 64² values per missing pixel, and at most 64 per grid value.
+    tiles = {m: min(m * 64**2, 65536 * 6 * 64) for m in (1000, 30000)}
+    assert many.fitting - few.fitting == (6 * 17 * 6 * 29000 + 2 * (tiles[30000] - tiles[1000])) * 8
     assert few.prediction > complete.prediction  # the variance draws

@@ -12,11 +12,13 @@ then need three things:
   preconditioned conjugate gradients (CG) to a relative residual of 1e-10: exact.
 - ``log det C``, by stochastic Lanczos quadrature (as in
   :mod:`~hyperspy_gp.gp.iterative`) with the block-Jacobi preconditioner ``J`` (the
-  ``T × T`` diagonal blocks of ``C``, ``Σ_j q_j(i)^2 M_j``, exact and cheap):
-  ``log det C = log det J + log det(J^{-1/2} C J^{-1/2})``, the last term estimated from
-  fixed probes ``z_i = chol(J) ε_i``.  For scattered missing pixels ``C`` is close to
-  block-diagonal, so CG needs tens of iterations and the estimate is accurate; large
-  masked regions make ``C`` ill-conditioned (CG then stops with a message).
+  exact blocks of ``C`` between the missing values of each tile of neighbouring pixels,
+  ``Σ_j q_j(i) q_j(i') M_j``, at most 64 values per tile, built by structured
+  products): ``log det C = log det J + log det(J^{-1/2} C J^{-1/2})``, the last term
+  estimated from fixed probes ``z_i = chol(J) ε_i``.  For scattered missing pixels
+  ``C`` is close to block-diagonal, so CG needs tens of iterations and the estimate is
+  accurate; large masked regions with long length scales and low noise make ``C``
+  ill-conditioned (CG then stops with a message).
 - its gradient ``∂(-½ log det C) = ½ tr(C^{-1} (Σ^{-1} ∂Σ Σ^{-1})_{MM})``, estimated by
   ``½ (1/m) Σ_i u_iᵀ ∂Σ w_i`` with ``u_i = Σ^{-1} E_M C^{-1} z_i`` and ``w_i = Σ^{-1} E_M
   J^{-1} z_i``: bilinear forms in ``Σ``, differentiated with the vectors held fixed.
@@ -53,7 +55,7 @@ from hyperspy_gp.gp.likelihood import (
 from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior
 from hyperspy_gp.gp.schur import _apply_covariance
 from hyperspy_gp.gp.tensor import kron_dot
-from hyperspy_gp.memory import VARIANCE_DRAWS
+from hyperspy_gp.memory import CHUNK_BYTES, JACOBI_BLOCK_VALUES, VARIANCE_DRAWS
 
 #: Draws solved together (as many vectors as the likelihood's CG holds).
 DRAWS_PER_SOLVE = 16
@@ -62,8 +64,55 @@ DRAWS_PER_SOLVE = 16
 DEFAULT_VARIANCE_SAMPLES = VARIANCE_DRAWS
 
 
+#: Largest pair-product matrix (``n_a² × tile`` elements) per factor axis when building
+#: the tile blocks: a non-separable kernel's single factor over all pixels keeps tiles
+#: of one pixel.
+MAX_PAIR_ELEMENTS = 2**23
+
+
+def jacobi_tile(factor_shape: Sequence[int], n_tasks: int) -> int:
+    """Side of the tiles whose missing values form one block of the preconditioner.
+
+    The largest side with at most :data:`~hyperspy_gp.memory.JACOBI_BLOCK_VALUES` values
+    (pixels × maps) per tile.  A tile of neighbouring pixels holds the strongest
+    couplings of ``C`` (measured on 64² × 6 maps, fitted hyperparameters, CG iterations
+    with one-pixel blocks → 3 × 3 tiles: 20 % missing at random 54 → 36, 50 % 150 → 83,
+    a masked quarter disc 1285 → 466).
+
+    Parameters
+    ----------
+    factor_shape
+        Lengths of the kernel's factor axes (the grid for a separable kernel, the
+        number of pixels for a non-separable one).
+    n_tasks
+        Maps ``T`` per model.
+
+    Returns
+    -------
+    int
+        Tile side in pixels along every factor axis (1: per-pixel ``T × T`` blocks).
+
+    Examples
+    --------
+    >>> jacobi_tile((64, 64), 6), jacobi_tile((64, 64), 1), jacobi_tile((300,), 6), jacobi_tile((4096,), 6)
+    (3, 8, 10, 1)
+    """
+    tile = 1
+    while True:
+        bigger = tile + 1
+        if (bigger ** len(factor_shape) * n_tasks > JACOBI_BLOCK_VALUES or bigger > max(factor_shape)
+                or any(n * n * bigger > MAX_PAIR_ELEMENTS for n in factor_shape)):
+            return tile
+        tile = bigger
+
+
 class MaskedOperator:
     """``C = (Σ^{-1})_{MM}`` and its block-Jacobi preconditioner, on ``(P, R, T, m)`` vectors.
+
+    The preconditioner ``J`` holds the exact blocks of ``C`` between the missing values
+    of each tile of neighbouring pixels (:func:`jacobi_tile`), ``Σ_j q_j(i) q_j(i') M_j``
+    for pixels ``i, i'`` of a tile, all built by one structured product per chunk of
+    tiles; across tiles it is zero.
 
     Parameters
     ----------
@@ -71,19 +120,87 @@ class MaskedOperator:
         The full-grid eigenbasis and ``T × T`` blocks (:func:`solve_grid_icm`).
     index
         ``(m, n_factors)`` coordinates of the missing pixels in factor layout.
+    tile
+        Tile side; default :func:`jacobi_tile` (1 gives per-pixel ``T × T`` blocks).
     """
 
-    def __init__(self, solve: GridICMSolve, index: torch.Tensor) -> None:
+    def __init__(self, solve: GridICMSolve, index: torch.Tensor, tile: int | None = None) -> None:
         self.solve, self.index = solve, index
         self.eigenvectors = solve.eigenvectors
         self.inverse_blocks = solve.block_inverse()  # M_j, (P, *fg, T, T)
+        _, *fg, t, _ = self.inverse_blocks.shape
+        self.tile = jacobi_tile(fg, t) if tile is None else int(tile)
+        self.tile_counts = [math.ceil(n / self.tile) for n in fg]
+        self.tile_values = self.tile ** len(fg) * t
         with torch.no_grad():
-            squared = [q * q for q in self.eigenvectors]  # Q_a[i, j]²
-            p, *fg, t, _ = self.inverse_blocks.shape
-            diagonal = kron_dot(self.inverse_blocks.reshape(p, *fg, t * t), squared).reshape(p, *fg, t, t)
-            blocks = diagonal[(slice(None), *index.T)]  # (P, m, T, T)
-            self.jacobi_cholesky, _ = safe_cholesky(0.5 * (blocks + blocks.transpose(-1, -2)))
-            self.jacobi_inverse = torch.cholesky_inverse(self.jacobi_cholesky)
+            tile_id = torch.zeros_like(index[:, 0])
+            self.position = torch.zeros_like(index[:, 0])  # of each missing pixel in its tile
+            for axis, count in enumerate(self.tile_counts):
+                tile_id = tile_id * count + index[:, axis] // self.tile
+                self.position = self.position * self.tile + index[:, axis] % self.tile
+            # Tiles holding a missing pixel, and the slot of each missing pixel's tile.
+            self.tiles, self.slot = torch.unique(tile_id, return_inverse=True)
+            self.jacobi_cholesky, _ = safe_cholesky(self._masked_tile_blocks())
+
+    def _masked_tile_blocks(self) -> torch.Tensor:
+        """``(P, U, k, k)`` blocks of ``C`` per used tile, identity at the tile's observed values."""
+        blocks = self._tile_blocks()
+        t = self.inverse_blocks.shape[-1]
+        present = blocks.new_zeros(len(self.tiles), self.tile_values // t)
+        present[self.slot, self.position] = 1.0
+        present = present[:, :, None].expand(-1, -1, t).reshape(len(self.tiles), self.tile_values)
+        blocks = blocks * (present[:, :, None] * present[:, None, :]) + torch.diag_embed(1.0 - present)
+        return 0.5 * (blocks + blocks.transpose(-1, -2))
+
+    def _tile_blocks(self) -> torch.Tensor:
+        """``Σ_j q_j(i) q_j(i') M_j`` for all pixel pairs of each used tile, ``(P, U, k, k)``.
+
+        Per factor axis, the products ``Q_a[i, j] Q_a[i', j]`` of the rows ``i, i'`` of
+        a tile (zero rows pad the last tile) turn the sum into one :func:`kron_dot`,
+        computed over chunks of the first axis' tiles so that its output stays within
+        :data:`~hyperspy_gp.memory.CHUNK_BYTES`.
+        """
+        p, *fg, t, _ = self.inverse_blocks.shape
+        tile, counts, d = self.tile, self.tile_counts, len(fg)
+        pairs = []
+        for q, n, count in zip(self.eigenvectors, fg, counts):
+            padded = q.new_zeros(p, count * tile, n)
+            padded[:, :n] = q
+            padded = padded.reshape(p, count, tile, n)
+            pairs.append((padded[:, :, :, None] * padded[:, :, None, :]).reshape(p, count, tile * tile, n))
+        flat = self.inverse_blocks.reshape(p, *fg, t * t)
+        per_tile_row = p * tile**2 * math.prod(c * tile**2 for c in counts[1:]) * t * t * flat.element_size()
+        rows = max(1, CHUNK_BYTES // per_tile_row)
+        tiles_per_row = math.prod(counts[1:])
+        first = self.tiles // tiles_per_row
+        out = flat.new_empty(p, len(self.tiles), self.tile_values, self.tile_values)
+        for start in range(0, counts[0], rows):
+            chosen = (first >= start) & (first < start + rows)
+            if not bool(chosen.any()):
+                continue
+            mats = [pairs[0][:, start : start + rows].reshape(p, -1, fg[0])]
+            mats += [pair.reshape(p, -1, n) for pair, n in zip(pairs[1:], fg[1:])]
+            block = kron_dot(flat, mats)  # (P, c_0·tile², ..., c_{d-1}·tile², T²)
+            block = block.reshape(p, *[x for c in block.shape[1 : 1 + d] for x in (c // tile**2, tile, tile)], t, t)
+            # (P, c.., i.., s, i'.., t) → (P, tiles of the chunk, k, k)
+            order = [0, *range(1, 3 * d, 3), *range(2, 3 * d, 3), 3 * d + 1, *range(3, 3 * d + 1, 3), 3 * d + 2]
+            block = block.permute(order).reshape(p, -1, self.tile_values, self.tile_values)
+            out[:, chosen] = block[:, self.tiles[chosen] - start * tiles_per_row]
+        return out
+
+    def _to_tiles(self, v: torch.Tensor) -> torch.Tensor:
+        """``(P, R, T, m)`` → ``(P, U, k, R)``: each used tile's values, zeros at its observed pixels."""
+        p, r, t, _ = v.shape
+        x = v.new_zeros(p, r, len(self.tiles), self.tile_values // t, t)
+        x[:, :, self.slot, self.position] = v.permute(0, 1, 3, 2)
+        return x.reshape(p, r, len(self.tiles), self.tile_values).permute(0, 2, 3, 1)
+
+    def _from_tiles(self, x: torch.Tensor) -> torch.Tensor:
+        """``(P, U, k, R)`` → ``(P, R, T, m)``."""
+        p, u, k, r = x.shape
+        t = self.inverse_blocks.shape[-1]
+        x = x.permute(0, 3, 1, 2).reshape(p, r, u, k // t, t)
+        return x[:, :, self.slot, self.position].permute(0, 1, 3, 2)
 
     def grid_shape(self) -> tuple[int, ...]:
         return tuple(self.inverse_blocks.shape[1:-2])
@@ -109,17 +226,16 @@ class MaskedOperator:
 
     def precondition(self, r: torch.Tensor) -> torch.Tensor:
         """``J^{-1} r``."""
-        return torch.einsum("pmst,prtm->prsm", self.jacobi_inverse, r)
+        return self._from_tiles(torch.cholesky_solve(self._to_tiles(r), self.jacobi_cholesky))
 
     def jacobi_factor(self, eps: torch.Tensor) -> torch.Tensor:
         """``chol(J) ε``: probes with covariance ``J``."""
-        return torch.einsum("pmst,prtm->prsm", self.jacobi_cholesky, eps)
+        return self._from_tiles(self.jacobi_cholesky @ self._to_tiles(eps))
 
     def jacobi_factor_inv_t(self, eps: torch.Tensor) -> torch.Tensor:
         """``chol(J)^{-T} ε`` (``= J^{-1} chol(J) ε``)."""
-        upper = self.jacobi_cholesky.transpose(-1, -2)[:, None]  # (P, 1, m, T, T)
-        solved = torch.linalg.solve_triangular(upper, eps.permute(0, 1, 3, 2).unsqueeze(-1), upper=True)
-        return solved.squeeze(-1).permute(0, 1, 3, 2)
+        upper = self.jacobi_cholesky.transpose(-1, -2)
+        return self._from_tiles(torch.linalg.solve_triangular(upper, self._to_tiles(eps), upper=True))
 
     def logdet_jacobi(self) -> torch.Tensor:
         diag = torch.diagonal(self.jacobi_cholesky, dim1=-2, dim2=-1)

@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 import torch
 
+from hyperspy_gp.gp import schur_iterative
 from hyperspy_gp.gp.iterative import CGConvergenceError
 from hyperspy_gp.gp.kernels import GridKernel
+from hyperspy_gp.gp.likelihood import solve_grid_icm
 from hyperspy_gp.gp.model import GridICMModel
 from hyperspy_gp.gp.prediction import make_posterior
-from hyperspy_gp.gp.schur_iterative import SchurCGPosterior
+from hyperspy_gp.gp.schur_iterative import MaskedOperator, SchurCGPosterior, jacobi_tile
 from hyperspy_gp.gp.training import fit_model
 
 #: Stated tolerances of the default (16-probe) estimate (measured: MLL 0.8–2.7e-3,
@@ -48,6 +50,52 @@ def _value_and_gradient(model, targets):
 
 def _rel(a, b):
     return float((a - b).norm() / b.norm())
+
+
+def _dense(apply, n_values, shape):
+    """The matrix of a linear map on ``(P, R, T, m)`` vectors, ``(P, m·T, m·T)`` (value order m, T)."""
+    p, t, m = shape
+    eye = torch.eye(n_values, dtype=torch.float64).reshape(n_values, m, t).permute(0, 2, 1)
+    columns = apply(eye.expand(p, -1, -1, -1).contiguous())  # (P, R = n_values, T, m)
+    return columns.permute(0, 1, 3, 2).reshape(p, n_values, n_values).transpose(-1, -2)
+
+
+@pytest.mark.parametrize(
+    "kind,shape,n_models,n_tasks,tile,chunk_bytes",
+    [
+        ("separable", (13, 10), 1, 3, None, None),  # tiles cut by the grid's edges
+        ("separable", (13, 10), 1, 3, 3, 4096),  # blocks built over several chunks of tile rows
+        ("separable", (17,), 2, 2, 4, None),  # line scan, a batch of models
+        ("matern", (6, 5), 1, 2, 4, None),  # one factor over all pixels: tiles along the raster
+    ],
+)
+def test_preconditioner_holds_the_exact_blocks_of_c_within_each_tile(monkeypatch, kind, shape, n_models,
+                                                                     n_tasks, tile, chunk_bytes):
+    if chunk_bytes is not None:
+        monkeypatch.setattr(schur_iterative, "CHUNK_BYTES", chunk_bytes)
+    model = GridICMModel(GridKernel(shape, kind), n_models, n_tasks, rank=min(1, n_tasks - 1))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(2), dtype=param.dtype))
+    factors = model.kernel.factors(model.lengthscale)
+    targets = torch.zeros(n_models, *model.kernel.factor_shape, n_tasks, dtype=torch.float64)
+    solve = solve_grid_icm(targets, model.task_covariance, model.noise, factors)
+    missing = ~_scattered(model.kernel.factor_shape, 0.4)
+    index = torch.tensor(np.argwhere(missing))
+    op = MaskedOperator(solve, index, tile=tile)
+    assert op.tile == (jacobi_tile(model.kernel.factor_shape, n_tasks) if tile is None else tile)
+    m = index.shape[0]
+    c = _dense(op, m * n_tasks, (n_models, n_tasks, m))
+    same_tile = (index[:, None, :] // op.tile == index[None, :, :] // op.tile).all(-1)
+    expected = c * same_tile.repeat_interleave(n_tasks, 0).repeat_interleave(n_tasks, 1)
+    jacobi = torch.linalg.inv(_dense(op.precondition, m * n_tasks, (n_models, n_tasks, m)))
+    torch.testing.assert_close(jacobi, expected, rtol=1e-8, atol=1e-8 * float(c.abs().max()))
+    factor = _dense(op.jacobi_factor, m * n_tasks, (n_models, n_tasks, m))  # chol(J)
+    torch.testing.assert_close(factor @ factor.transpose(-1, -2), expected, rtol=1e-8,
+                               atol=1e-8 * float(c.abs().max()))
+    torch.testing.assert_close(op.logdet_jacobi(), torch.linalg.slogdet(expected)[1])
+    inv_t = _dense(op.jacobi_factor_inv_t, m * n_tasks, (n_models, n_tasks, m))
+    torch.testing.assert_close(inv_t, torch.linalg.inv(factor).transpose(-1, -2))
 
 
 @pytest.mark.parametrize("kind,shape", [("separable", (8, 7)), ("matern", (7, 6)), ("separable", (15,))])
@@ -109,14 +157,33 @@ def test_posterior_mean_is_exact_and_variance_within_its_standard_error():
     torch.testing.assert_close(chunked, variance)  # the same draws in every chunk
 
 
-def test_large_masked_regions_stop_cg_with_a_message():
-    shape = (48, 48)
+def _masked_disc_model(radius, lengthscale, noise, shape=(48, 48)):
     yy, xx = np.mgrid[: shape[0], : shape[1]]
-    observed = (yy - 43) ** 2 + (xx - 43) ** 2 > 22**2  # a quarter disc of vacuum
+    observed = (yy - 43) ** 2 + (xx - 43) ** 2 > radius**2  # a quarter disc of vacuum
     model = GridICMModel(GridKernel(shape), 1, 1, rank=0, observed=observed, masked_solver="schur-cg")
     with torch.no_grad():
-        model._set("raw_lengthscale", torch.full_like(model.raw_lengthscale, 3.0))
-        model._set("raw_noise", torch.full_like(model.raw_noise, 1e-3))
+        model._set("raw_lengthscale", torch.full_like(model.raw_lengthscale, lengthscale))
+        model._set("raw_noise", torch.full_like(model.raw_noise, noise))
     targets = torch.randn(1, *shape, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return model, targets
+
+
+def test_tile_blocks_let_cg_converge_on_a_masked_region(monkeypatch):
+    """600 masked pixels in one region, ℓ = 3 px, noise 1e-3: one-pixel blocks need > 1000 iterations."""
+    model, targets = _masked_disc_model(22, 3.0, 1e-3)
+    with torch.no_grad():
+        value = model.log_likelihood(targets)
+    monkeypatch.setattr(schur_iterative, "jacobi_tile", lambda factor_shape, n_tasks: 1)
+    with pytest.raises(CGConvergenceError):
+        model.log_likelihood(targets)
+    monkeypatch.undo()
+    dense = GridICMModel(GridKernel((48, 48)), 1, 1, rank=0, observed=model.observed, masked_solver="schur")
+    dense.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert abs(float(value - dense.log_likelihood(targets))) < MLL_RTOL_PROBES * abs(float(value))
+
+
+def test_large_masked_regions_stop_cg_with_a_message():
+    model, targets = _masked_disc_model(40, 6.0, 1e-6)  # 1600 masked pixels, long length scale
     with pytest.raises(CGConvergenceError, match="scattered missing pixels"):
         model.log_likelihood(targets)
