@@ -238,7 +238,10 @@ def preconditioned_cg(operator, preconditioner, rhs: torch.Tensor, tol: float, m
     target = tol * dot(rhs, rhs).sqrt()
     active = dot(residual, residual).sqrt() > target
     iterations = torch.zeros_like(rz, dtype=torch.long)
-    alphas, betas = [], []
+    # Preallocated: small tensors allocated between the large temporaries of each
+    # iteration would pin the heap and let the process's memory grow every iteration.
+    coefficients = rz.new_zeros(2, max_iter, *rz.shape)
+    n_done = 0
     for _ in range(max_iter):
         if not active.any():
             break
@@ -252,8 +255,8 @@ def preconditioned_cg(operator, preconditioner, rhs: torch.Tensor, tol: float, m
         beta = torch.where(active, rz_new / torch.where(active, rz, torch.ones_like(rz)), torch.zeros_like(rz))
         direction = direction.mul_(per_column(beta)).add_(z)
         rz = torch.where(active, rz_new, rz)
-        alphas.append(alpha)
-        betas.append(beta)
+        coefficients[0, n_done], coefficients[1, n_done] = alpha, beta
+        n_done += 1
         iterations = iterations + active.long()
         active = active & (dot(residual, residual).sqrt() > target)
     else:
@@ -264,8 +267,7 @@ def preconditioned_cg(operator, preconditioner, rhs: torch.Tensor, tol: float, m
                 "covariance is too ill-conditioned for the iterative solver: raise the lower bound of the noise "
                 "or lower the upper length-scale bound."
             )
-    empty = torch.zeros((0, *rz.shape), dtype=rhs.dtype, device=rhs.device)
-    return CGResult(x, torch.stack(alphas) if alphas else empty, torch.stack(betas) if betas else empty, iterations)
+    return CGResult(x, coefficients[0, :n_done].clone(), coefficients[1, :n_done].clone(), iterations)
 
 
 def lanczos_logdet_quadrature(cg: CGResult, probe_norms: torch.Tensor) -> torch.Tensor:
