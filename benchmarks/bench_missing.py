@@ -16,7 +16,7 @@ peak RSS is its own.
 
 Usage::
 
-    python benchmarks/bench_missing.py          # 64² and 128² × 6 maps (an hour or more on 2 cores)
+    python benchmarks/bench_missing.py          # 64² and 128² × 6 maps (15 minutes on 2 cores)
     python benchmarks/bench_missing.py --quick  # 48² × 3 maps (about two minutes)
     python benchmarks/bench_missing.py --sides 128 --patterns "edge lines" "every other line"
 """
