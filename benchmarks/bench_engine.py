@@ -26,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -56,6 +57,30 @@ def synthetic_maps(side: int, n_tasks: int, seed: int = 0) -> np.ndarray:
     return (maps - maps.mean((0, 1))) / maps.std((0, 1))
 
 
+@contextlib.contextmanager
+def counting_cg(module):
+    """Record the most iterations of each ``module.preconditioned_cg`` call; restored on exit."""
+    solve, iterations = module.preconditioned_cg, []
+
+    def counted(*args, **kwargs):
+        result = solve(*args, **kwargs)
+        iterations.append(int(result.iterations.max()))
+        return result
+
+    module.preconditioned_cg = counted
+    try:
+        yield iterations
+    finally:
+        module.preconditioned_cg = solve
+
+
+def mll_and_grad(model, targets) -> None:
+    """One likelihood + gradient evaluation of ``model``."""
+    for p in model.parameters():
+        p.grad = None
+    model.log_likelihood(targets).sum().backward()
+
+
 def _timeit(fn, repeat: int) -> float:
     fn()  # warm-up
     start = time.perf_counter()
@@ -75,14 +100,8 @@ def run_ours(side: int, n_tasks: int, quick: bool) -> dict:
 
     targets = torch.tensor(synthetic_maps(side, n_tasks)[None])
     model = GridICMModel(GridKernel((side, side)), 1, n_tasks, rank=1)
-
-    def mll_and_grad():
-        for p in model.parameters():
-            p.grad = None
-        model.log_likelihood(targets).sum().backward()
-
     with threadpool_limits(limits=1, user_api="blas"):
-        per_eval = _timeit(mll_and_grad, repeat=3 if quick or side >= 256 else 10)
+        per_eval = _timeit(lambda: mll_and_grad(model, targets), repeat=3 if quick or side >= 256 else 10)
     start = time.perf_counter()
     result = fit_model(model, targets, max_iter=100 if quick else 1000)
     fit_time = time.perf_counter() - start
@@ -148,29 +167,15 @@ def run_matern(side: int, n_tasks: int, quick: bool) -> dict:
     from hyperspy_gp.gp.training import fit_model
 
     targets = torch.tensor(synthetic_maps(side, n_tasks)[None])
-    cg_iterations = []
-    solve = iterative.preconditioned_cg
-
-    def counting_cg(*args, **kwargs):
-        result = solve(*args, **kwargs)
-        cg_iterations.append(int(result.iterations.max()))
-        return result
-
-    iterative.preconditioned_cg = counting_cg
     out = {"side": side, "tasks": n_tasks}
-    try:
+    with counting_cg(iterative) as cg_iterations:
         for name, is_iterative in (("dense", False), ("iterative", True)):
             if not is_iterative and side > DENSE_MAX_SIDE:
                 continue
             model = GridICMModel(GridKernel((side, side), "matern"), 1, n_tasks, rank=1, iterative=is_iterative)
-
-            def mll_and_grad(model=model):
-                for p in model.parameters():
-                    p.grad = None
-                model.log_likelihood(targets).sum().backward()
-
             with threadpool_limits(limits=1, user_api="blas"):
-                out[f"{name}_mll_grad_s"] = _timeit(mll_and_grad, repeat=1 if side >= 128 or name == "dense" else 3)
+                out[f"{name}_mll_grad_s"] = _timeit(lambda model=model: mll_and_grad(model, targets),
+                                                    repeat=1 if side >= 128 or name == "dense" else 3)
         out["cg_iterations"] = max(cg_iterations)
         start = time.perf_counter()
         result = fit_model(model, targets, max_iter=100 if quick else 1000)
@@ -178,8 +183,6 @@ def run_matern(side: int, n_tasks: int, quick: bool) -> dict:
         start = time.perf_counter()
         IterativePosterior(model, targets).predict([model.kernel.axis_coordinates(side, 2)] * 2)
         out["predict_2x_s"] = time.perf_counter() - start
-    finally:
-        iterative.preconditioned_cg = solve
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import _timeit, synthetic_maps
+from bench_engine import _timeit, counting_cg, mll_and_grad, synthetic_maps
 
 #: Mask patterns, in table order; the first is the baseline.
 PATTERNS = ("complete", "20 dead pixels", "edge lines", "every other line", "5% random", "20% random", "50% random")
@@ -79,28 +79,12 @@ def run_case(side: int, n_tasks: int, pattern: str) -> dict:
     targets = torch.tensor(standardise(request.fitted_region(maps))[0][None])
     model = GridICMModel(GridKernel(targets.shape[1:-1], points=points), 1, n_tasks, rank=1,
                          observed=request.observed, masked_solver=request.masked_solver)
-    iterations = []
-    solve = schur_iterative.preconditioned_cg
-
-    def counting_cg(*args, **kwargs):
-        result = solve(*args, **kwargs)
-        iterations.append(int(result.iterations.max()))
-        return result
-
-    def mll_and_grad():
-        for p in model.parameters():
-            p.grad = None
-        model.log_likelihood(targets).sum().backward()
-
-    schur_iterative.preconditioned_cg = counting_cg
-    try:
+    with counting_cg(schur_iterative) as iterations:
         with threadpool_limits(limits=1, user_api="blas"):
-            per_eval = _timeit(mll_and_grad, repeat=1 if side >= 128 else 3)
+            per_eval = _timeit(lambda: mll_and_grad(model, targets), repeat=1 if side >= 128 else 3)
         first = max(iterations) if iterations else None
         start = time.perf_counter()
         fit = fit_and_predict_maps(maps, request, False, 1000, 1e-9, False)
-    finally:
-        schur_iterative.preconditioned_cg = solve
     return {
         "side": side, "tasks": n_tasks, "pattern": pattern, "path": path,
         "missing": int(np.isnan(maps[..., 0]).sum()), "mll_grad_s": per_eval,
