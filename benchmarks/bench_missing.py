@@ -8,7 +8,11 @@ likelihood + gradient evaluation, the CG iterations of that evaluation, the time
 whole reconstruction of the maps (fit and 2× upsampled prediction with variance) with
 the most CG iterations any of its solves needed (they grow as the fit lowers the noise), the
 peak RSS of the process that ran the case, and the evaluation's cost relative to the
-complete grid (the first row of each size, run in the same way).
+complete grid (the first row of each size, run in the same way).  ``quarter disc`` masks
+a corner (a connected region, as a navigation mask over vacuum), which the coarse-space
+correction of the Schur complement by CG serves; ``disc, tiles only`` is the same
+case with block-Jacobi alone, the coarse space's baseline ("failed" when its CG does not
+converge).
 
 The maps are the separable-kernel parallel GP's usual synthetic lattice
 (``bench_engine.synthetic_maps``); every case runs in a fresh subprocess so that its
@@ -16,7 +20,7 @@ peak RSS is its own.
 
 Usage::
 
-    python benchmarks/bench_missing.py          # 64² and 128² × 6 maps (15 minutes on 2 cores)
+    python benchmarks/bench_missing.py          # 64² and 128² × 6 maps (40 minutes on 2 cores)
     python benchmarks/bench_missing.py --quick  # 48² × 3 maps (about two minutes)
     python benchmarks/bench_missing.py --sides 128 --patterns "edge lines" "every other line"
 """
@@ -37,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import _timeit, counting_cg, mll_and_grad, synthetic_maps
 
 #: Mask patterns, in table order; the first is the baseline.
-PATTERNS = ("complete", "20 dead pixels", "edge lines", "every other line", "5% random", "20% random", "50% random")
+PATTERNS = ("complete", "20 dead pixels", "edge lines", "every other line", "5% random", "20% random", "50% random",
+            "quarter disc", "disc, tiles only")
 
 
 def missing_mask(pattern: str, side: int) -> np.ndarray:
@@ -52,6 +57,9 @@ def missing_mask(pattern: str, side: int) -> np.ndarray:
         mask[1::2] = True
     elif pattern.endswith("% random"):
         mask = rng.random((side, side)) < int(pattern.split("%")[0]) / 100
+    elif pattern in ("quarter disc", "disc, tiles only"):  # a masked corner (vacuum), radius 0.6 of the side
+        yy, xx = np.mgrid[:side, :side]
+        mask = (yy - side + 1) ** 2 + (xx - side + 1) ** 2 < (0.6 * side) ** 2
     return mask
 
 
@@ -60,11 +68,14 @@ def run_case(side: int, n_tasks: int, pattern: str) -> dict:
     from threadpoolctl import threadpool_limits
 
     from hyperspy_gp.gp import schur_iterative
+    from hyperspy_gp.gp.iterative import CGConvergenceError
     from hyperspy_gp.gp.kernels import GridKernel
     from hyperspy_gp.gp.model import GridICMModel
     from hyperspy_gp.maps_gp import fit_and_predict_maps, standardise
     from hyperspy_gp.request import Request, choose_solver
 
+    if pattern == "disc, tiles only":  # block-Jacobi alone: no coarse space
+        GridICMModel.coarse_index = None
     maps = synthetic_maps(side, n_tasks)
     maps[missing_mask(pattern, side)] = np.nan
     request = Request(list(range(n_tasks)), "parallel", 2, None, "separable", 1, "auto", "cpu", "float64", None)
@@ -80,11 +91,15 @@ def run_case(side: int, n_tasks: int, pattern: str) -> dict:
     model = GridICMModel(GridKernel(targets.shape[1:-1], points=points), 1, n_tasks, rank=1,
                          observed=request.observed, masked_solver=request.masked_solver)
     with counting_cg(schur_iterative) as iterations:
-        with threadpool_limits(limits=1, user_api="blas"):
-            per_eval = _timeit(lambda: mll_and_grad(model, targets), repeat=1 if side >= 128 else 3)
-        first = max(iterations) if iterations else None
-        start = time.perf_counter()
-        fit = fit_and_predict_maps(maps, request, False, 1000, 1e-9, False)
+        try:
+            with threadpool_limits(limits=1, user_api="blas"):
+                per_eval = _timeit(lambda: mll_and_grad(model, targets), repeat=1 if side >= 128 else 3)
+            first = max(iterations) if iterations else None
+            start = time.perf_counter()
+            fit = fit_and_predict_maps(maps, request, False, 1000, 1e-9, False)
+        except CGConvergenceError:
+            return {"side": side, "tasks": n_tasks, "pattern": pattern, "path": path,
+                    "missing": int(np.isnan(maps[..., 0]).sum()), "failed": True}
     return {
         "side": side, "tasks": n_tasks, "pattern": pattern, "path": path,
         "missing": int(np.isnan(maps[..., 0]).sum()), "mll_grad_s": per_eval,
@@ -102,9 +117,12 @@ HEADER = (
 
 
 def _format_row(r: dict, baseline: float) -> str:
+    case = f"{r['side']:>4}² {r['tasks']:>3}  {r['pattern']:<18} {r['missing']:>7}  {r['path']:<8} | "
+    if r.get("failed"):
+        return case + "failed: CG did not converge"
     cg = f"{r['cg_iterations']:>3} {r['cg_iterations_fit']:>4}" if r["cg_iterations"] is not None else "  —    —"
     return (
-        f"{r['side']:>4}² {r['tasks']:>3}  {r['pattern']:<18} {r['missing']:>7}  {r['path']:<8} | "
+        case +
         f"{r['mll_grad_s']:8.3f}  {cg}  | {r['reconstruct_s']:10.1f}   {r['fit_iterations']:>5} | "
         f"{r['peak_rss_mb']:8.0f} | {r['mll_grad_s'] / baseline:8.1f}×"
     )

@@ -53,6 +53,11 @@ VARIANCE_DRAWS = 64
 #: Values (pixels × maps) of a tile, one block of the Schur complement by CG's
 #: block-Jacobi preconditioner.
 JACOBI_BLOCK_VALUES = 64
+#: Largest ``P r²`` (models × coarse values²) of the coarse-space correction of the
+#: Schur complement by CG: each of its ``r × r`` matrices stays under 32 MB.
+COARSE_MATRIX_VALUES = 2**22
+#: Largest ``P m c`` (models × missing pixels × coarse points): its basis under 64 MB.
+COARSE_BASIS_VALUES = 2**23
 _FLOAT64 = 8
 
 
@@ -151,6 +156,7 @@ def estimate_memory(
     chunks: int | None = None,
     iterative: bool = False,
     schur_cg: bool = False,
+    n_coarse: int = 0,
 ) -> MemoryEstimate:
     """Estimate the peak memory of :func:`~hyperspy_gp.gp_reconstruct`.
 
@@ -172,6 +178,9 @@ def estimate_memory(
     schur_cg
         Whether the Schur complement over the ``n_missing`` pixels is solved by
         conjugate gradients (many scattered missing pixels) rather than factorised.
+    n_coarse
+        Coarse points of its coarse-space correction
+        (:func:`~hyperspy_gp.gp.coarse_space.coarse_points`), 0 for none.
 
     Returns
     -------
@@ -203,6 +212,10 @@ def estimate_memory(
         columns = n_models * (1 + LOGDET_PROBES) * n_tasks
         tiles = n_models * min(n_missing * JACOBI_BLOCK_VALUES**2, n_pixels * n_tasks * JACOBI_BLOCK_VALUES)
         fitting += (6 * columns * n_missing + 4 * columns * n_pixels + 2 * tiles) * itemsize + CHUNK_BYTES
+        # The coarse space: kernel columns and their orthonormal basis (m × c), and six
+        # r × r matrices (E, F, their factors, the two weights), r = c T.
+        coarse_values = n_coarse * n_tasks
+        fitting += n_models * (2 * n_missing * n_coarse + 6 * coarse_values**2) * itemsize
         draws = n_models * VARIANCE_DRAWS * n_tasks * n_pixels
         prediction += 3 * draws * _FLOAT64 + (os.cpu_count() or 1) * CHUNK_BYTES
     elif n_observed is None and n_missing:

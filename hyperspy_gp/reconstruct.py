@@ -294,12 +294,18 @@ def _choose_lengthscale_bounds(maps, request: Request, isotropic: bool, signal, 
 def _check_memory(maps: np.ndarray, decomposition, request: Request, lazy: bool, memory_budget) -> None:
     from hyperspy_gp.memory import check_memory_budget, estimate_memory
 
+    n_coarse = 0
+    if request.schur_cg:
+        from hyperspy_gp.gp.coarse_space import coarse_points
+
+        n_models, n_tasks = (1, maps.shape[-1]) if request.mode == "parallel" else (maps.shape[-1], 1)
+        n_coarse = int(coarse_points(request.observed, n_models, n_tasks).sum())
     estimate = estimate_memory(
         maps.shape[:-1], maps.shape[-1], decomposition.factors.shape[0], mode=request.mode,
         upsampling=request.upsampling, kernel=request.kernel, dtype=request.dtype, lazy_output=lazy,
         n_observed=int(request.observed.sum()) if request.solver == "dense" else None,
         n_missing=0 if request.observed is None else int((~request.observed).sum()), chunks=request.chunks,
-        iterative=request.iterative, schur_cg=request.schur_cg,
+        iterative=request.iterative, schur_cg=request.schur_cg, n_coarse=n_coarse,
     )
     _logger.info("Estimated memory: %s", estimate.describe())
     check_memory_budget(estimate, memory_budget)

@@ -138,3 +138,10 @@ def test_schur_complement_by_cg_is_linear_in_the_missing_pixels_not_in_missing_t
     tiles = {m: min(m * 64**2, 65536 * 6 * 64) for m in (1000, 30000)}
     assert many.fitting - few.fitting == (6 * 17 * 6 * 29000 + 2 * (tiles[30000] - tiles[1000])) * 8
     assert few.prediction > complete.prediction  # the variance draws
+
+
+def test_coarse_space_of_the_schur_complement_by_cg_is_counted():
+    without = estimate_memory((256, 256), 6, 100, n_missing=8000, schur_cg=True)
+    with_coarse = estimate_memory((256, 256), 6, 100, n_missing=8000, schur_cg=True, n_coarse=300)
+    # kernel columns and their basis (m × c), six (c T)² matrices
+    assert with_coarse.fitting - without.fitting == (2 * 8000 * 300 + 6 * (300 * 6) ** 2) * 8

@@ -10,6 +10,7 @@ GPs.  In GPyTorch vocabulary the parallel model is an ``ExactGP`` with a
 
 from __future__ import annotations
 
+import functools
 import math
 
 import gpytorch
@@ -210,6 +211,21 @@ class GridICMModel(gpytorch.Module):
         shape = (targets.shape[0], self.n_tasks, self.missing_index.shape[0])
         return rademacher_probes(shape, self.n_probes, 0, self.kernel.dtype, targets.device)
 
+    @functools.cached_property
+    def coarse_index(self) -> torch.Tensor | None:
+        """Coarse points ``(c, n_factors)`` of the Schur complement by CG, or ``None``.
+
+        Missing pixels deep inside large masked regions
+        (:func:`~hyperspy_gp.gp.coarse_space.coarse_points`), for the preconditioner's
+        coarse-space correction; ``None`` unless ``masked_solver="schur-cg"`` has some.
+        """
+        if self.observed is None or self.masked_solver != "schur-cg":
+            return None
+        from hyperspy_gp.gp.coarse_space import coarse_points
+
+        chosen = coarse_points(self.observed, self.n_models, self.n_tasks)
+        return self.missing_index[torch.as_tensor(chosen, device=self.missing_index.device)] if chosen.any() else None
+
     def log_likelihood(self, targets: torch.Tensor) -> torch.Tensor:
         """Exact log marginal likelihood of each model, ``(P,)``."""
         if self.iterative:
@@ -232,7 +248,7 @@ class GridICMModel(gpytorch.Module):
         from hyperspy_gp.gp.schur_iterative import schur_cg_log_likelihood
 
         return schur_cg_log_likelihood(self.as_factor_layout(targets), *covariances, self.missing_index,
-                                       self.schur_probes(targets))
+                                       self.schur_probes(targets), self.coarse_index)
 
     def submodel(self, index: int) -> GridICMModel:
         """A batch of one: a copy of model ``index`` (its parameters, not shared)."""

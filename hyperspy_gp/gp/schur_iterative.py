@@ -39,6 +39,7 @@ from collections.abc import Sequence
 import torch
 
 from hyperspy_gp.gp.cholesky import safe_cholesky
+from hyperspy_gp.gp.coarse_space import CoarseCorrection
 from hyperspy_gp.gp.iterative import (
     CG_TOLERANCE,
     MAX_CG_ITERATIONS,
@@ -228,48 +229,62 @@ class MaskedOperator:
         """``J^{-1} r``."""
         return self._from_tiles(torch.cholesky_solve(self._to_tiles(r), self.jacobi_cholesky))
 
-    def jacobi_factor(self, eps: torch.Tensor) -> torch.Tensor:
+    def jacobi(self, v: torch.Tensor) -> torch.Tensor:
+        """``J v``."""
+        x = self._to_tiles(v)
+        return self._from_tiles(self.jacobi_cholesky @ (self.jacobi_cholesky.transpose(-1, -2) @ x))
+
+    def factor(self, eps: torch.Tensor) -> torch.Tensor:
         """``chol(J) ε``: probes with covariance ``J``."""
         return self._from_tiles(self.jacobi_cholesky @ self._to_tiles(eps))
 
-    def jacobi_factor_inv_t(self, eps: torch.Tensor) -> torch.Tensor:
+    def factor_inv_t(self, eps: torch.Tensor) -> torch.Tensor:
         """``chol(J)^{-T} ε`` (``= J^{-1} chol(J) ε``)."""
         upper = self.jacobi_cholesky.transpose(-1, -2)
         return self._from_tiles(torch.linalg.solve_triangular(upper, self._to_tiles(eps), upper=True))
 
-    def logdet_jacobi(self) -> torch.Tensor:
+    def logdet_preconditioner(self) -> torch.Tensor:
+        """``log det J`` per model, ``(P,)``."""
         diag = torch.diagonal(self.jacobi_cholesky, dim1=-2, dim2=-1)
         return 2.0 * torch.log(diag).reshape(diag.shape[0], -1).sum(-1)
 
-    def cg(self, rhs: torch.Tensor) -> CGResult:
-        """``C^{-1} rhs`` by block-Jacobi preconditioned CG, with a message for large masked regions."""
+    def cg(self, rhs: torch.Tensor, preconditioner=None) -> CGResult:
+        """``C^{-1} rhs`` by preconditioned CG (``J`` by default), with a message for large masked regions."""
+        precondition = (preconditioner or self).precondition
         try:
-            return preconditioned_cg(self, self.precondition, rhs, CG_TOLERANCE.get(rhs.dtype, 1e-5),
-                                     MAX_CG_ITERATIONS)
+            return preconditioned_cg(self, precondition, rhs, CG_TOLERANCE.get(rhs.dtype, 1e-5), MAX_CG_ITERATIONS)
         except CGConvergenceError as exc:
             raise CGConvergenceError(
                 f"{exc} The iterative Schur complement suits scattered missing pixels (sparse scans, dead "
-                "pixels); large connected masked regions make it ill-conditioned. Crop such regions away "
-                "with s.inav[...], or decompose without a navigation_mask there."
+                "pixels) and masked regions of moderate extent; large connected masked regions with long "
+                "length scales make it ill-conditioned. Crop such regions away with s.inav[...], or decompose "
+                "without a navigation_mask there."
             ) from None
 
 
 class SchurCGSolve:
     """Completed targets ``ȳ(z*)`` and, with ``probes``, the ``log det C`` estimate and the gradient vectors.
 
-    Without ``probes`` (prediction) only ``z*`` is solved for.  No autograd.
+    Without ``probes`` (prediction) only ``z*`` is solved for.  With ``coarse_index``
+    (coarse points deep inside masked regions, :func:`~hyperspy_gp.gp.coarse_space.coarse_points`)
+    the block-Jacobi preconditioner gets the coarse-space correction of
+    :class:`~hyperspy_gp.gp.coarse_space.CoarseCorrection`.  No autograd.
     """
 
     def __init__(self, targets, task_covariance, noise, factors, index: torch.Tensor,
-                 probes: torch.Tensor | None = None) -> None:
+                 probes: torch.Tensor | None = None, coarse_index: torch.Tensor | None = None) -> None:
         with torch.no_grad():
             zeroed = targets.clone()
             zeroed[(slice(None), *index.T)] = 0.0
             solve = solve_grid_icm(zeroed, task_covariance, noise, factors)
             self.operator = op = MaskedOperator(solve, index)
+            self.preconditioner = op
+            if coarse_index is not None and len(coarse_index):
+                self.preconditioner = CoarseCorrection(op, [f.detach() for f in factors], coarse_index)
+            pre = self.preconditioner
             alpha0 = kron_dot(solve.rotated_weights, solve.eigenvectors)  # Σ⁻¹ ȳ(0), (P, *fg, T)
             u = op.gather(alpha0.unsqueeze(-1))  # (P, 1, T, m)
-            cg = op.cg(u if probes is None else torch.cat([u, op.jacobi_factor(probes)], dim=1))
+            cg = op.cg(u if probes is None else torch.cat([u, pre.factor(probes)], dim=1), pre)
             self.completed = zeroed
             self.completed[(slice(None), *index.T)] = -cg.solution[:, 0].transpose(-1, -2)
             self.n_missing_values = index.shape[0] * targets.shape[-1]
@@ -279,18 +294,18 @@ class SchurCGSolve:
 
     def _estimate_logdet(self, cg: CGResult, probes: torch.Tensor) -> None:
         """``log det C`` by SLQ from the probe columns of ``cg``, and the gradient vectors."""
-        op = self.operator
+        op, pre = self.operator, self.preconditioner
         with torch.no_grad():
             n_probes = probes.shape[1]
             probe_cg = CGResult(cg.solution[:, 1:], cg.alphas[:, :, 1:], cg.betas[:, :, 1:], cg.iterations[:, 1:])
             norms = probes.pow(2).sum(dim=(2, 3))
-            self.logdet_c = op.logdet_jacobi() + lanczos_logdet_quadrature(probe_cg, norms) / n_probes
+            self.logdet_c = pre.logdet_preconditioner() + lanczos_logdet_quadrature(probe_cg, norms) / n_probes
             self.left = op.inverse_covariance(op.scatter(probe_cg.solution))  # Σ⁻¹ E_M C⁻¹ z_i
-            self.right = op.inverse_covariance(op.scatter(op.jacobi_factor_inv_t(probes)))  # Σ⁻¹ E_M J⁻¹ z_i
+            self.right = op.inverse_covariance(op.scatter(pre.factor_inv_t(probes)))  # Σ⁻¹ E_M P⁻¹ z_i
 
 
 def schur_cg_log_likelihood(targets, task_covariance, noise, factors, index: torch.Tensor,
-                            probes: torch.Tensor) -> torch.Tensor:
+                            probes: torch.Tensor, coarse_index: torch.Tensor | None = None) -> torch.Tensor:
     """``log p(y_O)`` per model, ``(P,)``, with ``log det C`` estimated (see the module docstring).
 
     Parameters
@@ -300,13 +315,16 @@ def schur_cg_log_likelihood(targets, task_covariance, noise, factors, index: tor
     probes
         ``(P, R, T, m)`` whitened probes over the missing values, e.g. Rademacher signs
         (:func:`~hyperspy_gp.gp.iterative.rademacher_probes` with the grid ``(m,)``).
+    coarse_index
+        ``(c, n_factors)`` coarse points of the preconditioner's coarse space (see
+        :class:`SchurCGSolve`), ``None`` or empty for block-Jacobi alone.
 
     Returns
     -------
     torch.Tensor
         Differentiable in every argument but ``targets`` and ``probes``.
     """
-    schur = SchurCGSolve(targets, task_covariance, noise, factors, index, probes)
+    schur = SchurCGSolve(targets, task_covariance, noise, factors, index, probes, coarse_index)
     full = grid_icm_log_likelihood(schur.completed, task_covariance, noise, factors)
     forms = (schur.left * _apply_covariance(schur.right, task_covariance, noise, factors)).sum(
         dim=tuple(range(1, schur.left.dim()))) / probes.shape[1]
@@ -335,7 +353,7 @@ class SchurCGPosterior(GridPosterior):
         with torch.no_grad():
             factors = model.kernel.factors(model.lengthscale)
             schur = SchurCGSolve(model.as_factor_layout(targets), model.task_covariance, model.noise, factors,
-                                 model.missing_index)
+                                 model.missing_index, coarse_index=model.coarse_index)
             op = schur.operator
             completed = schur.completed.reshape(targets.shape)
             # w ~ N(0, C): Σ⁻¹ = F Fᵀ with F = Q chol(S_j)⁻ᵀ, w = (F ε)_M; v = C⁻¹ w ~ N(0, C⁻¹).
@@ -347,7 +365,8 @@ class SchurCGPosterior(GridPosterior):
             # A batch of draws at a time: CG's vectors and the grid temporaries of each
             # product stay the size of the likelihood's.
             batch = DRAWS_PER_SOLVE
-            v = torch.cat([op.cg(w[:, i : i + batch]).solution for i in range(0, self.n_samples, batch)], 1)
+            v = torch.cat([op.cg(w[:, i : i + batch], schur.preconditioner).solution
+                           for i in range(0, self.n_samples, batch)], 1)
             # Weights of the structured "mean" of each draw: B M_j Qᵀ E_M v, (P, *fg, T, S).
             rotated = kron_dot(op.scatter(v), [q.transpose(-1, -2) for q in op.eigenvectors])
             b = model.task_covariance.reshape(chol.shape[0], *([1] * (chol.dim() - 3)), *chol.shape[-2:])

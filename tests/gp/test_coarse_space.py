@@ -1,0 +1,158 @@
+"""The coarse-space correction of the Schur complement by CG: large masked regions."""
+
+import numpy as np
+import pytest
+import torch
+
+from hyperspy_gp.gp import coarse_space, schur_iterative
+from hyperspy_gp.gp.coarse_space import CoarseCorrection, coarse_points
+from hyperspy_gp.gp.iterative import CGConvergenceError
+from hyperspy_gp.gp.kernels import GridKernel
+from hyperspy_gp.gp.likelihood import solve_grid_icm
+from hyperspy_gp.gp.model import GridICMModel
+from hyperspy_gp.gp.schur_iterative import MaskedOperator
+from hyperspy_gp.gp.training import fit_model
+
+from .test_schur_iterative import MLL_RTOL_PROBES, _dense, _masked_disc_model, _pair, _rel, _value_and_gradient
+
+
+def _block_mask(shape, block, seed=0):
+    """A masked rectangle ``block`` (slices) plus 10 % scattered missing pixels."""
+    observed = np.random.default_rng(seed).random(shape) > 0.1
+    observed[block] = False
+    observed.flat[0] = True
+    return observed
+
+
+def _matrix(v):
+    """``(P, R, T, m)`` columns → ``(P, m·T, R)`` (value order m, T, as :func:`_dense`)."""
+    p, r, t, m = v.shape
+    return v.permute(0, 3, 2, 1).reshape(p, m * t, r)
+
+
+def test_coarse_points_lie_on_a_lattice_deep_inside_masked_regions():
+    observed = _block_mask((20, 18), np.s_[4:15, 3:12])
+    chosen = coarse_points(observed, 1, 2)
+    missing = np.argwhere(~observed)
+    points = missing[chosen]
+    assert len(points) == 16  # interior rows 5…13 and columns 4…10, even ones: 4 × 4
+    assert (points % 2 == 0).all()
+    for y, x in points:  # all neighbours missing
+        assert not observed[y - 1 : y + 2, x - 1 : x + 2].any()
+    assert not coarse_points(_block_mask((20, 18), np.s_[0:0, 0:0]), 1, 2).any()  # scattered only
+
+
+def test_coarse_lattice_widens_to_fit_the_memory_cap(monkeypatch):
+    observed = _block_mask((40, 40), np.s_[2:38, 2:38])
+    dense_count = int(coarse_points(observed, 1, 3).sum())
+    monkeypatch.setattr(coarse_space, "COARSE_MATRIX_VALUES", (dense_count * 3) ** 2 // 4)
+    capped = coarse_points(observed, 1, 3)
+    assert 0 < capped.sum() and (capped.sum() * 3) ** 2 <= (dense_count * 3) ** 2 // 4
+    monkeypatch.setattr(coarse_space, "COARSE_MATRIX_VALUES", 0)
+    assert not coarse_points(observed, 1, 3).any()
+
+
+@pytest.mark.parametrize("kind,shape,block,n_models,n_tasks", [
+    ("separable", (14, 12), np.s_[3:11, 2:10], 1, 2),
+    ("separable", (14, 12), np.s_[3:11, 2:10], 2, 1),
+    ("matern", (10, 9), np.s_[2:8, 2:8], 1, 2),  # one factor over all pixels
+])
+def test_two_level_preconditioner_is_exact_in_dense_algebra(kind, shape, block, n_models, n_tasks):
+    """``P⁻¹ = J⁻¹ + Z E⁻¹ Zᵀ``, its factor, the factor's inverse transpose and ``log det P``."""
+    observed = _block_mask(shape, block)
+    model = GridICMModel(GridKernel(shape, kind), n_models, n_tasks, rank=min(1, n_tasks - 1), observed=observed,
+                         masked_solver="schur-cg")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(4), dtype=param.dtype))
+        factors = model.kernel.factors(model.lengthscale)
+        targets = torch.zeros(n_models, *model.kernel.factor_shape, n_tasks, dtype=torch.float64)
+        op = MaskedOperator(solve_grid_icm(targets, model.task_covariance, model.noise, factors), model.missing_index)
+        assert model.coarse_index is not None
+        coarse = CoarseCorrection(op, factors, model.coarse_index)
+    m = model.missing_index.shape[0]
+    size, shape3 = m * n_tasks, (n_models, n_tasks, m)
+    c, jacobi = _dense(op, size, shape3), _dense(op.jacobi, size, shape3)
+    z = _matrix(coarse.lift(torch.eye(coarse.n_values, dtype=torch.float64).expand(n_models, -1, -1)))
+    torch.testing.assert_close(z.transpose(-1, -2) @ z, torch.eye(z.shape[-1], dtype=torch.float64).expand_as(
+        z.transpose(-1, -2) @ z))  # orthonormal
+    columns = torch.stack([  # the kernel columns at the coarse points, per map
+        torch.prod(torch.stack([f[p][model.missing_index[:, a]][:, model.coarse_index[:, a]]
+                                for a, f in enumerate(factors)]), 0) for p in range(n_models)])
+    columns = torch.kron(columns, torch.eye(n_tasks, dtype=torch.float64)[None])
+    assert _rel(z @ (z.transpose(-1, -2) @ columns), columns) < 1e-10  # in the span of Z
+    e = z.transpose(-1, -2) @ c @ z
+    expected = torch.linalg.inv(jacobi) + z @ torch.linalg.inv(e) @ z.transpose(-1, -2)  # P⁻¹
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(_dense(coarse.precondition, size, shape3), expected, rtol=1e-8, atol=1e-9 * scale)
+    factor = _dense(coarse.factor, size, shape3)
+    precond = torch.linalg.inv(expected)
+    torch.testing.assert_close(factor @ factor.transpose(-1, -2), precond, rtol=1e-7,
+                               atol=1e-8 * float(precond.abs().max()))
+    inv_t = _dense(coarse.factor_inv_t, size, shape3)
+    torch.testing.assert_close(inv_t, torch.linalg.inv(factor).transpose(-1, -2), rtol=1e-7,
+                               atol=1e-8 * float(inv_t.abs().max()))
+    torch.testing.assert_close(coarse.logdet_preconditioner(), -torch.linalg.slogdet(expected)[1])
+
+    def condition(inverse_preconditioner):
+        eig = torch.linalg.eigvals(inverse_preconditioner @ c).real
+        return eig.max(-1).values / eig.min(-1).values
+
+    assert (condition(expected) < condition(torch.linalg.inv(jacobi))).all()
+
+
+@pytest.mark.parametrize("kind,shape,block", [("separable", (12, 11), np.s_[2:10, 3:10]),
+                                              ("matern", (9, 8), np.s_[2:8, 1:7])])
+@pytest.mark.parametrize("n_models,n_tasks,rank", [(2, 1, 0), (1, 3, 1)])
+def test_exact_probes_with_a_coarse_space_give_the_dense_likelihood_and_gradient(kind, shape, block, n_models,
+                                                                                 n_tasks, rank):
+    (cg, dense), targets = _pair(kind, shape, n_tasks, rank, _block_mask(shape, block), n_probes="exact",
+                                 n_models=n_models)
+    assert cg.coarse_index is not None
+    value, grad = _value_and_gradient(cg, targets)
+    value_ref, grad_ref = _value_and_gradient(dense, targets)
+    assert _rel(value, value_ref) < 1e-6
+    for name in grad_ref:
+        assert _rel(grad[name], grad_ref[name]) < 1e-6, name
+
+
+def test_coarse_space_lets_cg_converge_on_a_large_masked_region(monkeypatch):
+    """1633 masked pixels, ℓ = 6 px, noise 1e-6: tiles alone stop after 1000 iterations."""
+    model, targets = _masked_disc_model(40, 6.0, 1e-6)
+    assert model.coarse_index is not None
+    with torch.no_grad():
+        value = model.log_likelihood(targets)
+    factorised = GridICMModel(GridKernel((48, 48)), 1, 1, rank=0, observed=model.observed, masked_solver="schur")
+    factorised.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert abs(float(value - factorised.log_likelihood(targets))) < MLL_RTOL_PROBES * abs(float(value))
+    monkeypatch.setattr(GridICMModel, "coarse_index", None)
+    model, targets = _masked_disc_model(40, 6.0, 1e-6)
+    with pytest.raises(CGConvergenceError), torch.no_grad():
+        model.log_likelihood(targets)
+
+
+def test_fit_with_a_masked_region_agrees_with_the_factorised_fit():
+    shape = (26, 24)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    rng = np.random.default_rng(5)
+    maps = np.stack([np.sin(xx / 2.5) * np.cos(yy / 3.0), np.cos(yy / 4.0) + 0.3 * np.sin(xx / 3.0)], -1)
+    maps = maps + 0.05 * rng.standard_normal(maps.shape)
+    targets = torch.tensor(((maps - maps.mean((0, 1))) / maps.std((0, 1)))[None])
+    observed = _block_mask(shape, np.s_[6:20, 5:17], seed=6)
+    states = []
+    for solver in ("schur-cg", "schur"):
+        model = GridICMModel(GridKernel(shape), 1, 2, rank=1, observed=observed, masked_solver=solver)
+        assert fit_model(model, targets).converged
+        states.append(model.state())
+    assert model.coarse_index is None and GridICMModel(
+        GridKernel(shape), 1, 2, rank=1, observed=observed, masked_solver="schur-cg").coarse_index is not None
+    for name in ("lengthscale", "noise"):
+        np.testing.assert_allclose(states[0][name], states[1][name], rtol=0.02, err_msg=name)
+
+
+def test_cg_failure_still_names_the_way_out(monkeypatch):
+    monkeypatch.setattr(schur_iterative, "MAX_CG_ITERATIONS", 5)
+    model, targets = _masked_disc_model(22, 3.0, 1e-3)
+    with pytest.raises(CGConvergenceError, match="Crop such regions away"):
+        model.log_likelihood(targets)
