@@ -212,10 +212,11 @@ def estimate_memory(
         columns = n_models * (1 + LOGDET_PROBES) * n_tasks
         tiles = n_models * min(n_missing * JACOBI_BLOCK_VALUES**2, n_pixels * n_tasks * JACOBI_BLOCK_VALUES)
         fitting += (6 * columns * n_missing + 4 * columns * n_pixels + 2 * tiles) * itemsize + CHUNK_BYTES
-        # The coarse space: kernel columns and their orthonormal basis (m × c), and six
-        # r × r matrices (E, F, their factors, the two weights), r = c T.
+        # The coarse space: kernel columns and their orthonormal basis (m × c), the basis
+        # rotated into the eigenbasis (n × c), and six r × r matrices (E, F, their
+        # factors, the two weights), r = c T.
         coarse_values = n_coarse * n_tasks
-        fitting += n_models * (2 * n_missing * n_coarse + 6 * coarse_values**2) * itemsize
+        fitting += n_models * ((2 * n_missing + n_pixels) * n_coarse + 6 * coarse_values**2) * itemsize
         draws = n_models * VARIANCE_DRAWS * n_tasks * n_pixels
         prediction += 3 * draws * _FLOAT64 + (os.cpu_count() or 1) * CHUNK_BYTES
     elif n_observed is None and n_missing:

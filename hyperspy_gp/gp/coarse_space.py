@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from hyperspy_gp.gp.cholesky import safe_cholesky
+from hyperspy_gp.gp.tensor import kron_dot
 from hyperspy_gp.memory import CHUNK_BYTES, COARSE_BASIS_VALUES, COARSE_MATRIX_VALUES
 
 #: Smallest spacing of the coarse lattice, in pixels (every other pixel).
@@ -119,9 +120,11 @@ class CoarseCorrection:
             )
             self.basis, _ = torch.linalg.qr(columns)  # orthonormal: the span is what counts
             self.n_tasks = operator.inverse_blocks.shape[-1]
-            e = self._coarse_matrix(operator)  # Zᵀ C Z
+            e = self._coarse_inverse_covariance()  # Zᵀ C Z
             f = self._coarse_matrix(operator.jacobi)  # Zᵀ J Z
-            self.chol_e, jitter = safe_cholesky(e)  # E + jitter I: still a valid preconditioner
+            chol_e, jitter = safe_cholesky(e)  # E + jitter I: still a valid preconditioner
+            inverse = torch.cholesky_inverse(chol_e)  # a product per CG step, not two triangular solves
+            self.e_inverse = 0.5 * (inverse + inverse.transpose(-1, -2))
             e = e + jitter[:, None, None] * torch.eye(e.shape[-1], dtype=e.dtype, device=e.device)
             chol_ef, _ = safe_cholesky(e + f)
             # G = R⁻¹ F R⁻ᵀ with E + F = R Rᵀ, A = R⁻ᵀ: eigenvalues in [0, 1).
@@ -134,7 +137,7 @@ class CoarseCorrection:
             self.factor_weights = (w * x.unsqueeze(-2)) @ w.transpose(-1, -2)  # Y
             self.factor_inv_t_weights = (w * (x / root).unsqueeze(-2)) @ w.transpose(-1, -2)  # Y'
             diag = torch.diagonal
-            self._logdet_ratio = 2.0 * (torch.log(diag(self.chol_e, dim1=-2, dim2=-1)).sum(-1)
+            self._logdet_ratio = 2.0 * (torch.log(diag(chol_e, dim1=-2, dim2=-1)).sum(-1)
                                         - torch.log(diag(chol_ef, dim1=-2, dim2=-1)).sum(-1))
 
     @property
@@ -165,9 +168,33 @@ class CoarseCorrection:
             out[:, :, start:stop] = self.project(apply(self.lift(unit)))
         return 0.5 * (out + out.transpose(-1, -2))
 
+    def _coarse_inverse_covariance(self) -> torch.Tensor:
+        """``E = Zᵀ C Z``, by the maps' structure of ``Z``: one rotation per coarse point.
+
+        With ``W = Qᵀ E_M Z_c`` (the coarse basis rotated into the eigenbasis, ``(P, n, c)``)
+        and the blocks ``M_j = (λ_j B + D)^{-1}``, ``E[(c, t), (d, u)] = Σ_j W[j, c]
+        M_j[t, u] W[j, d]``: ``T (T + 1) / 2`` products of ``n × c`` matrices instead of
+        ``2 c T`` structured solves (128² × 6, ``c`` = 269: 3× faster).
+        """
+        op, basis = self.op, self.basis
+        p, _, c = basis.shape
+        t = self.n_tasks
+        rotated = kron_dot(op.scatter(basis.transpose(-1, -2).unsqueeze(2)),
+                           [q.transpose(-1, -2) for q in op.eigenvectors])  # (P, *fg, 1, c)
+        rotated = rotated.reshape(p, -1, c)
+        blocks = op.inverse_blocks.reshape(p, -1, t, t)
+        out = basis.new_empty(p, c, t, c, t)
+        for i in range(t):
+            for k in range(i, t):
+                block = (rotated * blocks[:, :, i, k, None]).transpose(-1, -2) @ rotated
+                out[:, :, i, :, k] = block
+                out[:, :, k, :, i] = block
+        out = out.reshape(p, c * t, c * t)
+        return 0.5 * (out + out.transpose(-1, -2))
+
     def precondition(self, r: torch.Tensor) -> torch.Tensor:
         """``P^{-1} r = J^{-1} r + Z E^{-1} Zᵀ r``."""
-        return self.op.precondition(r) + self.lift(torch.cholesky_solve(self.project(r), self.chol_e))
+        return self.op.precondition(r) + self.lift(self.e_inverse @ self.project(r))
 
     def factor(self, eps: torch.Tensor) -> torch.Tensor:
         """``Φ ε`` with ``Φ Φᵀ = P``: probes with covariance ``P``."""
