@@ -120,19 +120,27 @@ def test_default_probes_stay_within_the_stated_tolerance(shape, fraction):
         assert _rel(grad[name], grad_ref[name]) < GRADIENT_RTOL_PROBES, name
 
 
-def test_fit_agrees_with_the_dense_fit():
-    shape = (24, 22)
+def _two_sine_maps(shape, noise, seed):
+    """Two standardised sine maps with white noise, ``(1, *shape, 2)`` targets."""
     yy, xx = np.mgrid[: shape[0], : shape[1]]
-    rng = np.random.default_rng(2)
     maps = np.stack([np.sin(xx / 2.5) * np.cos(yy / 3.0), np.cos(yy / 4.0) + 0.3 * np.sin(xx / 3.0)], -1)
-    maps = maps + 0.1 * rng.standard_normal(maps.shape)
-    targets = torch.tensor(((maps - maps.mean((0, 1))) / maps.std((0, 1)))[None])
-    observed = _scattered(shape, 0.3, seed=3)
+    maps = maps + noise * np.random.default_rng(seed).standard_normal(maps.shape)
+    return torch.tensor(((maps - maps.mean((0, 1))) / maps.std((0, 1)))[None])
+
+
+def _fitted_states(targets, observed, solvers):
+    """``model.state()`` of a parallel rank-1 fit with each masked solver."""
     states = []
-    for solver in ("schur-cg", "dense"):
-        model = GridICMModel(GridKernel(shape), 1, 2, rank=1, observed=observed, masked_solver=solver)
+    for solver in solvers:
+        model = GridICMModel(GridKernel(observed.shape), 1, 2, rank=1, observed=observed, masked_solver=solver)
         assert fit_model(model, targets).converged
         states.append(model.state())
+    return states
+
+
+def test_fit_agrees_with_the_dense_fit():
+    shape = (24, 22)
+    states = _fitted_states(_two_sine_maps(shape, 0.1, seed=2), _scattered(shape, 0.3, seed=3), ("schur-cg", "dense"))
     for name in ("lengthscale", "noise"):
         np.testing.assert_allclose(states[0][name], states[1][name], rtol=0.01, err_msg=name)
     b = states[1]["task_covariance"]
