@@ -364,6 +364,32 @@ def test_a_random_sparse_scan_is_fitted_by_the_schur_complement_with_cg(unchange
     assert np.median(hyper["variance_standard_error"][missing] / variance[missing]) < 0.2
 
 
+def test_a_large_masked_region_is_fitted_with_the_coarse_space(unchanged):
+    # A masked corner (a navigation mask over vacuum), 1134 of 4096 pixels: too many to
+    # factorise the Schur complement; CG with the coarse-space correction solves it.
+    from hyperspy_gp.gp.coarse_space import coarse_points
+
+    rng = np.random.default_rng(6)
+    yy, xx = np.mgrid[:64, :64]
+    truth = np.stack([np.sin(xx / 4.0) * np.cos(yy / 5.0), np.cos(xx / 6.0 + yy / 9.0), np.sin(yy / 7.0)], -1)
+    maps = truth + 0.1 * rng.standard_normal(truth.shape)
+    missing = (yy - 63) ** 2 + (xx - 63) ** 2 < 38**2
+    maps[missing] = np.nan
+    s = _with_missing_pixels(maps, np.abs(rng.standard_normal((16, 3))) + 0.1)
+    with unchanged(s):
+        rec = gp_reconstruct(s, components=3, upsampling=1)
+    settings = rec.signal.metadata.GP_reconstruction.settings
+    assert settings.masked_solver == "schur-cg" and settings.missing_pixels == int(missing.sum())
+    assert coarse_points(~missing, 1, 3).sum() > 100  # the coarse space is in use
+    loadings, variance = np.moveaxis(rec.loadings.data, 0, -1), np.moveaxis(rec.variance.data, 0, -1)
+    assert np.isfinite(loadings).all() and np.isfinite(variance).all()
+    assert np.abs(loadings[~missing] - truth[~missing]).max() < 0.3  # denoised where measured
+    # Far inside the region the prediction falls back to the prior: variance grows inwards.
+    edge = missing & ((yy - 63) ** 2 + (xx - 63) ** 2 > 34**2)
+    deep = (yy - 63) ** 2 + (xx - 63) ** 2 < 20**2
+    assert (variance[deep].mean(0) > variance[edge].mean(0)).all()
+
+
 def test_missing_pixels_take_the_cheapest_path_preferring_exact_ones():
     from hyperspy_gp.request import Request, choose_solver
 
