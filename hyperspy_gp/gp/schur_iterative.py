@@ -17,11 +17,16 @@ then need three things:
   products): ``log det C = log det J + log det(J^{-1/2} C J^{-1/2})``, the last term
   estimated from fixed probes ``z_i = chol(J) ε_i``.  For scattered missing pixels
   ``C`` is close to block-diagonal, so CG needs tens of iterations and the estimate is
-  accurate; large masked regions with long length scales and low noise make ``C``
-  ill-conditioned (CG then stops with a message).
+  accurate.  Deep inside large masked regions ``C`` also has smooth modes that ``J``
+  does not see; there ``J`` gets the coarse-space correction of
+  :mod:`~hyperspy_gp.gp.coarse_space` (``P^{-1} = J^{-1} + Z E^{-1} Zᵀ``, with ``log det
+  P`` and a factor ``Φ`` in place of ``chol(J)``, all exact).  The largest regions with
+  long length scales and very low noise still leave ``C`` too ill-conditioned: CG then
+  stops with a message.
 - its gradient ``∂(-½ log det C) = ½ tr(C^{-1} (Σ^{-1} ∂Σ Σ^{-1})_{MM})``, estimated by
   ``½ (1/m) Σ_i u_iᵀ ∂Σ w_i`` with ``u_i = Σ^{-1} E_M C^{-1} z_i`` and ``w_i = Σ^{-1} E_M
-  J^{-1} z_i``: bilinear forms in ``Σ``, differentiated with the vectors held fixed.
+  J^{-1} z_i`` (``P^{-1} z_i`` with the coarse space): bilinear forms in ``Σ``,
+  differentiated with the vectors held fixed.
 
 Prediction.  The mean is the full-grid posterior mean of the completed maps ``ȳ(z*)``
 (exact).  The variance is the full-grid variance plus ``g(x*)ᵀ C^{-1} g(x*)`` with
