@@ -16,11 +16,16 @@ same run, the ratio of the two per evaluation.
 
 Each case runs in a fresh subprocess so that its peak RSS is its own.
 
+With ``--device cuda`` the engine and the GPyTorch recipe both run on the GPU (timings
+synchronise the device), and the table gains the peak GPU memory that torch allocated.
+``--sizes`` and ``--tasks`` choose the cases.
+
 Usage::
 
     python benchmarks/bench_engine.py                  # full table (a few minutes on 2 cores)
     python benchmarks/bench_engine.py --quick          # under a minute
     python benchmarks/bench_engine.py --kernel matern  # non-separable kernel (about 20 minutes)
+    python benchmarks/bench_engine.py --device cuda --sizes 48 256 1024 --tasks 12
 """
 
 from __future__ import annotations
@@ -81,15 +86,38 @@ def mll_and_grad(model, targets) -> None:
     model.log_likelihood(targets).sum().backward()
 
 
+def _synchronize() -> None:
+    """Wait for the GPU's queued work (GPU kernels run asynchronously); no-op on a CPU."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _timeit(fn, repeat: int) -> float:
     fn()  # warm-up
+    _synchronize()
     start = time.perf_counter()
     for _ in range(repeat):
         fn()
+    _synchronize()
     return (time.perf_counter() - start) / repeat
 
 
-def run_ours(side: int, n_tasks: int, quick: bool) -> dict:
+class _Clock:
+    """Seconds of a ``with`` block, the GPU's queued work included."""
+
+    def __enter__(self):
+        _synchronize()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        _synchronize()
+        self.seconds = time.perf_counter() - self.start
+
+
+def run_ours(side: int, n_tasks: int, quick: bool, device: str = "cpu") -> dict:
     import torch
     from threadpoolctl import threadpool_limits
 
@@ -98,34 +126,33 @@ def run_ours(side: int, n_tasks: int, quick: bool) -> dict:
     from hyperspy_gp.gp.prediction import GridPosterior
     from hyperspy_gp.gp.training import fit_model
 
-    targets = torch.tensor(synthetic_maps(side, n_tasks)[None])
-    model = GridICMModel(GridKernel((side, side)), 1, n_tasks, rank=1)
+    targets = torch.tensor(synthetic_maps(side, n_tasks)[None], device=device)
+    model = GridICMModel(GridKernel((side, side), device=device), 1, n_tasks, rank=1)
     with threadpool_limits(limits=1, user_api="blas"):
         per_eval = _timeit(lambda: mll_and_grad(model, targets), repeat=3 if quick or side >= 256 else 10)
-    start = time.perf_counter()
-    result = fit_model(model, targets, max_iter=100 if quick else 1000)
-    fit_time = time.perf_counter() - start
+    with _Clock() as fit_clock:
+        result = fit_model(model, targets, max_iter=100 if quick else 1000)
 
-    out = {"mll_grad_s": per_eval, "fit_s": fit_time, "iterations": result.n_iterations}
+    out = {"mll_grad_s": per_eval, "fit_s": fit_clock.seconds, "iterations": result.n_iterations}
     for up in (2, 4):
-        start = time.perf_counter()
-        posterior = GridPosterior(model, targets)
-        coords = [model.kernel.axis_coordinates(side, up)] * 2
-        for _rows, _mean, _var in posterior.predict_in_chunks(coords):
-            pass
-        out[f"predict_{up}x_s"] = time.perf_counter() - start
+        with _Clock() as clock:
+            posterior = GridPosterior(model, targets)
+            coords = [model.kernel.axis_coordinates(side, up)] * 2
+            for _rows, _mean, _var in posterior.predict_in_chunks(coords):
+                _mean.cpu(), _var.cpu()  # the host receives every chunk, as in gp_reconstruct
+        out[f"predict_{up}x_s"] = clock.seconds
     return out
 
 
-def run_gpytorch(side: int, n_tasks: int, iterations: int) -> dict:
+def run_gpytorch(side: int, n_tasks: int, iterations: int, device: str = "cpu") -> dict:
     """Seconds per training iteration of the standard GPyTorch multitask recipe."""
     import gpytorch
     import torch
 
     maps = synthetic_maps(side, n_tasks)
     yy, xx = np.mgrid[:side, :side]
-    x = torch.tensor(np.stack([yy.ravel(), xx.ravel()], -1), dtype=torch.float64)
-    y = torch.tensor(maps.reshape(-1, n_tasks))
+    x = torch.tensor(np.stack([yy.ravel(), xx.ravel()], -1), dtype=torch.float64, device=device)
+    y = torch.tensor(maps.reshape(-1, n_tasks), device=device)
 
     class MultitaskGP(gpytorch.models.ExactGP):
         def __init__(self, likelihood):
@@ -140,8 +167,8 @@ def run_gpytorch(side: int, n_tasks: int, iterations: int) -> dict:
                 self.mean_module(inputs), self.covar_module(inputs)
             )
 
-    likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=n_tasks).double()
-    model = MultitaskGP(likelihood).double()
+    likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=n_tasks).double().to(device)
+    model = MultitaskGP(likelihood).double().to(device)
     model.train(), likelihood.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
@@ -203,12 +230,16 @@ MATERN_HEADER = (
 )
 
 
-def run_case(side: int, n_tasks: int, quick: bool) -> dict:
+def run_case(side: int, n_tasks: int, quick: bool, device: str = "cpu") -> dict:
     out = {"side": side, "tasks": n_tasks}
-    out.update(run_ours(side, n_tasks, quick))
+    out.update(run_ours(side, n_tasks, quick, device))
     if side <= GPYTORCH_MAX_SIDE:
-        out.update(run_gpytorch(side, n_tasks, iterations=1 if quick else 2))
+        out.update(run_gpytorch(side, n_tasks, iterations=1 if quick else 2, device=device))
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device != "cpu":
+        import torch
+
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 
@@ -216,9 +247,10 @@ def _format_row(r: dict) -> str:
     gp = r.get("gpytorch_iter_s")
     ratio = f"{gp / r['mll_grad_s']:8.0f}×" if gp else f"{'—':>9}"
     gp_text = f"{gp:10.3f}" if gp else f"{'—':>10}"
+    gpu = f" {r['peak_gpu_mb']:8.0f} |" if "peak_gpu_mb" in r else ""
     return (
         f"{r['side']:>4}² {r['tasks']:>3} | {r['mll_grad_s'] * 1e3:9.2f} | {r['fit_s']:7.2f} {r['iterations']:>5} | "
-        f"{r['predict_2x_s']:7.3f} {r['predict_4x_s']:7.3f} | {r['peak_rss_mb']:8.0f} | {gp_text} {ratio}"
+        f"{r['predict_2x_s']:7.3f} {r['predict_4x_s']:7.3f} | {r['peak_rss_mb']:8.0f} |{gpu} {gp_text} {ratio}"
     )
 
 
@@ -227,6 +259,11 @@ HEADER = (
     "          |     (ms) |               |     (s)     (s) |     (MB) | (s/iter)  per eval\n"
     + "-" * 95
 )
+GPU_HEADER = (
+    " grid   T | MLL+grad | fit (s)  iter | pred 2× pred 4× | peak RSS | peak GPU | GPyTorch   speed-up\n"
+    "          |     (ms) |               |     (s)     (s) |     (MB) |     (MB) | (s/iter)  per eval\n"
+    + "-" * 106
+)
 
 
 def main(argv=None) -> int:
@@ -234,28 +271,42 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes only (under a minute)")
     parser.add_argument("--kernel", choices=("separable", "matern"), default="separable",
                         help="separable (default) or the non-separable Matérn-5/2 (iterative path)")
+    parser.add_argument("--device", default="cpu", help='torch device, "cpu" (default) or "cuda"')
+    parser.add_argument("--sizes", nargs="+", type=int, metavar="SIDE", help="grid sides (default: by --quick)")
+    parser.add_argument("--tasks", nargs="+", type=int, metavar="T", help="numbers of maps (default: by --quick)")
     parser.add_argument("--case", nargs=2, type=int, metavar=("SIDE", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     matern = args.kernel == "matern"
+    if matern and args.device != "cpu":
+        parser.error("--kernel matern is benchmarked on the CPU only")
 
     if args.case:  # child process: one case, JSON on stdout
-        run = run_matern if matern else run_case
-        print(json.dumps(run(*args.case, quick=args.quick)))
+        row = run_matern(*args.case, quick=args.quick) if matern else run_case(*args.case, args.quick, args.device)
+        print(json.dumps(row))
         return 0
 
     if matern:
         sizes, tasks = ((32, 48), (3,)) if args.quick else (MATERN_SIZES, MATERN_TASKS)
     else:
         sizes, tasks = (QUICK_SIZES, QUICK_TASKS) if args.quick else (FULL_SIZES, FULL_TASKS)
+    sizes, tasks = args.sizes or sizes, args.tasks or tasks
     import torch
 
     kernel = "non-separable Matérn-5/2" if matern else "separable Matérn-5/2"
-    print(f"float64, torch {torch.__version__}, {torch.get_num_threads()} threads; parallel GP, rank-1 B, {kernel}")
-    print(MATERN_HEADER if matern else HEADER)
+    where = f"{torch.get_num_threads()} threads"
+    if args.device != "cpu":
+        where = f"{torch.cuda.get_device_name(args.device)} (GPyTorch recipe on the same GPU)"
+    print(f"float64, torch {torch.__version__}, {where}; parallel GP, rank-1 B, {kernel}")
+    print(MATERN_HEADER if matern else GPU_HEADER if args.device != "cpu" else HEADER)
     for side in sizes:
         for n_tasks in tasks:
-            cmd = [sys.executable, __file__, "--case", str(side), str(n_tasks), "--kernel", args.kernel]
-            proc = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True, check=True)
+            cmd = [sys.executable, __file__, "--case", str(side), str(n_tasks), "--kernel", args.kernel,
+                   "--device", args.device]
+            proc = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True, check=False)
+            if proc.returncode:
+                error = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                print(f"{side:>4}² {n_tasks:>3} | failed: {error}", flush=True)
+                continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             print(_format_matern_row(row) if matern else _format_row(row), flush=True)
     return 0

@@ -10,6 +10,7 @@ from hyperspy_gp.synthetic import (
     atomic_eels_spectrum_image,
     normalized_cross_correlation,
 )
+from tests.gp.devices import AVAILABLE_DEVICES
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +183,8 @@ def test_mean_at_original_pixels_equals_prediction_at_training_inputs(decomposed
     np.testing.assert_allclose(rec3.variance.data[:, ::3, ::3], rec1.variance.data, rtol=1e-9, atol=1e-15)
 
 
-def test_parallel_gp_reconstructs_a_noisy_map_better_than_independent():
+@pytest.mark.parametrize("device", AVAILABLE_DEVICES)
+def test_parallel_gp_reconstructs_a_noisy_map_better_than_independent(device):
     """A clean map lends its spatial structure to a very noisy one with the same structure."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:24, :24]
@@ -193,7 +195,8 @@ def test_parallel_gp_reconstructs_a_noisy_map_better_than_independent():
     s = _with_decomposition(maps, factors)
     scores = {}
     for mode in ("parallel", "independent"):
-        rec = gp_reconstruct(s, components=2, mode=mode)
+        rec = gp_reconstruct(s, components=2, mode=mode, device=device)
+        assert isinstance(rec.loadings.data, np.ndarray)
         scores[mode] = normalized_cross_correlation(rec.loadings.data[1], truth)
     noisy_score = normalized_cross_correlation(maps[..., 1], truth)
     assert scores["parallel"] > scores["independent"] + 0.05
