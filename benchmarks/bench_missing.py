@@ -23,6 +23,7 @@ Usage::
     python benchmarks/bench_missing.py          # 64² and 128² × 6 maps (40 minutes on 2 cores)
     python benchmarks/bench_missing.py --quick  # 48² × 3 maps (about two minutes)
     python benchmarks/bench_missing.py --sides 128 --patterns "edge lines" "every other line"
+    python benchmarks/bench_missing.py --device cuda --sides 128 --patterns "quarter disc"
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def missing_mask(pattern: str, side: int) -> np.ndarray:
     return mask
 
 
-def run_case(side: int, n_tasks: int, pattern: str) -> dict:
+def run_case(side: int, n_tasks: int, pattern: str, device: str = "cpu") -> dict:
     import torch
     from threadpoolctl import threadpool_limits
 
@@ -78,7 +79,7 @@ def run_case(side: int, n_tasks: int, pattern: str) -> dict:
         GridICMModel.coarse_index = None
     maps = synthetic_maps(side, n_tasks)
     maps[missing_mask(pattern, side)] = np.nan
-    request = Request(list(range(n_tasks)), "parallel", 2, None, "separable", 1, "auto", "cpu", "float64", None)
+    request = Request(list(range(n_tasks)), "parallel", 2, None, "separable", 1, "auto", device, "float64", None)
     request.observed = choose_solver(maps, request)
     if request.observed is not None:
         path = request.masked_solver
@@ -87,8 +88,8 @@ def run_case(side: int, n_tasks: int, pattern: str) -> dict:
 
     # One evaluation of the model that fit_and_predict_maps builds.
     points = request.fitted_coordinates(maps.shape[:-1])[1]
-    targets = torch.tensor(standardise(request.fitted_region(maps))[0][None])
-    model = GridICMModel(GridKernel(targets.shape[1:-1], points=points), 1, n_tasks, rank=1,
+    targets = torch.tensor(standardise(request.fitted_region(maps))[0][None], device=device)
+    model = GridICMModel(GridKernel(targets.shape[1:-1], points=points, device=device), 1, n_tasks, rank=1,
                          observed=request.observed, masked_solver=request.masked_solver)
     with counting_cg(schur_iterative) as iterations:
         try:
@@ -133,24 +134,27 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="48² × 3 maps only (about two minutes)")
     parser.add_argument("--sides", type=int, nargs="+", help="scan sides (default 64 128)")
     parser.add_argument("--patterns", nargs="+", choices=PATTERNS, help="mask patterns (default all)")
+    parser.add_argument("--device", default="cpu", help='torch device, "cpu" (default) or "cuda"')
     parser.add_argument("--case", nargs=3, metavar=("SIDE", "T", "PATTERN"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:  # child process: one case, JSON on stdout
         side, n_tasks, pattern = args.case
-        print(json.dumps(run_case(int(side), int(n_tasks), pattern)))
+        print(json.dumps(run_case(int(side), int(n_tasks), pattern, args.device)))
         return 0
 
     import torch
 
     cases = [(48, 3)] if args.quick else [(side, 6) for side in (args.sides or (64, 128))]
     patterns = ["complete"] + [p for p in (args.patterns or PATTERNS) if p != "complete"]
-    print(f"float64, torch {torch.__version__}, {torch.get_num_threads()} threads; parallel GP, rank-1 B, "
-          "separable Matérn-5/2, solver='auto'")
+    where = f"{torch.get_num_threads()} threads"
+    if args.device != "cpu":
+        where = torch.cuda.get_device_name(args.device)
+    print(f"float64, torch {torch.__version__}, {where}; parallel GP, rank-1 B, separable Matérn-5/2, solver='auto'")
     print(HEADER)
     for side, n_tasks in cases:
         baseline = None
         for pattern in patterns:
-            cmd = [sys.executable, __file__, "--case", str(side), str(n_tasks), pattern]
+            cmd = [sys.executable, __file__, "--case", str(side), str(n_tasks), pattern, "--device", args.device]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             baseline = baseline or row["mll_grad_s"]
