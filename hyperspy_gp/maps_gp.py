@@ -81,6 +81,7 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
     from hyperspy_gp.gp.model import GridICMModel
     from hyperspy_gp.gp.prediction import make_posterior
     from hyperspy_gp.gp.training import fit_model
+    from hyperspy_gp.memory import explain_gpu_out_of_memory
 
     grid = maps.shape[:-1]
     n_maps = maps.shape[-1]
@@ -101,7 +102,8 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
                              lengthscale_bounds=request.lengthscale_bounds, observed=request.observed,
                              masked_solver=request.masked_solver, iterative=request.iterative)
     targets_t = torch.as_tensor(np.ascontiguousarray(targets), dtype=torch_dtype, device=request.device)
-    result = fit_model(model, targets_t, max_iter=max_iter, tol=tol, show_progressbar=show_progressbar)
+    with explain_gpu_out_of_memory():
+        result = fit_model(model, targets_t, max_iter=max_iter, tol=tol, show_progressbar=show_progressbar)
 
     posterior = make_posterior(model, targets_t, domain=(origin, grid))
     # The whole scan, in pixels of the fitted box (negative before it).

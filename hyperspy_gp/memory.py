@@ -29,6 +29,7 @@ every allocation.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -359,6 +360,77 @@ def check_memory_budget(estimate: MemoryEstimate, memory_budget: int | float | s
         f"{_advice(estimate)} To go ahead anyway, pass a larger memory_budget "
         "(memory_budget=float('inf') turns the check off)."
     )
+
+
+def check_device_memory(estimate: MemoryEstimate, device: str, memory_budget: int | float | str | None = None) -> None:
+    """Raise :class:`MemoryBudgetError` when the GP would not fit in the GPU's free memory.
+
+    With ``device="cuda"`` the fit and the prediction run in GPU memory (the larger of
+    ``estimate.fitting`` and ``estimate.prediction``); the outputs stay in RAM, which
+    :func:`check_memory_budget` checks.  Nothing is checked on the CPU, or when
+    ``memory_budget`` is ``float("inf")`` (which turns both checks off).
+
+    Parameters
+    ----------
+    estimate : MemoryEstimate
+        From :func:`estimate_memory`.
+    device : str
+        The torch device of the GP.
+    memory_budget : int, float, str or None
+        As for :func:`check_memory_budget`.
+
+    Raises
+    ------
+    MemoryBudgetError
+        When the GP's working memory exceeds the memory free on the GPU.
+
+    Examples
+    --------
+    >>> from hyperspy_gp.memory import check_device_memory, estimate_memory
+    >>> check_device_memory(estimate_memory((64, 64), 4, 1024), "cpu")  # nothing to check on the CPU
+    """
+    if not str(device).startswith("cuda") or resolve_budget(memory_budget)[0] == math.inf:
+        return
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    need = max(estimate.fitting, estimate.prediction)
+    if need <= free:
+        return
+    chunks = " smaller chunks= (rows predicted per task)," if estimate.prediction >= estimate.fitting else ""
+    raise MemoryBudgetError(
+        f"The GP would need about {_fmt(need)} of GPU memory (fitting {_fmt(estimate.fitting)}, prediction "
+        f"{_fmt(estimate.prediction)}), more than the {_fmt(free)} free on {torch.cuda.get_device_name(device)}. "
+        f"Try dtype='float32' (half the memory), fewer components or mode='independent' (parallel mode needs "
+        f"memory growing with the square of the number of maps),{chunks} cropping the scan with s.inav[...], "
+        "or device='cpu'. To go ahead anyway, pass memory_budget=float('inf') (this turns both memory checks off)."
+    )
+
+
+@contextlib.contextmanager
+def explain_gpu_out_of_memory():
+    """Turn torch's CUDA out-of-memory error in the block into a :class:`MemoryBudgetError`.
+
+    The estimate behind :func:`check_device_memory` is approximate, and other programs
+    may take GPU memory meanwhile; the error then says what to change instead of
+    ending in a traceback from inside torch.
+
+    Examples
+    --------
+    >>> from hyperspy_gp.memory import explain_gpu_out_of_memory
+    >>> with explain_gpu_out_of_memory():
+    ...     pass
+    """
+    import torch
+
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        first_line = (str(exc).splitlines() or ["CUDA out of memory"])[0]
+        raise MemoryBudgetError(
+            f"The GPU ran out of memory while fitting the GP ({first_line}). Try dtype='float32' (half the "
+            "memory), fewer components or mode='independent', cropping the scan with s.inav[...], or device='cpu'."
+        ) from exc
 
 
 def _advice(estimate: MemoryEstimate) -> str:

@@ -221,7 +221,9 @@ def gp_reconstruct(
         need; it is estimated before fitting (:mod:`hyperspy_gp.memory`) and a
         request over budget raises :class:`~hyperspy_gp.memory.MemoryBudgetError`.
         ``None``: ``hyperspy_gp.memory.DEFAULT_MEMORY_BUDGET``, by default 80 % of
-        the available RAM; ``float("inf")`` turns the check off.
+        the available RAM; ``float("inf")`` turns the check off.  With
+        ``device="cuda"`` the GP's working memory is also checked against the memory
+        free on the GPU (``float("inf")`` turns that check off too).
 
     Returns
     -------
@@ -241,7 +243,8 @@ def gp_reconstruct(
         data or non-uniform axes, non-finite or constant maps, or invalid parameters.
     hyperspy_gp.memory.MemoryBudgetError
         (a ``MemoryError`` and a ``ValueError``) when the estimated memory exceeds
-        ``memory_budget``; the message gives the estimate and what to change.
+        ``memory_budget`` or the GPU's free memory, or when the GPU runs out of memory
+        during the fit; the message gives the estimate and what to change.
 
     Examples
     --------
@@ -292,7 +295,7 @@ def _choose_lengthscale_bounds(maps, request: Request, isotropic: bool, signal, 
 
 
 def _check_memory(maps: np.ndarray, decomposition, request: Request, lazy: bool, memory_budget) -> None:
-    from hyperspy_gp.memory import check_memory_budget, estimate_memory
+    from hyperspy_gp.memory import check_device_memory, check_memory_budget, estimate_memory
 
     n_coarse = 0
     if request.schur_cg:
@@ -309,3 +312,4 @@ def _check_memory(maps: np.ndarray, decomposition, request: Request, lazy: bool,
     )
     _logger.info("Estimated memory: %s", estimate.describe())
     check_memory_budget(estimate, memory_budget)
+    check_device_memory(estimate, request.device, memory_budget)

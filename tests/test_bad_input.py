@@ -205,6 +205,52 @@ def test_cuda_without_a_gpu_says_use_cpu(monkeypatch, no_fitting, unchanged):
         gp_reconstruct(s, device="cuda")
 
 
+def _pretend_a_gpu_with(monkeypatch, free_bytes):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_bytes, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+
+
+def test_cuda_without_enough_free_gpu_memory_is_refused_before_fitting(monkeypatch, no_fitting, unchanged):
+    _pretend_a_gpu_with(monkeypatch, free_bytes=2**20)
+    s = _decomposed()
+    with unchanged(s), pytest.raises(MemoryBudgetError, match=(
+            r"would need about [0-9.]+ MiB of GPU memory .*more than the 1.00 MiB free on Test GPU\. "
+            r"Try dtype='float32'.*device='cpu'")):
+        gp_reconstruct(s, device="cuda", upsampling=8)
+
+
+def test_the_gpu_memory_check_passes_when_the_gp_fits_and_is_off_with_an_infinite_budget(monkeypatch):
+    from hyperspy_gp.memory import check_device_memory, estimate_memory
+
+    estimate = estimate_memory((64, 64), 6, 100, upsampling=4)
+    _pretend_a_gpu_with(monkeypatch, free_bytes=max(estimate.fitting, estimate.prediction))
+    check_device_memory(estimate, "cuda")
+    _pretend_a_gpu_with(monkeypatch, free_bytes=max(estimate.fitting, estimate.prediction) - 1)
+    with pytest.raises(MemoryBudgetError):
+        check_device_memory(estimate, "cuda")
+    check_device_memory(estimate, "cuda", memory_budget=float("inf"))
+
+
+def test_the_gpu_running_out_of_memory_during_the_fit_says_what_to_do(monkeypatch, unchanged):
+    import torch
+
+    import hyperspy_gp.gp.training as training
+
+    def fit_model(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nMore details.")
+
+    monkeypatch.setattr(training, "fit_model", fit_model)
+    s = _decomposed()
+    with unchanged(s), pytest.raises(MemoryBudgetError, match=(
+            r"The GPU ran out of memory while fitting the GP \(CUDA out of memory\. Tried to allocate 2\.00 GiB\.\)"
+            r"\. Try dtype='float32'.*device='cpu'")) as error:
+        gp_reconstruct(s)
+    assert isinstance(error.value.__cause__, torch.cuda.OutOfMemoryError)
+
+
 def test_memory_budget_error_is_also_a_memory_error(no_fitting):
     with pytest.raises(MemoryError):
         gp_reconstruct(_decomposed(), upsampling=8, memory_budget=1e5)
