@@ -47,6 +47,7 @@ flow from the factors ``K_a`` to the length scales by ordinary autograd.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -74,6 +75,17 @@ class GridICMSolve:
     def block_inverse(self) -> torch.Tensor:
         """``M_j = S_j^{-1}`` for every spatial eigenvalue, ``(P, n.., T, T)``."""
         return torch.cholesky_inverse(self.cholesky)
+
+    def with_targets(self, targets: torch.Tensor) -> GridICMSolve:
+        """The same factorisation solved for other ``(P, n_1, ..., n_d, T)`` targets (no autograd).
+
+        Reuses the eigendecompositions and the block Cholesky factors: only the
+        rotation of the targets and the block solves are redone.
+        """
+        with torch.no_grad():
+            rotated = kron_dot(targets, [q.transpose(-1, -2) for q in self.eigenvectors])
+            weights = torch.cholesky_solve(rotated.unsqueeze(-1), self.cholesky).squeeze(-1)
+        return dataclasses.replace(self, rotated_targets=rotated, rotated_weights=weights)
 
 
 def solve_grid_icm(

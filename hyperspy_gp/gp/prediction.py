@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from hyperspy_gp.gp.likelihood import solve_grid_icm
+from hyperspy_gp.gp.likelihood import GridICMSolve, solve_grid_icm
 from hyperspy_gp.gp.model import GridICMModel
 from hyperspy_gp.gp.tensor import kron_dot
 from hyperspy_gp.memory import CHUNK_BYTES
@@ -105,15 +105,19 @@ class GridPosterior(Posterior):
         A fitted :class:`~hyperspy_gp.gp.model.GridICMModel`.
     targets
         ``(P, *grid, T)`` standardised training maps.
+    solve
+        The model's grid solve for ``targets``, where the caller has it already
+        (:meth:`~hyperspy_gp.gp.likelihood.GridICMSolve.with_targets`); computed otherwise.
     """
 
-    def __init__(self, model: GridICMModel, targets: torch.Tensor) -> None:
+    def __init__(self, model: GridICMModel, targets: torch.Tensor, solve: GridICMSolve | None = None) -> None:
         self.model = model
         with torch.no_grad():
             b = model.task_covariance
-            solve = solve_grid_icm(
-                model.as_factor_layout(targets), b, model.noise, model.kernel.factors(model.lengthscale)
-            )
+            if solve is None:
+                solve = solve_grid_icm(
+                    model.as_factor_layout(targets), b, model.noise, model.kernel.factors(model.lengthscale)
+                )
             n_grid = solve.eigenvalues_grid.dim() - 1
             batch_b = b.reshape(b.shape[0], *([1] * n_grid), *b.shape[1:])
             # μ weights B α̃_j and variance weights (B M_j B)_tt, both (P, *factor_grid, T).

@@ -79,7 +79,7 @@ class SchurSolve:
         with torch.no_grad():
             zeroed = targets.clone()
             zeroed[(slice(None), *index.T)] = 0.0
-            solve = solve_grid_icm(zeroed, task_covariance, noise, factors)
+            solve = self.grid_solve = solve_grid_icm(zeroed, task_covariance, noise, factors)
             columns = _missing_columns(solve, index)  # (P, *fg, T, mT)
             p, t = columns.shape[0], columns.shape[-2]
             c = _gather(columns, index).reshape(p, -1, columns.shape[-1])  # rows i·T + s
@@ -144,7 +144,7 @@ class SchurPosterior(GridPosterior):
                                model.missing_index)
             completed = schur.completed.reshape(targets.shape)
             self.task_covariance = model.task_covariance
-        super().__init__(model, completed)
+        super().__init__(model, completed, solve=schur.grid_solve.with_targets(schur.completed))
         self.columns = schur.columns  # (P, *fg, T, mT)
 
     def predict(self, test_coords: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -376,7 +376,7 @@ class SchurCGPosterior(GridPosterior):
             rotated = kron_dot(op.scatter(v), [q.transpose(-1, -2) for q in op.eigenvectors])
             b = model.task_covariance.reshape(chol.shape[0], *([1] * (chol.dim() - 3)), *chol.shape[-2:])
             self.draw_weights = b @ (op.inverse_blocks @ rotated)
-        super().__init__(model, completed)
+        super().__init__(model, completed, solve=op.solve.with_targets(schur.completed))
         self.jitter = torch.maximum(self.jitter, schur.jitter)
 
     def _increase_draws(self, test_coords: Sequence[torch.Tensor]) -> torch.Tensor:
