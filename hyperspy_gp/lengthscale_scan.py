@@ -549,6 +549,7 @@ def _sweep(targets, upper_bounds, lower_bound, observed, masked_solver, iterativ
     from hyperspy_gp.gp.kernels import GridKernel
     from hyperspy_gp.gp.model import GridICMModel
     from hyperspy_gp.gp.training import fit_model
+    from hyperspy_gp.memory import explain_gpu_out_of_memory
 
     torch_dtype = getattr(torch, dtype)
     grid_kernel = GridKernel(targets.shape[1:-1], kernel, dtype=torch_dtype, device=device, points=points)
@@ -562,7 +563,8 @@ def _sweep(targets, upper_bounds, lower_bound, observed, masked_solver, iterativ
                                  masked_solver=masked_solver, iterative=iterative)
             if previous is not None:
                 _warm_start(model, previous, lower_bound, float(hi))
-            result = fit_model(model, targets_t, max_iter=max_iter, tol=tol)
+            with explain_gpu_out_of_memory():
+                result = fit_model(model, targets_t, max_iter=max_iter, tol=tol)
             previous = model.lengthscale.detach().clone()
             lengthscales.append(previous[:, : model.raw_lengthscale.shape[-1]].cpu().numpy())
             logliks.append(result.log_likelihood)

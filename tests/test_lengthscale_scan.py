@@ -189,6 +189,21 @@ def test_lengthscale_scan_of_a_signal_leaves_it_unchanged(unchanged):
     assert result.components == [0]
 
 
+def test_the_gpu_running_out_of_memory_during_the_scan_says_what_to_do(monkeypatch, unchanged):
+    import torch
+
+    import hyperspy_gp.gp.training as training
+    from hyperspy_gp.memory import MemoryBudgetError
+
+    def fit_model(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB.")
+
+    monkeypatch.setattr(training, "fit_model", fit_model)
+    s = _signal_with_maps(_test_maps())
+    with unchanged(s), pytest.raises(MemoryBudgetError, match=r"The GPU ran out of memory .*device='cpu'"):
+        lengthscale_scan(s, components=[0], upper_bounds=BOUNDS[:2])
+
+
 def test_auto_bounds_end_to_end_through_gp_reconstruct(tmp_path):
     s = _signal_with_maps(_test_maps())
     rec = gp_reconstruct(s, components=2, mode="independent", lengthscale_bounds="auto")
