@@ -12,7 +12,8 @@ complete grid (the first row of each size, run in the same way).  ``quarter disc
 a corner (a connected region, as a navigation mask over vacuum), which the coarse-space
 correction of the Schur complement by CG serves; ``disc, tiles only`` is the same
 case with block-Jacobi alone, the coarse space's baseline ("failed" when its CG does not
-converge).
+converge; "fit stopped" when CG failed at a trial point of the fit, which then kept its
+best iterate).
 
 The maps are the separable-kernel parallel GP's usual synthetic lattice
 (``bench_engine.synthetic_maps``); every case runs in a fresh subprocess so that its
@@ -106,6 +107,7 @@ def run_case(side: int, n_tasks: int, pattern: str, device: str = "cpu") -> dict
         "missing": int(np.isnan(maps[..., 0]).sum()), "mll_grad_s": per_eval,
         "cg_iterations": first, "cg_iterations_fit": max(iterations) if iterations else None,
         "reconstruct_s": time.perf_counter() - start, "fit_iterations": fit.hyperparameters["iterations"],
+        "fit_message": fit.hyperparameters["optimizer_message"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -126,6 +128,7 @@ def _format_row(r: dict, baseline: float) -> str:
         case +
         f"{r['mll_grad_s']:8.3f}  {cg}  | {r['reconstruct_s']:10.1f}   {r['fit_iterations']:>5} | "
         f"{r['peak_rss_mb']:8.0f} | {r['mll_grad_s'] / baseline:8.1f}×"
+        + ("  (fit stopped: CG failed at a trial point)" if "CG did not converge" in r["fit_message"] else "")
     )
 
 

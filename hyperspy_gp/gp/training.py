@@ -16,6 +16,7 @@ import scipy.optimize
 import torch
 from threadpoolctl import threadpool_limits
 
+from hyperspy_gp.gp.iterative import CGConvergenceError
 from hyperspy_gp.gp.model import GridICMModel
 
 _logger = logging.getLogger(__name__)
@@ -177,7 +178,10 @@ def fit_single_model(
     Returns
     -------
     FitResult
-        Convergence, final log likelihood and history.
+        Convergence, final log likelihood and history.  When conjugate gradients
+        (Schur complement by CG) fail at a trial point, the fit stops there and keeps
+        its best iterate so far, with a :class:`ConvergenceWarning`; ``converged`` is
+        then ``False``.
     """
     if model.stochastic_objective:
         tol = max(tol, STOCHASTIC_MIN_TOL)
@@ -213,7 +217,7 @@ def fit_single_model(
     history.record()
     progress = _progress(show_progressbar, max_iter, description)
     x0 = pack(params)
-    interrupted = False
+    interrupted, cg_failure = False, None
 
     def callback(intermediate_result):
         x = intermediate_result.x
@@ -235,6 +239,12 @@ def fit_single_model(
         interrupted = True
         x_final = history.best_x if history.best_x is not None else x0
         converged, message, n_iter = False, "interrupted by the user", len(history.rows) - 1
+    except CGConvergenceError as exc:
+        # A trial point (lower noise, longer length scales) left CG ill-conditioned; the
+        # iterates before it were solved to tolerance, so the best of them is kept.
+        cg_failure = exc
+        x_final = history.best_x
+        converged, message, n_iter = False, "stopped: CG did not converge at a trial point", len(history.rows) - 1
     finally:
         if progress is not None:
             progress.close()
@@ -244,6 +254,13 @@ def fit_single_model(
         warnings.warn(
             "GP training interrupted: continuing with the best hyperparameters found so far "
             f"(after {n_iter} iterations).",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    elif cg_failure is not None:
+        warnings.warn(
+            f"GP training stopped after {n_iter} iterations: {cg_failure} Continuing with the best "
+            "hyperparameters found before that point; they are not the optimum (converged=False).",
             ConvergenceWarning,
             stacklevel=3,
         )

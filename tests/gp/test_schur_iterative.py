@@ -193,3 +193,25 @@ def test_tile_blocks_let_cg_converge_on_a_masked_region(monkeypatch):
     dense.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert abs(float(value - dense.log_likelihood(targets))) < MLL_RTOL_PROBES * abs(float(value))
+
+
+def test_a_fit_whose_cg_stops_converging_keeps_its_best_hyperparameters(monkeypatch):
+    """CG fails at a trial point mid-fit: the fit stops there and keeps its best iterate, with a warning."""
+    from hyperspy_gp.gp.training import ConvergenceWarning
+
+    shape = (32, 32)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    observed = (yy - 31) ** 2 + (xx - 31) ** 2 > 19**2  # a masked corner
+    targets = _two_sine_maps(shape, 0.01, seed=0)
+    model = GridICMModel(GridKernel(shape), 1, 2, rank=1, observed=observed, masked_solver="schur-cg")
+    with torch.no_grad():
+        start = float(model.log_likelihood(targets).sum())
+    # CG needs 33 iterations at the start and about 600 once the fit has lowered the noise.
+    monkeypatch.setattr(schur_iterative, "MAX_CG_ITERATIONS", 100)
+    with pytest.warns(ConvergenceWarning, match=r"GP training stopped after \d+ iterations: Conjugate gradients "
+                                                r"did not reach .*Crop such regions.*not the optimum"):
+        result = fit_model(model, targets)
+    assert not result.converged and result.n_iterations >= 1
+    assert result.message == "stopped: CG did not converge at a trial point"
+    assert float(result.log_likelihood.sum()) > start + 10  # it had made progress, which is kept
+    np.testing.assert_allclose(result.log_likelihood, result.history["log_likelihood"].max(0), rtol=1e-6)
