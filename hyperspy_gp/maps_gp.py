@@ -91,19 +91,21 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
     torch_dtype = getattr(torch, request.dtype)
     kernel = GridKernel(standardised.shape[:-1], request.kernel, dtype=torch_dtype, device=request.device,
                         points=points)
-    if request.mode == "parallel":
-        targets = standardised[None]
-        model = GridICMModel(kernel, 1, n_maps, rank=request.rank, isotropic=isotropic,
-                             lengthscale_bounds=request.lengthscale_bounds, observed=request.observed,
-                             masked_solver=request.masked_solver, iterative=request.iterative)
-    else:
-        targets = np.moveaxis(standardised, -1, 0)[..., None]
-        model = GridICMModel(kernel, n_maps, 1, rank=0, isotropic=isotropic,
-                             lengthscale_bounds=request.lengthscale_bounds, observed=request.observed,
-                             masked_solver=request.masked_solver, iterative=request.iterative)
+    def build_model(masked_solver: str) -> GridICMModel:
+        n_models, n_tasks, rank = (1, n_maps, request.rank) if request.mode == "parallel" else (n_maps, 1, 0)
+        return GridICMModel(kernel, n_models, n_tasks, rank=rank, isotropic=isotropic,
+                            lengthscale_bounds=request.lengthscale_bounds, observed=request.observed,
+                            masked_solver=masked_solver, iterative=request.iterative)
+
+    targets = standardised[None] if request.mode == "parallel" else np.moveaxis(standardised, -1, 0)[..., None]
     targets_t = torch.as_tensor(np.ascontiguousarray(targets), dtype=torch_dtype, device=request.device)
+    model = build_model(request.masked_solver)
     with explain_gpu_out_of_memory():
-        result = fit_model(model, targets_t, max_iter=max_iter, tol=tol, show_progressbar=show_progressbar)
+        if request.exact_fallback is None:
+            result = fit_model(model, targets_t, max_iter=max_iter, tol=tol, show_progressbar=show_progressbar)
+        else:
+            model, result = _fit_with_exact_fallback(model, build_model, targets_t, request, max_iter, tol,
+                                                     show_progressbar)
 
     posterior = make_posterior(model, targets_t, domain=(origin, grid))
     # The whole scan, in pixels of the fitted box (negative before it).
@@ -120,6 +122,32 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
         hyper["variance_samples"] = posterior.n_samples
         hyper["variance_standard_error"] = _per_map(error, request.mode) * scale**2
     return MapsFit(mean, variance, hyper, result.history)
+
+
+def _fit_with_exact_fallback(model, build_model, targets, request: Request, max_iter, tol, show_progressbar):
+    """Fit by the Schur complement by CG; if CG fails at a trial point, refit with ``request.exact_fallback``.
+
+    The refit starts from the best iterate of the CG fit.  Returns ``(model, result)``.
+    """
+    from hyperspy_gp.gp.training import CG_STOPPED, fit_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fit_model(model, targets, max_iter=max_iter, tol=tol, show_progressbar=show_progressbar)
+    if result.message != CG_STOPPED:
+        for warning in caught:
+            warnings.warn(warning.message, warning.category, stacklevel=3)
+        return model, result
+    warnings.warn(
+        f"The Schur complement by conjugate gradients stopped converging after {result.n_iterations} iterations "
+        f"of the fit (large masked regions, low noise); refitting with the exact factorised path "
+        f"(masked solver {request.exact_fallback!r}), slower but direct, from the best hyperparameters so far.",
+        UserWarning, stacklevel=3,
+    )
+    exact = build_model(request.exact_fallback)
+    exact.load_state_dict(model.state_dict())
+    request.schur_cg, request.solver = False, "dense" if request.exact_fallback == "dense" else "kronecker"
+    return exact, fit_model(exact, targets, max_iter=max_iter, tol=tol, show_progressbar=show_progressbar)
 
 
 def standardise(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -196,7 +196,11 @@ def gp_reconstruct(
         and the cheaper exact path that fits otherwise.  Missing pixels are
         predicted like any other; scan lines without a measured pixel are left out
         of the fit first (exact, the Kronecker structure is kept), so only the
-        missing pixels on the kept lines count against these limits.
+        missing pixels on the kept lines count against these limits.  Where
+        conjugate gradients stop converging during the fit (large masked regions, low
+        noise), the fit stops at its best iterate with a ``ConvergenceWarning``;
+        ``"auto"`` then refits with the factorised exact path instead, where one fits
+        the memory budget (a ``UserWarning`` says so).
     max_iter, tol : int, float
         Iteration cap and relative tolerance of the L-BFGS-B likelihood maximisation;
         a ``ConvergenceWarning`` is issued when the cap is reached.
@@ -295,21 +299,36 @@ def _choose_lengthscale_bounds(maps, request: Request, isotropic: bool, signal, 
 
 
 def _check_memory(maps: np.ndarray, decomposition, request: Request, lazy: bool, memory_budget) -> None:
-    from hyperspy_gp.memory import check_device_memory, check_memory_budget, estimate_memory
+    from hyperspy_gp.memory import MemoryBudgetError, check_device_memory, check_memory_budget
+
+    estimate = _estimate_memory(maps, decomposition, request, lazy, request.masked_solver)
+    _logger.info("Estimated memory: %s", estimate.describe())
+    check_memory_budget(estimate, memory_budget)
+    check_device_memory(estimate, request.device, memory_budget)
+    if request.exact_fallback is not None:  # the refit if CG fails: only where it fits too
+        fallback = _estimate_memory(maps, decomposition, request, lazy, request.exact_fallback)
+        try:
+            check_memory_budget(fallback, memory_budget)
+            check_device_memory(fallback, request.device, memory_budget)
+        except MemoryBudgetError:
+            _logger.info("No exact fallback for the Schur complement by CG: %s", fallback.describe())
+            request.exact_fallback = None
+
+
+def _estimate_memory(maps: np.ndarray, decomposition, request: Request, lazy: bool, masked_solver: str):
+    """:func:`~hyperspy_gp.memory.estimate_memory` of ``request`` with ``masked_solver`` for missing pixels."""
+    from hyperspy_gp.memory import estimate_memory
 
     n_coarse = 0
-    if request.schur_cg:
+    if request.observed is not None and masked_solver == "schur-cg":
         from hyperspy_gp.gp.coarse_space import coarse_points
 
         n_models, n_tasks = (1, maps.shape[-1]) if request.mode == "parallel" else (maps.shape[-1], 1)
         n_coarse = int(coarse_points(request.observed, n_models, n_tasks).sum())
-    estimate = estimate_memory(
+    return estimate_memory(
         maps.shape[:-1], maps.shape[-1], decomposition.factors.shape[0], mode=request.mode,
         upsampling=request.upsampling, kernel=request.kernel, dtype=request.dtype, lazy_output=lazy,
-        n_observed=int(request.observed.sum()) if request.solver == "dense" else None,
+        n_observed=int(request.observed.sum()) if request.observed is not None and masked_solver == "dense" else None,
         n_missing=0 if request.observed is None else int((~request.observed).sum()), chunks=request.chunks,
-        iterative=request.iterative, schur_cg=request.schur_cg, n_coarse=n_coarse,
+        iterative=request.iterative, schur_cg=masked_solver == "schur-cg", n_coarse=n_coarse,
     )
-    _logger.info("Estimated memory: %s", estimate.describe())
-    check_memory_budget(estimate, memory_budget)
-    check_device_memory(estimate, request.device, memory_budget)

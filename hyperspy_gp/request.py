@@ -64,6 +64,10 @@ class Request:
         Whether the Schur complement over the missing pixels is solved by conjugate
         gradients with a stochastic log-determinant (too many missing pixels to
         factorise it; set by :func:`choose_solver`).
+    exact_fallback
+        With ``solver="auto"`` and the Schur complement by CG: the factorised exact path
+        (``"schur"`` or ``"dense"``, in :attr:`masked_solver` terms) that also fits but
+        was estimated slower, refitted with when CG fails during the fit; else ``None``.
     lengthscale_scan
         The :class:`~hyperspy_gp.lengthscale_scan.LengthscaleScan` behind
         ``lengthscale_bounds="auto"``, once it ran.
@@ -87,6 +91,7 @@ class Request:
     observed: np.ndarray | None = None  # measured pixels on the fitted lines, None for a complete fitted grid
     lines: tuple[np.ndarray, ...] | None = None  # scan lines with a measured pixel, None for all
     schur_cg: bool = False  # the Schur complement by CG (many scattered missing pixels)
+    exact_fallback: str | None = None  # factorised masked solver to refit with if CG fails ("auto" only)
     n_missing: int = 0
     lengthscale_scan: object | None = None  # the LengthscaleScan behind lengthscale_bounds="auto"
 
@@ -442,7 +447,7 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     from hyperspy_gp.gp.schur import MAX_SCHUR_ENTRIES
 
     measured = np.isfinite(maps).all(axis=-1)
-    request.n_missing, request.schur_cg = int((~measured).sum()), False
+    request.n_missing, request.schur_cg, request.exact_fallback = int((~measured).sum()), False, None
     lines = measured_lines(measured)
     request.lines = None if all(len(kept) == n for kept, n in zip(lines, measured.shape)) else lines
     observed = request.fitted_region(measured)
@@ -490,6 +495,8 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
         # Many scattered missing pixels: the Schur complement by conjugate gradients.
         request.schur_cg = best is None or cost[best] > EXACT_PREFERENCE * cost["schur-cg"]
         request.solver = "kronecker" if request.schur_cg else best
+        if request.schur_cg and best is not None:
+            request.exact_fallback = "schur" if best == "kronecker" else "dense"
     elif request.solver == "dense" and not fits["dense"]:
         raise ValueError(
             f"solver='dense' with missing pixels needs at most {MAX_DENSE_VALUES} observed values (here "

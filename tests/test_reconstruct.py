@@ -412,6 +412,64 @@ def test_missing_pixels_take_the_cheapest_path_preferring_exact_ones():
     assert choose(int(missing.sum()), "parallel") == "schur-cg"  # no exact path fits at all
 
 
+def test_auto_refits_exactly_when_the_schur_complement_by_cg_fails(monkeypatch, unchanged):
+    """CG stops converging mid-fit: solver="auto" refits with the factorised exact path it had ruled slower."""
+    import warnings
+
+    from hyperspy_gp import request as request_module
+    from hyperspy_gp.gp import schur_iterative
+
+    yy, xx = np.mgrid[:32, :32]
+    maps = np.stack([np.sin(xx / 2.5) * np.cos(yy / 3.0), np.cos(yy / 4.0) + 0.3 * np.sin(xx / 3.0)], -1)
+    maps = maps + 0.01 * np.random.default_rng(0).standard_normal(maps.shape)
+    maps[(yy - 31) ** 2 + (xx - 31) ** 2 <= 19**2] = np.nan  # a masked corner
+    s = _with_missing_pixels(maps, np.abs(np.random.default_rng(1).standard_normal((20, 2))) + 0.1)
+    exact = gp_reconstruct(s, components=2)  # small enough for an exact factorised path
+    exact_solver = exact.signal.metadata.GP_reconstruction.settings.masked_solver
+    assert exact.hyperparameters["converged"] and exact_solver in ("schur", "dense")
+
+    monkeypatch.setattr(request_module, "EXACT_PREFERENCE", 0.0)  # take CG where an exact path fits
+    monkeypatch.setattr(schur_iterative, "MAX_CG_ITERATIONS", 100)  # 33 at the start, ~600 at low noise
+    with unchanged(s), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec = gp_reconstruct(s, components=2)
+    messages = [str(w.message) for w in caught]
+    assert any("refitting with the exact factorised path" in m for m in messages), messages
+    assert not any("GP training stopped" in m for m in messages)  # the CG fit's warning is replaced
+    assert rec.hyperparameters["converged"]
+    assert rec.signal.metadata.GP_reconstruction.settings.masked_solver == exact_solver
+    for name in ("lengthscale_px", "noise_variance"):
+        np.testing.assert_allclose(rec.hyperparameters[name], exact.hyperparameters[name], rtol=1e-3, err_msg=name)
+    scale = np.abs(exact.loadings.data).max()  # the two fits' optima agree to about 1e-3
+    np.testing.assert_allclose(rec.loadings.data, exact.loadings.data, rtol=0, atol=1e-3 * scale)
+
+
+def test_no_exact_refit_where_it_would_not_fit_the_memory_budget(monkeypatch):
+    from hyperspy_gp import request as request_module
+    from hyperspy_gp.gp import schur_iterative
+    from hyperspy_gp.gp.coarse_space import coarse_points
+    from hyperspy_gp.gp.training import ConvergenceWarning
+    from hyperspy_gp.memory import estimate_memory
+
+    yy, xx = np.mgrid[:96, :96]
+    maps = np.stack([np.sin(xx / 2.5) * np.cos(yy / 3.0), np.cos(yy / 4.0) + 0.3 * np.sin(xx / 3.0)], -1)
+    maps = maps + 0.01 * np.random.default_rng(0).standard_normal(maps.shape)
+    masked = (yy - 95) ** 2 + (xx - 95) ** 2 <= 22**2
+    maps[masked] = np.nan
+    s = _with_missing_pixels(maps, np.abs(np.random.default_rng(1).standard_normal((20, 2))) + 0.1)
+    kwargs = dict(mode="parallel", n_missing=int(masked.sum()), lazy_output=False)
+    n_coarse = int(coarse_points(~masked, 1, 2).sum())
+    cg = estimate_memory((96, 96), 2, 20, schur_cg=True, n_coarse=n_coarse, **kwargs).total
+    factorised = estimate_memory((96, 96), 2, 20, **kwargs).total  # the cheaper exact path here
+    assert factorised > 2 * cg
+    monkeypatch.setattr(request_module, "EXACT_PREFERENCE", 0.0)  # take CG where an exact path fits
+    monkeypatch.setattr(schur_iterative, "MAX_CG_ITERATIONS", 100)
+    with pytest.warns(ConvergenceWarning, match="GP training stopped"):
+        rec = gp_reconstruct(s, components=2, memory_budget=1.5 * cg)
+    assert not rec.hyperparameters["converged"]
+    assert rec.signal.metadata.GP_reconstruction.settings.masked_solver == "schur-cg"
+
+
 def test_a_scan_of_every_other_line_is_fitted_exactly_on_its_lines(unchanged):
     # A sparse line scan: 40 of 80 lines, 3200 missing pixels, beyond the dense and the
     # Schur paths on the full grid; on the grid of its lines it is complete (Kronecker).

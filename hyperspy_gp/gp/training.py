@@ -36,6 +36,9 @@ class ConvergenceWarning(UserWarning):
     """The marginal likelihood optimisation stopped before meeting its tolerance."""
 
 
+#: ``FitResult.message`` of a fit stopped because conjugate gradients failed at a trial point.
+CG_STOPPED = "stopped: CG did not converge at a trial point"
+
 @dataclass
 class FitResult:
     """Outcome of :func:`fit_model`.
@@ -244,7 +247,7 @@ def fit_single_model(
         # iterates before it were solved to tolerance, so the best of them is kept.
         cg_failure = exc
         x_final = history.best_x
-        converged, message, n_iter = False, "stopped: CG did not converge at a trial point", len(history.rows) - 1
+        converged, message, n_iter = False, CG_STOPPED, len(history.rows) - 1
     finally:
         if progress is not None:
             progress.close()
