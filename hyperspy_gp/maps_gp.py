@@ -54,7 +54,8 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
         Loading maps ``(*grid, T)``, NaN where a pixel is missing.
     request : Request
         Mode, kernel, rank, bounds, solver (``request.observed``), upsampling, chunks,
-        device and dtype.
+        device and dtype.  When the Schur complement by CG fails during the fit and
+        ``request.exact_fallback`` refits instead, its solver is updated to that path.
     isotropic, max_iter, tol, show_progressbar
         As in :func:`hyperspy_gp.gp_reconstruct` (``show_progressbar`` resolved to a bool).
 
@@ -134,7 +135,7 @@ def _fit_with_exact_fallback(model, build_model, targets, request: Request, max_
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = fit_model(model, targets, max_iter=max_iter, tol=tol, show_progressbar=show_progressbar)
-    if result.message != CG_STOPPED:
+    if CG_STOPPED not in result.message:  # (a batch of maps joins its maps' messages)
         for warning in caught:
             warnings.warn(warning.message, warning.category, stacklevel=3)
         return model, result
@@ -146,6 +147,7 @@ def _fit_with_exact_fallback(model, build_model, targets, request: Request, max_
     )
     exact = build_model(request.exact_fallback)
     exact.load_state_dict(model.state_dict())
+    # The outputs' metadata report the path that gave the result.
     request.schur_cg, request.solver = False, "dense" if request.exact_fallback == "dense" else "kronecker"
     return exact, fit_model(exact, targets, max_iter=max_iter, tol=tol, show_progressbar=show_progressbar)
 

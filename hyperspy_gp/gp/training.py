@@ -39,6 +39,7 @@ class ConvergenceWarning(UserWarning):
 #: ``FitResult.message`` of a fit stopped because conjugate gradients failed at a trial point.
 CG_STOPPED = "stopped: CG did not converge at a trial point"
 
+
 @dataclass
 class FitResult:
     """Outcome of :func:`fit_model`.
