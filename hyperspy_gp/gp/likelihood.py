@@ -83,9 +83,14 @@ class GridICMSolve:
         rotation of the targets and the block solves are redone.
         """
         with torch.no_grad():
-            rotated = kron_dot(targets, [q.transpose(-1, -2) for q in self.eigenvectors])
-            weights = torch.cholesky_solve(rotated.unsqueeze(-1), self.cholesky).squeeze(-1)
+            rotated, weights = _rotate_and_solve(targets, self.eigenvectors, self.cholesky)
         return dataclasses.replace(self, rotated_targets=rotated, rotated_weights=weights)
+
+
+def _rotate_and_solve(targets: torch.Tensor, eigenvectors: list[torch.Tensor], cholesky: torch.Tensor):
+    """``ỹ = (Q_1 ⊗ ... ⊗ Q_d)ᵀ y`` and the block solves ``α̃_j = S_j⁻¹ ỹ_j``."""
+    rotated = kron_dot(targets, [q.transpose(-1, -2) for q in eigenvectors])
+    return rotated, torch.cholesky_solve(rotated.unsqueeze(-1), cholesky).squeeze(-1)
 
 
 def solve_grid_icm(
@@ -115,14 +120,13 @@ def solve_grid_icm(
             eigenvalues.append(lam.clamp_min(0.0))
             eigenvectors.append(vec)
         lam_grid = kron_outer(eigenvalues)
-        rotated = kron_dot(targets, [q.transpose(-1, -2) for q in eigenvectors])
         n_grid = lam_grid.dim() - 1
         batch_b = task_covariance.reshape(
             task_covariance.shape[0], *([1] * n_grid), *task_covariance.shape[1:]
         )
         blocks = lam_grid[..., None, None] * batch_b + torch.diag_embed(noise).reshape(batch_b.shape)
         chol, jitter = safe_cholesky(blocks)
-        weights = torch.cholesky_solve(rotated.unsqueeze(-1), chol).squeeze(-1)
+        rotated, weights = _rotate_and_solve(targets, eigenvectors, chol)
     return GridICMSolve(eigenvectors, eigenvalues, lam_grid, chol, rotated, weights, jitter)
 
 
