@@ -49,6 +49,14 @@ from hyperspy_gp.memory import LOGDET_PROBES
 DEFAULT_PROBES = LOGDET_PROBES
 #: Relative residual at which CG stops.
 CG_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+#: Relative residual of the solves that feed a stochastic estimate: the likelihood and
+#: its gradient (solved with the log-determinant probes) and the variance draws; the
+#: posterior mean keeps :data:`CG_TOLERANCE`.  Measured against 1e-10 at fitted
+#: hyperparameters, 64² × 6 maps: the likelihood unchanged to 1e-15 and its gradient to
+#: 6e-8 relative (far below the probes' own error), with 29 % fewer iterations, both for
+#: the Matérn kernel here (14 → 10) and for the Schur complement by CG with a masked
+#: quarter disc (128 → 91).
+ESTIMATE_CG_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-5}
 #: CG iterations before :class:`CGConvergenceError`.
 MAX_CG_ITERATIONS = 1000
 
@@ -343,7 +351,8 @@ def iterative_log_likelihood(
         operator = ICMOperator(toeplitz, task_covariance, noise)
         precond = KroneckerPreconditioner.build(kernel, lengthscale, task_covariance, noise, toeplitz)
         rhs = torch.cat([y, precond.factor_mul(probes)], dim=1)
-        cg = preconditioned_cg(operator, precond.solve, rhs, CG_TOLERANCE.get(y.dtype, 1e-5), MAX_CG_ITERATIONS)
+        tol = ESTIMATE_CG_TOLERANCE.get(y.dtype, 1e-5)
+        cg = preconditioned_cg(operator, precond.solve, rhs, tol, MAX_CG_ITERATIONS)
         alpha, solved_probes = cg.solution[:, :1], cg.solution[:, 1:]
         n_probes = probes.shape[1]
         probe_cg = CGResult(solved_probes, cg.alphas[:, :, 1:], cg.betas[:, :, 1:], cg.iterations[:, 1:])

@@ -34,6 +34,7 @@ import torch
 
 from hyperspy_gp.gp.iterative import (
     CG_TOLERANCE,
+    ESTIMATE_CG_TOLERANCE,
     MAX_CG_ITERATIONS,
     ICMOperator,
     KroneckerPreconditioner,
@@ -171,9 +172,13 @@ class IterativePosterior(Posterior):
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def _solve(self, rhs: torch.Tensor) -> torch.Tensor:
-        tol = CG_TOLERANCE.get(rhs.dtype, 1e-5)
+    def _solve(self, rhs: torch.Tensor, tolerances: dict = CG_TOLERANCE) -> torch.Tensor:
+        tol = tolerances.get(rhs.dtype, 1e-5)
         return preconditioned_cg(self._operator, self._preconditioner.solve, rhs, tol, MAX_CG_ITERATIONS).solution
+
+    def _solve_draws(self, rhs: torch.Tensor) -> torch.Tensor:
+        """The variance draws' solves, to :data:`~hyperspy_gp.gp.iterative.ESTIMATE_CG_TOLERANCE`."""
+        return self._solve(rhs, ESTIMATE_CG_TOLERANCE)
 
     def default_chunk_rows(self, test_coords: Sequence[torch.Tensor]) -> int:
         """All rows: the whole grid is computed at once (chunks then slice it)."""
@@ -267,7 +272,8 @@ class IterativePosterior(Posterior):
             noise = noise * noise_sd.reshape(p, 1, t, *([1] * len(fine_shape)))
             draws = _joint_draws((sqrt_spec, sqrt_spec_sep), fine, fine_shape, (p, size, t), generator)
             errors = []
-            for draw, toeplitz, solve in zip(draws, (fine, fine_separable), (self._solve, self._separable_inverse)):
+            solvers = (self._solve_draws, self._separable_inverse)
+            for draw, toeplitz, solve in zip(draws, (fine, fine_separable), solvers):
                 prior = torch.einsum("pst,prt...->prs...", task_sqrt, draw)  # cov B ⊗ K on the fine grid
                 observed = prior[(..., *lattice)] + noise
                 weights = self._operator.mix(solve(observed))

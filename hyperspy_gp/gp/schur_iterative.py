@@ -50,6 +50,7 @@ from hyperspy_gp.gp.cholesky import safe_cholesky
 from hyperspy_gp.gp.coarse_space import CoarseCorrection
 from hyperspy_gp.gp.iterative import (
     CG_TOLERANCE,
+    ESTIMATE_CG_TOLERANCE,
     MAX_CG_ITERATIONS,
     CGConvergenceError,
     CGResult,
@@ -68,12 +69,6 @@ from hyperspy_gp.memory import CHUNK_BYTES, JACOBI_BLOCK_VALUES, VARIANCE_DRAWS
 
 #: Draws solved together (as many vectors as the likelihood's CG holds).
 DRAWS_PER_SOLVE = 16
-#: Relative residual of the solves that feed a stochastic estimate: the likelihood and
-#: its gradient (with the log-determinant probes) and the variance draws.  The posterior
-#: mean keeps ``CG_TOLERANCE``.  Measured (64² × 6 maps, a masked quarter disc, fitted
-#: hyperparameters) against 1e-10: 29 % fewer iterations, the likelihood unchanged to
-#: 1e-15 and its gradient to 6e-8 relative, far below the probes' own error.
-ESTIMATE_CG_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-5}
 #: Draws of the Monte-Carlo variance increase at the missing pixels (the memory
 #: estimate of :mod:`hyperspy_gp.memory` assumes the same).
 DEFAULT_VARIANCE_SAMPLES = VARIANCE_DRAWS
