@@ -172,8 +172,8 @@ class IterativePosterior(Posterior):
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def _solve(self, rhs: torch.Tensor, tolerances: dict = CG_TOLERANCE) -> torch.Tensor:
-        tol = tolerances.get(rhs.dtype, 1e-5)
+    def _solve(self, rhs: torch.Tensor, tolerances: dict | None = None) -> torch.Tensor:
+        tol = (tolerances or CG_TOLERANCE).get(rhs.dtype, 1e-5)
         return preconditioned_cg(self._operator, self._preconditioner.solve, rhs, tol, MAX_CG_ITERATIONS).solution
 
     def _solve_draws(self, rhs: torch.Tensor) -> torch.Tensor:
