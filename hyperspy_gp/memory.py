@@ -54,6 +54,9 @@ VARIANCE_DRAWS = 64
 #: Values (pixels × maps) of a tile, one block of the Schur complement by CG's
 #: block-Jacobi preconditioner.
 JACOBI_BLOCK_VALUES = 64
+#: Largest tile (pixels × maps) of that preconditioner where the mask has connected masked
+#: regions (coarse points): 6 × 6 pixels for 6 maps.
+REGION_BLOCK_VALUES = 216
 #: Largest ``P r²`` (models × coarse values²) of the coarse-space correction of the
 #: Schur complement by CG: each of its ``r × r`` matrices stays under 32 MB.
 COARSE_MATRIX_VALUES = 2**22
@@ -158,6 +161,7 @@ def estimate_memory(
     iterative: bool = False,
     schur_cg: bool = False,
     n_coarse: int = 0,
+    n_jacobi_values: int | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of :func:`~hyperspy_gp.gp_reconstruct`.
 
@@ -182,6 +186,11 @@ def estimate_memory(
     n_coarse
         Coarse points of its coarse-space correction
         (:func:`~hyperspy_gp.gp.coarse_space.coarse_points`), 0 for none.
+    n_jacobi_values
+        Values of its block-Jacobi preconditioner's tile blocks per model, as the mask
+        gives them (:func:`~hyperspy_gp.gp.schur_iterative.jacobi_block_values`);
+        ``None``: the bound for tiles of
+        :data:`~hyperspy_gp.memory.JACOBI_BLOCK_VALUES` values.
 
     Returns
     -------
@@ -207,11 +216,12 @@ def estimate_memory(
     if n_observed is None and n_missing and schur_cg:
         # CG vectors over the missing values; probe vectors on the grid, Σ of one of them
         # and its autograd copy; the preconditioner's tile blocks (k² values for the
-        # k ≤ JACOBI_BLOCK_VALUES values of each tile that holds a missing pixel) with
+        # k values of each tile that holds a missing pixel) with
         # their factors, and the chunk they are built in.  Prediction: the draws'
         # weights, their white noise, and the draws' predictions (one chunk per thread).
         columns = n_models * (1 + LOGDET_PROBES) * n_tasks
-        tiles = n_models * min(n_missing * JACOBI_BLOCK_VALUES**2, n_pixels * n_tasks * JACOBI_BLOCK_VALUES)
+        tiles = n_models * (min(n_missing * JACOBI_BLOCK_VALUES**2, n_pixels * n_tasks * JACOBI_BLOCK_VALUES)
+                            if n_jacobi_values is None else n_jacobi_values)
         fitting += (6 * columns * n_missing + 4 * columns * n_pixels + 2 * tiles) * itemsize + CHUNK_BYTES
         # The coarse space: kernel columns and their orthonormal basis (m × c), the basis
         # rotated into the eigenbasis (n × c), and six r × r matrices (E, F, their

@@ -145,3 +145,11 @@ def test_coarse_space_of_the_schur_complement_by_cg_is_counted():
     with_coarse = estimate_memory((256, 256), 6, 100, n_missing=8000, schur_cg=True, n_coarse=300)
     # kernel columns and their basis (m × c), the basis rotated (n × c), six (c T)² matrices
     assert with_coarse.fitting - without.fitting == ((2 * 8000 + 256 * 256) * 300 + 6 * (300 * 6) ** 2) * 8
+
+
+def test_tile_blocks_the_mask_gives_replace_the_bound():
+    """``n_jacobi_values`` (the blocks a mask's tiles give, larger tiles for masked regions) is what is counted."""
+    bound = estimate_memory((256, 256), 6, 100, n_missing=18000, schur_cg=True)
+    given = estimate_memory((256, 256), 6, 100, n_missing=18000, schur_cg=True, n_jacobi_values=600 * 216**2)
+    # the blocks and their factors; the bound: 64 values per grid value (fewer than 64² per missing pixel)
+    assert given.fitting - bound.fitting == 2 * (600 * 216**2 - 65536 * 6 * 64) * 8
