@@ -16,9 +16,10 @@ then need three things:
 - ``log det C``, by stochastic Lanczos quadrature (as in
   :mod:`~hyperspy_gp.gp.iterative`) with the block-Jacobi preconditioner ``J`` (the
   exact blocks of ``C`` between the missing values of each tile of neighbouring pixels,
-  ``Σ_j q_j(i) q_j(i') M_j``, at most 64 values per tile, built by structured
-  products; up to 216 where the mask has connected masked regions): ``log det C = log det J + log det(J^{-1/2} C J^{-1/2})``, the last term
-  estimated from fixed probes ``z_i = chol(J) ε_i``.  For scattered missing pixels
+  ``Σ_j q_j(i) q_j(i') M_j``, at most 64 values per tile, up to 216 where the mask has
+  connected masked regions, built by structured products): ``log det C = log det J +
+  log det(J^{-1/2} C J^{-1/2})``, the last term estimated from fixed probes ``z_i =
+  chol(J) ε_i``.  For scattered missing pixels
   ``C`` is close to block-diagonal, so CG needs tens of iterations and the estimate is
   accurate.  Deep inside large masked regions ``C`` also has smooth modes that ``J``
   does not see; there ``J`` gets the coarse-space correction of
