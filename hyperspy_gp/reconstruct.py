@@ -322,13 +322,13 @@ def _estimate_memory(maps: np.ndarray, decomposition, request: Request, lazy: bo
     n_coarse, n_jacobi_values = 0, None
     if request.observed is not None and masked_solver == "schur-cg":
         from hyperspy_gp.gp.coarse_space import coarse_points
+        from hyperspy_gp.gp.kernels import GridKernel
         from hyperspy_gp.gp.schur_iterative import jacobi_block_values
 
         n_models, n_tasks = (1, maps.shape[-1]) if request.mode == "parallel" else (maps.shape[-1], 1)
         n_coarse = int(coarse_points(request.observed, n_models, n_tasks).sum())
-        observed = request.observed
-        factor_shape = observed.shape if request.kernel == "separable" else (observed.size,)
-        n_jacobi_values = jacobi_block_values(observed, factor_shape, n_tasks, regions=n_coarse > 0)
+        factor_shape = GridKernel(request.observed.shape, request.kernel).factor_shape
+        n_jacobi_values = jacobi_block_values(request.observed, factor_shape, n_tasks, regions=n_coarse > 0)
     return estimate_memory(
         maps.shape[:-1], maps.shape[-1], decomposition.factors.shape[0], mode=request.mode,
         upsampling=request.upsampling, kernel=request.kernel, dtype=request.dtype, lazy_output=lazy,
