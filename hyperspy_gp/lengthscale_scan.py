@@ -318,11 +318,13 @@ def scan_loading_maps(
         Loading maps ``(*grid, T)``, numpy order; NaN marks a missing pixel.
     observed : ndarray of bool, optional
         Measured pixels when some are missing; ``None`` for a complete grid.
-    masked_solver : {"schur", "dense"}
+    masked_solver : {"schur", "schur-cg", "dense", "iterative"}
         Exact path for missing pixels (see :class:`~hyperspy_gp.gp.model.GridICMModel`).
     iterative : bool
         Fit by conjugate gradients and a stochastic log-determinant
-        (:mod:`~hyperspy_gp.gp.iterative`), for ``kernel="matern"`` on large grids.
+        (:mod:`~hyperspy_gp.gp.iterative`), for ``kernel="matern"`` on large grids;
+        missing pixels are then served by CG on the observed values
+        (:mod:`~hyperspy_gp.gp.iterative_missing`) whatever ``masked_solver``.
     points : sequence of ndarray, optional
         Coordinates (pixels) of the maps' lines per axis, when they are not
         ``0, 1, ..., n - 1`` (scan lines without data left out, see

@@ -179,7 +179,8 @@ def estimate_memory(
     n_missing
         Missing pixels on the Kronecker path (Schur complement), 0 for a complete grid.
     iterative
-        Whether the iterative path (``solver="iterative"``) serves a complete grid.
+        Whether the iterative path (``solver="iterative"``) serves the grid, with its
+        ``n_missing`` pixels by conjugate gradients on the observed values.
     schur_cg
         Whether the Schur complement over the ``n_missing`` pixels is solved by
         conjugate gradients (many scattered missing pixels) rather than factorised.
@@ -234,7 +235,7 @@ def estimate_memory(
         # Schur columns Σ⁻¹E_M, H = Σ⁻¹E_M L⁻ᵀ and ΣH with its autograd copy: |M|·n·T each.
         fitting += 4 * n_models * n_missing * n_tasks * n_pixels * n_tasks * itemsize
     if iterative:
-        fitting, prediction = _iterative_bytes(grid_shape, upsampling, n_models, n_tasks, itemsize)
+        fitting, prediction = _iterative_bytes(grid_shape, upsampling, n_models, n_tasks, itemsize, n_missing)
     return MemoryEstimate(4 * map_bytes, spectrum, fitting, prediction + 2 * 2 * map_bytes)
 
 
@@ -253,8 +254,14 @@ def _fitting_bytes(grid_shape, n_models, n_tasks, kernel, n_observed, itemsize) 
     return (spatial + blocks + vectors) * itemsize
 
 
-def _iterative_bytes(grid_shape, upsampling, n_models, n_tasks, itemsize) -> tuple[int, int]:
+def _iterative_bytes(grid_shape, upsampling, n_models, n_tasks, itemsize, n_missing=0) -> tuple[int, int]:
     n_pixels = math.prod(grid_shape)
+    # Missing pixels: the columns Σ̃⁻¹E_M (|M|T · nT values), built from as many point
+    # sources through the eigenbasis (two more), and the control variate's rotated
+    # columns (two); prediction keeps two preconditioners' columns and the separable
+    # twin's Schur columns.
+    columns = n_models * n_missing * n_tasks * n_pixels * n_tasks
+    missing_fitting, missing_prediction = 5 * columns * itemsize, 5 * columns * _FLOAT64
     columns = n_models * (1 + LOGDET_PROBES) * n_tasks
     # CG: solution, residual, preconditioned residual, direction, its product and the
     # right-hand sides; gradient: left and right vectors, K·right and their spectra.
@@ -264,7 +271,7 @@ def _iterative_bytes(grid_shape, upsampling, n_models, n_tasks, itemsize) -> tup
     fine = n_pixels * upsampling ** len(grid_shape)
     # Upsampled mean, variance, error and the separable twin's variance; one batch of draws.
     prediction = 6 * n_models * n_tasks * fine * _FLOAT64 + 4 * CHUNK_BYTES
-    return fitting, prediction
+    return fitting + missing_fitting, prediction + missing_prediction
 
 
 def _prediction_bytes(grid_shape, upsampling, n_models, n_tasks, kernel, n_observed, chunks) -> int:

@@ -69,7 +69,8 @@ def build_outputs(signal, decomposition, fit: MapsFit, request: Request, lazy: b
         "rank": request.rank if request.mode == "parallel" else 0,
         "solver": request.solver,
         "missing_pixels": request.n_missing,
-        # How the missing pixels on the kept lines were handled: "dense", "schur", "schur-cg" or "none".
+        # How the missing pixels on the kept lines were handled: "dense", "schur", "schur-cg", "iterative"
+        # or "none".
         "masked_solver": "none" if request.observed is None else request.masked_solver,
         # Scan lines without data, left out of the fit (per axis, numpy order).
         "skipped_lines": request.skipped_lines(decomposition.maps.shape[:-1]),

@@ -187,13 +187,14 @@ def gp_reconstruct(
         variance then a Monte-Carlo estimate, its standard error in
         ``hyperparameters["variance_standard_error"]``).
         ``"dense"``: Cholesky on the observed pixels, limited to 6000 observed values
-        (pixels × maps in a parallel GP).  ``"iterative"`` (complete grids, any
-        kernel): FFT products, preconditioned conjugate gradients and a stochastic
+        (pixels × maps in a parallel GP).  ``"iterative"`` (any kernel, complete grids
+        or a few missing pixels: missing values × grid values ≤ 32 million): FFT
+        products, preconditioned conjugate gradients and a stochastic
         log-determinant; the mean is exact, the variance a Monte-Carlo estimate whose
         standard error is returned as ``hyperparameters["variance_standard_error"]``
         (see :mod:`hyperspy_gp.gp.iterative`).  ``"auto"`` takes ``"kronecker"`` for
-        complete grids (``"iterative"`` for ``kernel="matern"`` beyond 4096 pixels)
-        and the cheaper exact path that fits otherwise.  Missing pixels are
+        complete grids and the cheaper exact path that fits otherwise; for
+        ``kernel="matern"`` beyond 4096 pixels it takes ``"iterative"``.  Missing pixels are
         predicted like any other; scan lines without a measured pixel are left out
         of the fit first (exact, the Kronecker structure is kept), so only the
         missing pixels on the kept lines count against these limits.  Where

@@ -101,7 +101,8 @@ class Request:
 
         ``"schur"`` (Schur complement on the Kronecker basis, factorised) or
         ``"schur-cg"`` (by conjugate gradients, :attr:`schur_cg`) unless
-        ``solver="dense"``.
+        ``solver="dense"``, or ``"iterative"`` (conjugate gradients on the observed
+        values, :mod:`~hyperspy_gp.gp.iterative_missing`) with ``solver="iterative"``.
 
         Returns
         -------
@@ -112,8 +113,8 @@ class Request:
         >>> Request([0], "parallel", 1, None, "separable", 1, "dense", "cpu", "float64", None).masked_solver
         'dense'
         """
-        if self.solver == "dense":
-            return "dense"
+        if self.solver in ("dense", "iterative"):
+            return self.solver
         return "schur-cg" if self.schur_cg else "schur"
 
     def fitted_region(self, maps: np.ndarray) -> np.ndarray:
@@ -403,7 +404,9 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     which is exact and keeps the Kronecker structure, and predicts the whole scan.  A
     complete fitted grid is solved in the Kronecker eigenbasis, or iteratively
     (``"iterative"``, :mod:`~hyperspy_gp.gp.iterative`, which needs evenly spaced
-    lines) for ``kernel="matern"`` on more than :data:`MAX_DENSE_PIXELS` pixels.  With
+    lines) for ``kernel="matern"`` on more than :data:`MAX_DENSE_PIXELS` pixels, which
+    also serves a few missing pixels on the kept lines
+    (:mod:`~hyperspy_gp.gp.iterative_missing`) and refuses more.  Otherwise, with
     missing pixels on the kept lines, ``"auto"`` takes the cheaper exact path that fits:
     ``"dense"`` (Cholesky on the observed pixels, :mod:`~hyperspy_gp.gp.dense`) or
     ``"kronecker"`` with a Schur complement over the missing pixels, factorised
@@ -472,19 +475,17 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
             )
         return None
     n_missing = int((~observed).sum())
-    if request.solver == "iterative":
-        raise ValueError(
-            f"solver='iterative' needs a complete scan grid; {n_missing} pixels on the measured scan lines "
-            "have no finite loadings (e.g. a navigation_mask). Use solver='auto', or decompose without a "
-            "navigation_mask."
-        )
+    tasks = maps.shape[-1] if request.mode == "parallel" else 1
+    if request.solver == "iterative" or (large_matern and request.solver == "auto"):
+        _check_iterative_missing(observed.size, n_missing, tasks, request.solver)
+        request.solver = "iterative"
+        return observed
     if large_matern:
         raise ValueError(
-            f"kernel='matern' with missing pixels is solved densely, which is limited to {MAX_DENSE_PIXELS} "
-            f"pixels; the measured scan lines hold {observed.size}. Use kernel='separable', crop the scan "
-            "with s.inav[...], or decompose without a navigation_mask."
+            f"solver={request.solver!r} with kernel='matern' and missing pixels is limited to {MAX_DENSE_PIXELS} "
+            f"pixels; the measured scan lines hold {observed.size}. Use solver='auto' or 'iterative' (conjugate "
+            "gradients on the observed pixels), or kernel='separable'."
         )
-    tasks = maps.shape[-1] if request.mode == "parallel" else 1
     dense_values = int(observed.sum()) * tasks
     schur_entries = n_missing * tasks * observed.size * tasks
     fits = {"dense": dense_values <= MAX_DENSE_VALUES, "kronecker": schur_entries <= MAX_SCHUR_ENTRIES}
@@ -505,6 +506,22 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     else:
         request.schur_cg = request.solver == "kronecker" and not fits["kronecker"]
     return observed
+
+
+def _check_iterative_missing(n_pixels: int, n_missing: int, tasks: int, solver: str) -> None:
+    """Refuse more missing pixels than the iterative path serves (:mod:`~hyperspy_gp.gp.iterative_missing`)."""
+    from hyperspy_gp.gp.iterative_missing import max_missing_pixels
+
+    limit = max_missing_pixels(n_pixels, tasks)
+    if n_missing > limit:
+        what = "solver='iterative'" if solver == "iterative" else \
+            f"kernel='matern' on more than {MAX_DENSE_PIXELS} pixels (solved iteratively)"
+        raise ValueError(
+            f"{what} serves at most {limit} missing pixels on this {n_pixels}-pixel grid with {tasks} map(s) per "
+            f"GP; {n_missing} pixels on the measured scan lines have no finite loadings (e.g. a navigation_mask). "
+            "Use kernel='separable' (exact for any number of missing pixels), crop the scan with s.inav[...], or "
+            "decompose without a navigation_mask."
+        )
 
 
 def _missing_pixel_costs(grid_shape, kernel: str, n_missing: int, dense_values: int, tasks: int) -> dict:

@@ -150,6 +150,14 @@ class KroneckerPreconditioner:
         blocks = torch.linalg.solve_triangular(upper, _maps_last(eps).unsqueeze(-1), upper=True)
         return self._rotate(_maps_first(blocks.squeeze(-1)), transpose=False)
 
+    def probe_weights(self, eps: torch.Tensor, drawn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``w = P^{-1} z`` of the probes ``z = L ε`` (``drawn``) and their weights ``zᵀ P^{-1} z = ‖ε‖²``, ``(P, R)``."""
+        return self.factor_inv_t_mul(eps), eps.pow(2).sum(dim=tuple(range(2, eps.dim())))
+
+    def surrogate(self, values, task_covariance, noise, whitened: torch.Tensor) -> torch.Tensor:
+        """The control variate of the log-determinant's gradient (:func:`preconditioner_surrogate`)."""
+        return preconditioner_surrogate(self, values, task_covariance, noise, whitened)
+
 
 def corrected_eigenvalues(eigenvectors: list[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
     """``q_jᵀ K q_j`` for every Kronecker basis vector ``q_j = ⊗_a q_{a, j_a}``, ``(P, *grid)``.
@@ -169,13 +177,17 @@ def corrected_eigenvalues(eigenvectors: list[torch.Tensor], values: torch.Tensor
 
 
 def preconditioner_surrogate(precond: KroneckerPreconditioner, values, task_covariance, noise,
-                             whitened: torch.Tensor) -> torch.Tensor:
+                             whitened: torch.Tensor, schur_weights: torch.Tensor | None = None) -> torch.Tensor:
     """``log det P(θ) − (1/m) Σ_i w_iᵀ P(θ) w_i`` with the eigenbasis held fixed, ``(P,)``.
 
     ``P(θ) = Q (λ̃(θ) ⊗ B + D) Qᵀ`` depends on the hyperparameters through ``B``,
-    ``D`` and the corrected eigenvalues ``λ̃``; ``whitened`` holds ``w_i = L^{-T} ε_i``.
-    Its gradient is the exact ``∂ log det P`` minus the probes' estimate of it, the
-    control variate that leaves only the small ``log det(P^{-1} Σ)`` part to the probes.
+    ``D`` and the corrected eigenvalues ``λ̃``; ``whitened`` holds ``w_i = P^{-1} z_i``
+    (``L^{-T} ε_i``).  Its gradient is the exact ``∂ log det P`` minus the probes'
+    estimate of it, the control variate that leaves only the small ``log det(P^{-1} Σ)``
+    part to the probes.  With missing pixels, ``P`` is the observed block and
+    ``schur_weights`` (:meth:`~hyperspy_gp.gp.iterative_missing.SchurPreconditioner.schur_weights`)
+    adds the gradient of its Schur complement: the surrogate's value is then not
+    ``log det P``, only its gradient is right.
     """
     lam = corrected_eigenvalues(precond.eigenvectors, values)
     view = (task_covariance.shape[0], *([1] * (lam.dim() - 1)), *task_covariance.shape[1:])
@@ -186,6 +198,8 @@ def preconditioner_surrogate(precond: KroneckerPreconditioner, values, task_cova
     with torch.no_grad():
         rotated = precond._rotate(whitened, transpose=True)
         gram = torch.einsum("prs...,prt...->p...st", rotated, rotated) / whitened.shape[1]
+        if schur_weights is not None:
+            gram = gram + schur_weights
     form = (blocks * gram).reshape(blocks.shape[0], -1).sum(-1)
     return logdet - form
 
@@ -324,13 +338,14 @@ def iterative_log_likelihood(
     lengthscale: torch.Tensor,
     kernel: GridKernel,
     probes: torch.Tensor,
+    observed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log marginal likelihood per model by CG and SLQ (see the module docstring).
 
     Parameters
     ----------
     targets
-        ``(P, *grid, T)`` standardised maps on a complete grid.
+        ``(P, *grid, T)`` standardised maps; values at missing pixels are ignored.
     task_covariance, noise, lengthscale
         ``(P, T, T)``, ``(P, T)`` and ``(P, ndim)``; the result is differentiable in
         all three.
@@ -338,6 +353,10 @@ def iterative_log_likelihood(
         The (stationary) spatial kernel.
     probes
         ``(P, m, T, *grid)`` whitened probes, e.g. from :func:`rademacher_probes`.
+    observed
+        Boolean grid of the measured pixels, or ``None`` for a complete grid; the
+        likelihood is then that of the observed values
+        (:mod:`~hyperspy_gp.gp.iterative_missing`).
 
     Returns
     -------
@@ -348,22 +367,24 @@ def iterative_log_likelihood(
     y = targets.detach().movedim(-1, 1).unsqueeze(1)  # (P, 1, T, *grid)
     toeplitz = ToeplitzKernel(kernel, lengthscale)  # values keep the graph to ℓ
     with torch.no_grad():
-        operator = ICMOperator(toeplitz, task_covariance, noise)
-        precond = KroneckerPreconditioner.build(kernel, lengthscale, task_covariance, noise, toeplitz)
-        rhs = torch.cat([y, precond.factor_mul(probes)], dim=1)
+        operator, precond = operator_and_preconditioner(kernel, toeplitz, lengthscale, task_covariance, noise,
+                                                         observed)
+        if observed is not None:
+            y = y.masked_fill(~observed, 0.0)  # whatever the maps hold there, NaN included
+        drawn = precond.factor_mul(probes)
+        rhs = torch.cat([y, drawn], dim=1)
         tol = ESTIMATE_CG_TOLERANCE.get(y.dtype, 1e-5)
         cg = preconditioned_cg(operator, precond.solve, rhs, tol, MAX_CG_ITERATIONS)
         alpha, solved_probes = cg.solution[:, :1], cg.solution[:, 1:]
         n_probes = probes.shape[1]
         probe_cg = CGResult(solved_probes, cg.alphas[:, :, 1:], cg.betas[:, :, 1:], cg.iterations[:, 1:])
-        norms = probes.pow(2).sum(dim=tuple(range(2, probes.dim())))
+        whitened, norms = precond.probe_weights(probes, drawn)
         logdet = precond.logdet() + lanczos_logdet_quadrature(probe_cg, norms) / n_probes
         quad = (y * alpha).sum(dim=tuple(range(1, y.dim())))
-        n_obs = y[0].numel()
+        n_obs = y[0].numel() if observed is None else int(observed.sum()) * y.shape[2]
         value = -0.5 * (quad + logdet + n_obs * math.log(2.0 * math.pi))
 
         # Bilinear forms whose gradients are the gradient estimate.
-        whitened = precond.factor_inv_t_mul(probes)
         left = torch.cat([alpha, solved_probes], dim=1)
         right = torch.cat([alpha, whitened], dim=1)
         weights = torch.full((left.shape[1],), -0.5 / n_probes, dtype=y.dtype, device=y.device)
@@ -381,6 +402,20 @@ def iterative_log_likelihood(
         (task_covariance * grad_b).sum(dim=(-2, -1))
         + (noise * grad_noise).sum(-1)
         + (values * correlation).reshape(values.shape[0], -1).sum(-1)
-        - 0.5 * preconditioner_surrogate(precond, values, task_covariance, noise, whitened)
+        - 0.5 * precond.surrogate(values, task_covariance, noise, whitened)
     )
     return value + surrogate - surrogate.detach()
+
+
+def operator_and_preconditioner(kernel: GridKernel, toeplitz: ToeplitzKernel, lengthscale, task_covariance,
+                                 noise, observed: torch.Tensor | None):
+    """``Σ`` and its separable-kernel preconditioner, or ``Σ_OO`` and ``Σ̃_OO`` with missing pixels."""
+    operator = ICMOperator(toeplitz, task_covariance, noise)
+    precond = KroneckerPreconditioner.build(kernel, lengthscale, task_covariance, noise, toeplitz)
+    if observed is None:
+        return operator, precond
+    from hyperspy_gp.gp.iterative_missing import ObservedOperator, SchurPreconditioner
+
+    observed = observed.to(lengthscale.device)
+    return (ObservedOperator(toeplitz, task_covariance, noise, observed),
+            SchurPreconditioner.build(precond, observed))

@@ -36,10 +36,11 @@ from hyperspy_gp.gp.iterative import (
     CG_TOLERANCE,
     ESTIMATE_CG_TOLERANCE,
     MAX_CG_ITERATIONS,
-    ICMOperator,
     KroneckerPreconditioner,
+    operator_and_preconditioner,
     preconditioned_cg,
 )
+from hyperspy_gp.gp.iterative_missing import SchurPreconditioner
 from hyperspy_gp.gp.kernels import GridKernel
 from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior, Posterior
 from hyperspy_gp.gp.toeplitz import ToeplitzKernel
@@ -148,17 +149,23 @@ class IterativePosterior(Posterior):
             self.task_covariance = model.task_covariance.detach().clone()
             self.noise = model.noise.detach().clone()
             toeplitz = ToeplitzKernel(model.kernel, self.lengthscale)
-            self._operator = ICMOperator(toeplitz, self.task_covariance, self.noise)
-            self._preconditioner = KroneckerPreconditioner.build(model.kernel, self.lengthscale,
-                                                                 self.task_covariance, self.noise, toeplitz)
-            y = targets.detach().movedim(-1, 1).unsqueeze(1)
+            observed = None if model.observed is None else torch.as_tensor(model.observed, device=targets.device)
+            self._operator, self._preconditioner = operator_and_preconditioner(
+                model.kernel, toeplitz, self.lengthscale, self.task_covariance, self.noise, observed)
+            #: 1 at the observed training pixels, ``(*grid)`` (all ones for a complete grid).
+            self.mask = torch.ones(model.kernel.grid_shape, dtype=targets.dtype, device=targets.device) \
+                if observed is None else self._operator.mask
+            y = targets.detach().movedim(-1, 1).unsqueeze(1).masked_fill(self.mask == 0, 0.0)
             alpha = self._solve(y)
             #: ``α B`` in channel-first layout ``(P, T, *grid)``.
             self.mean_weights = self._operator.mix(alpha)[:, 0]
+            # Σ_sep⁻¹ (Σ_sep,OO⁻¹ with missing pixels) exactly: the CG preconditioner's
+            # eigenvalues are corrected towards K, the twin's are not.
+            separable = KroneckerPreconditioner.build(model.kernel, self.lengthscale, self.task_covariance,
+                                                      self.noise)
+            self._separable_inverse = separable.solve if observed is None else \
+                SchurPreconditioner.build(separable, observed).solve
         self._separable = _separable_twin(model, targets)
-        # Σ_sep⁻¹ exactly (the CG preconditioner's eigenvalues are corrected towards K).
-        self._separable_inverse = KroneckerPreconditioner.build(model.kernel, self.lengthscale,
-                                                                self.task_covariance, self.noise).solve
         self.jitter = torch.zeros(targets.shape[0], dtype=targets.dtype, device=targets.device)
         self._maps: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()
@@ -275,7 +282,7 @@ class IterativePosterior(Posterior):
             solvers = (self._solve_draws, self._separable_inverse)
             for draw, toeplitz, solve in zip(draws, (fine, fine_separable), solvers):
                 prior = torch.einsum("pst,prt...->prs...", task_sqrt, draw)  # cov B ⊗ K on the fine grid
-                observed = prior[(..., *lattice)] + noise
+                observed = (prior[(..., *lattice)] + noise) * self.mask
                 weights = self._operator.mix(solve(observed))
                 errors.append(prior - toeplitz.matmul(_scatter(weights, lattice, fine_shape)))
             a, b = errors[0].pow(2), errors[1].pow(2)
@@ -305,13 +312,14 @@ def _joint_draws(spectra, embedding: ToeplitzKernel, fine_shape, shape, generato
     return draws
 
 
-def _separable_twin(model, targets: torch.Tensor) -> GridPosterior:
-    """The exact posterior of the same model with the separable kernel."""
+def _separable_twin(model, targets: torch.Tensor) -> Posterior:
+    """The exact posterior of the same model with the separable kernel (Schur path with missing pixels)."""
     from hyperspy_gp.gp.model import GridICMModel
+    from hyperspy_gp.gp.schur import SchurPosterior
 
     kernel = model.kernel
     twin = GridICMModel(GridKernel(kernel.grid_shape, "separable", dtype=kernel.dtype, device=kernel.device),
                         model.n_models, model.n_tasks, rank=model.rank, isotropic=model.isotropic,
-                        lengthscale_bounds=model.lengthscale_bounds)
+                        lengthscale_bounds=model.lengthscale_bounds, observed=model.observed, masked_solver="schur")
     twin.load_state_dict(model.state_dict())
-    return GridPosterior(twin, targets)
+    return GridPosterior(twin, targets) if model.observed is None else SchurPosterior(twin, targets)

@@ -89,11 +89,14 @@ class GridICMModel(gpytorch.Module):
         The exact path used when ``observed`` is given: ``"dense"``, ``"schur"`` (Schur
         complement factorised, a few missing pixels) or ``"schur-cg"`` (Schur complement
         by conjugate gradients with a stochastic log-determinant, many scattered ones,
-        :mod:`~hyperspy_gp.gp.schur_iterative`).
+        :mod:`~hyperspy_gp.gp.schur_iterative`); with ``iterative`` it is always
+        ``"iterative"``.
     iterative
-        On a complete grid, compute the likelihood by FFT products, conjugate gradients
-        and a stochastic log-determinant (:mod:`~hyperspy_gp.gp.iterative`) instead of
-        eigendecompositions: the path for the non-separable kernel on large grids.
+        Compute the likelihood by FFT products, conjugate gradients and a stochastic
+        log-determinant (:mod:`~hyperspy_gp.gp.iterative`) instead of
+        eigendecompositions: the path for the non-separable kernel on large grids.  With
+        ``observed``, CG runs on the observed values
+        (:mod:`~hyperspy_gp.gp.iterative_missing`, a few missing pixels).
     n_probes
         Probes of the stochastic log-determinant estimates (``iterative`` and
         ``"schur-cg"``), or ``"exact"``.
@@ -130,12 +133,12 @@ class GridICMModel(gpytorch.Module):
             self.register_parameter("task_factor", torch.nn.Parameter(torch.zeros(n_models, n_tasks, rank, **opts)))
         self.to(**opts)  # constraint bounds follow the model's dtype and device
         self.observed = None if observed is None else np.asarray(observed, dtype=bool)
-        if masked_solver not in MASKED_SOLVERS:
+        self.iterative = bool(iterative)
+        if self.iterative:
+            masked_solver = "iterative"  # the FFT products serve missing pixels too
+        elif masked_solver not in MASKED_SOLVERS:
             raise ValueError(f"masked_solver must be one of {MASKED_SOLVERS}, not {masked_solver!r}.")
         self.masked_solver = masked_solver
-        if iterative and observed is not None:
-            raise ValueError("The iterative solver needs a complete grid (observed=None).")
-        self.iterative = bool(iterative)
         self.n_probes = DEFAULT_PROBES if n_probes is None else n_probes
         if self.observed is not None:
             from hyperspy_gp.gp.dense import observed_index_from_mask
@@ -231,8 +234,9 @@ class GridICMModel(gpytorch.Module):
         if self.iterative:
             shape = (targets.shape[0], self.n_tasks, *self.kernel.grid_shape)
             probes = rademacher_probes(shape, self.n_probes, 0, self.kernel.dtype, targets.device)
+            observed = None if self.observed is None else torch.as_tensor(self.observed, device=targets.device)
             return iterative_log_likelihood(
-                targets, self.task_covariance, self.noise, self.lengthscale, self.kernel, probes
+                targets, self.task_covariance, self.noise, self.lengthscale, self.kernel, probes, observed
             )
         covariances = (self.task_covariance, self.noise, self.kernel.factors(self.lengthscale))
         if self.observed is None:

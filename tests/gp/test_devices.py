@@ -39,6 +39,7 @@ PATHS = {
     "matern fft-cg": ("matern", (8, 9), None, {"iterative": True, "n_probes": "exact"}, False),
     "missing, dense": ("separable", (9, 11), _holes, {"masked_solver": "dense"}, True),
     "missing, schur": ("separable", (9, 11), _holes, {"masked_solver": "schur"}, True),
+    "missing, matern fft-cg": ("matern", (8, 9), _holes, {"iterative": True, "n_probes": "exact"}, False),
     "missing, schur-cg + coarse": ("separable", (16, 16), _masked_block,
                                    {"masked_solver": "schur-cg", "n_probes": "exact"}, False),
 }
