@@ -113,7 +113,7 @@ def _dense_covariance(precond, task_covariance, noise, eigenvalues):
 
 
 def test_preconditioner_is_the_observed_block_of_the_separable_covariance():
-    precond, (lengthscale, b, noise, toeplitz), observed = _preconditioner()
+    precond, (_, b, noise, toeplitz), observed = _preconditioner()
     with torch.no_grad():
         eigenvalues = corrected_eigenvalues(precond.base.eigenvectors, toeplitz.values)
         dense = _dense_covariance(precond, b, noise, eigenvalues)
