@@ -25,7 +25,7 @@ Usage::
     python benchmarks/bench_missing.py --quick  # 48² × 3 maps (about two minutes)
     python benchmarks/bench_missing.py --sides 128 --patterns "edge lines" "every other line"
     python benchmarks/bench_missing.py --device cuda --sides 128 --patterns "quarter disc"
-    python benchmarks/bench_missing.py --kernel matern --sides 64 128 --patterns "20 dead pixels" "5% random"
+    python benchmarks/bench_missing.py --kernel matern --sides 128 --patterns "20 dead pixels" "1% random" "5% random"
 
 With ``--kernel matern`` (the paper's non-separable kernel) the complete grid and a few
 missing pixels take the iterative path (``iterative``: conjugate gradients on the
@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import _timeit, counting_cg, mll_and_grad, synthetic_maps
 
 #: Mask patterns, in table order; the first is the baseline.
-PATTERNS = ("complete", "20 dead pixels", "edge lines", "every other line", "5% random", "20% random", "50% random",
+PATTERNS = ("complete", "20 dead pixels", "1% random", "edge lines", "every other line", "5% random", "20% random", "50% random",
             "quarter disc", "disc, tiles only")
 
 

@@ -54,6 +54,10 @@ VARIANCE_DRAWS = 64
 #: Values (pixels × maps) of a tile, one block of the Schur complement by CG's
 #: block-Jacobi preconditioner.
 JACOBI_BLOCK_VALUES = 64
+#: Largest ``|M| · n · T`` (missing values × grid values) for the factorised Schur
+#: complement (:mod:`~hyperspy_gp.gp.schur`): its columns ``H`` take this many float64
+#: values (32 million: 256 MB).
+MAX_SCHUR_ENTRIES = 32 * 2**20
 #: Largest tile (pixels × maps) of that preconditioner where the mask has connected masked
 #: regions (coarse points): 6 × 6 pixels for 6 maps.
 REGION_BLOCK_VALUES = 216
@@ -256,12 +260,14 @@ def _fitting_bytes(grid_shape, n_models, n_tasks, kernel, n_observed, itemsize) 
 
 def _iterative_bytes(grid_shape, upsampling, n_models, n_tasks, itemsize, n_missing=0) -> tuple[int, int]:
     n_pixels = math.prod(grid_shape)
-    # Missing pixels: the columns Σ̃⁻¹E_M (|M|T · nT values), built from as many point
-    # sources through the eigenbasis (two more), and the control variate's rotated
-    # columns (two); prediction keeps two preconditioners' columns and the separable
-    # twin's Schur columns.
-    columns = n_models * n_missing * n_tasks * n_pixels * n_tasks
-    missing_fitting, missing_prediction = 5 * columns * itemsize, 5 * columns * _FLOAT64
+    # Missing pixels: the eigenvector rows V (n × |M|) and a product temporary, C̃, its
+    # factor and inverse ((T|M|)² each); prediction keeps two such preconditioners and
+    # the separable twin's Schur columns (|M|T · nT values) where they fit.
+    schur_values = n_missing * n_tasks * n_pixels * n_tasks
+    twin = 2 * schur_values if n_models * schur_values <= MAX_SCHUR_ENTRIES else 0
+    per_model = 2 * n_pixels * n_missing + 3 * (n_tasks * n_missing) ** 2
+    missing_fitting = n_models * per_model * itemsize
+    missing_prediction = n_models * (2 * per_model + twin) * _FLOAT64
     columns = n_models * (1 + LOGDET_PROBES) * n_tasks
     # CG: solution, residual, preconditioned residual, direction, its product and the
     # right-hand sides; gradient: left and right vectors, K·right and their spectra.

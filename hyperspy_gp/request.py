@@ -477,7 +477,7 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     n_missing = int((~observed).sum())
     tasks = maps.shape[-1] if request.mode == "parallel" else 1
     if request.solver == "iterative" or (large_matern and request.solver == "auto"):
-        _check_iterative_missing(observed.size, n_missing, tasks, request.solver)
+        _check_iterative_missing(observed.size, n_missing, tasks, maps.shape[-1] // tasks, request.solver)
         request.solver = "iterative"
         return observed
     if large_matern:
@@ -508,17 +508,18 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     return observed
 
 
-def _check_iterative_missing(n_pixels: int, n_missing: int, tasks: int, solver: str) -> None:
+def _check_iterative_missing(n_pixels: int, n_missing: int, tasks: int, models: int, solver: str) -> None:
     """Refuse more missing pixels than the iterative path serves (:mod:`~hyperspy_gp.gp.iterative_missing`)."""
     from hyperspy_gp.gp.iterative_missing import max_missing_pixels
 
-    limit = max_missing_pixels(n_pixels, tasks)
+    limit = max_missing_pixels(n_pixels, tasks, models)
     if n_missing > limit:
         what = "solver='iterative'" if solver == "iterative" else \
             f"kernel='matern' on more than {MAX_DENSE_PIXELS} pixels (solved iteratively)"
+        gps = f"{models} independent GPs" if models > 1 else f"a parallel GP of {tasks} maps"
         raise ValueError(
-            f"{what} serves at most {limit} missing pixels on this {n_pixels}-pixel grid with {tasks} map(s) per "
-            f"GP; {n_missing} pixels on the measured scan lines have no finite loadings (e.g. a navigation_mask). "
+            f"{what} serves at most {limit} missing pixels on this {n_pixels}-pixel grid with {gps}; "
+            f"{n_missing} pixels on the measured scan lines have no finite loadings (e.g. a navigation_mask). "
             "Use kernel='separable' (exact for any number of missing pixels), crop the scan with s.inav[...], or "
             "decompose without a navigation_mask."
         )

@@ -50,6 +50,15 @@ def test_iterative_path_is_linear_in_the_pixels_not_quadratic_like_the_dense_ker
     assert b.prediction > a.prediction
 
 
+def test_iterative_path_counts_its_missing_pixels_without_schur_columns():
+    complete = estimate_memory((256, 256), 12, 10, kernel="matern", iterative=True)
+    holes = estimate_memory((256, 256), 12, 10, kernel="matern", iterative=True, n_missing=76)
+    # The eigenvector rows (n × |M|) and C̃ ((T|M|)²): megabytes, not the 5.6 GB that
+    # Schur columns (|M|T · nT values) would take.
+    assert holes.fitting - complete.fitting == (2 * 65536 * 76 + 3 * (12 * 76) ** 2) * 8
+    assert 0 < holes.prediction - complete.prediction < 2**28
+
+
 def test_the_estimate_of_every_path_runs_without_importing_torch():
     code = ("import sys; from hyperspy_gp.memory import estimate_memory; "
             "estimate_memory((300, 300), 6, 10, kernel='matern', iterative=True); "

@@ -586,12 +586,14 @@ def test_iterative_solver_with_masked_pixels_reproduces_the_exact_matern_reconst
                                rtol=0.1)
     error = np.moveaxis(iterative.hyperparameters["variance_standard_error"], -1, 0)
     assert (iterative.variance.data > 0).all() and np.median(error / iterative.variance.data) < 0.2
-    # The masked pixels, predicted with more uncertainty than the measured ones.  (Their
-    # variance follows the length scale, which, as on complete scans, the stochastic
-    # log-determinant may settle elsewhere along the flat ridge of these smooth maps.)
-    at_mask = (slice(None), 2 * np.array([4, 11, 15]), 2 * np.array([3, 9, 14]))
-    measured = np.median(iterative.variance.data[:, ::2, ::2], axis=(1, 2))
-    assert (iterative.variance.data[at_mask] > 1.5 * measured[:, None]).all()
+    # The masked pixels, predicted with more uncertainty than their measured neighbours.
+    # (Their variance follows the length scale, which, as on complete scans, the
+    # stochastic log-determinant may settle elsewhere along the flat ridge of these
+    # smooth maps, so it is not compared with the exact path's.)
+    variance = iterative.variance.data
+    for row, column in zip((8, 22, 30), (6, 18, 28)):  # the masked pixels on the 2× grid
+        neighbours = variance[:, [row - 2, row + 2, row, row], [column, column, column - 2, column + 2]]
+        assert (variance[:, row, column] > neighbours.max(axis=1)).all()
 
 
 def test_the_matern_kernel_on_large_scans_takes_the_iterative_path():

@@ -11,8 +11,7 @@ Preconditioner.  ``P = Σ̃_{OO}``, the observed block of the separable-kernel c
 ``Σ̃ = Q Λ Qᵀ`` that preconditions the complete grid (eigenvalues corrected towards
 ``K``).  A principal block keeps the spectral bounds of ``Σ̃^{-1} Σ``, so CG needs as
 few iterations as on the complete grid.  With ``G = Σ̃^{-1}`` and ``C̃ = G_{MM}``
-(factorised once per evaluation, one structured solve per missing value, as in
-:mod:`~hyperspy_gp.gp.schur`),
+(factorised once per evaluation),
 
 .. math::
 
@@ -26,34 +25,61 @@ z``.  The gradient's trace uses ``w = P^{-1} z`` (``E[u wᵀ] = Σ_{OO}^{-1}``).
 
 Control variate.  ``∂ log det P = Σ_j tr((M_j − M_j S_j M_j) ∂Λ_j)`` with ``M_j =
 Λ_j^{-1}`` and ``M_j S_j M_j`` the ``j``-th diagonal block of ``Qᵀ G E_M C̃^{-1} E_Mᵀ G
-Q`` (:attr:`SchurPreconditioner.schur_weights`), exact; the probes then only estimate
+Q`` (:meth:`SchurPreconditioner.schur_weights`), exact; the probes then only estimate
 the small ``log det(P^{-1} Σ_{OO})`` part, as on the complete grid.
 
-This path serves a few missing pixels (dead pixels, a small ``navigation_mask``): the
-columns ``G E_M`` take ``|M| T · n T`` values, limited like the Schur path's
-(:data:`~hyperspy_gp.gp.schur.MAX_SCHUR_ENTRIES`).
+No column ``G E_M`` is formed: in the eigenbasis the missing pixels are the rows ``V``
+of ``Q``, so ``C̃ = Vᵀ M V`` per pair of maps and ``P^{-1}`` costs one rotation each way
+plus two products with ``V`` (``n × |M|``).  Forming ``C̃`` and ``S_j`` grows as ``T² n
+|M|²``, so this path serves a few missing pixels (dead pixels, a small
+``navigation_mask``: :func:`max_missing_pixels`, e.g. 282 on 128² × 6 maps).
+Measured per evaluation on 2 CPU cores, 128² × 6 maps, in one run of
+``bench_missing.py --kernel matern``: complete 1.7 s, 20 missing pixels 2.5 s, 164 (1 %
+at random) 3.1 s.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from hyperspy_gp.gp.cholesky import safe_cholesky
 from hyperspy_gp.gp.iterative import ICMOperator, KroneckerPreconditioner, preconditioner_surrogate
-from hyperspy_gp.gp.schur import MAX_SCHUR_ENTRIES
+
+#: Largest :func:`missing_pixel_cost` of one evaluation: 6e10 multiply-adds, about 2 s on
+#: 2 CPU cores, as much as a whole evaluation of a complete 128² grid with 6 maps.
+#: Measured per evaluation, 128² × 6 maps: complete 2.1 s; 20, 56, 150 and 300 missing
+#: pixels 2.5, 2.7, 3.3 and 4.6 s.
+MAX_MISSING_COST = 6e10
 
 
-def max_missing_pixels(n_pixels: int, n_tasks: int) -> int:
-    """The most missing pixels this path serves on a grid of ``n_pixels`` with ``n_tasks`` maps per model.
+def max_missing_pixels(n_pixels: int, n_tasks: int, n_models: int = 1) -> int:
+    """The most missing pixels this path serves on a grid of ``n_pixels`` for ``n_models`` models of ``n_tasks`` maps.
+
+    Those whose cost per likelihood evaluation (:func:`missing_pixel_cost`, all models)
+    stays within :data:`MAX_MISSING_COST`.
 
     Examples
     --------
-    >>> max_missing_pixels(128 * 128, 6), max_missing_pixels(128 * 128, 1)
-    (56, 2048)
+    >>> max_missing_pixels(128 * 128, 6), max_missing_pixels(256 * 256, 12), max_missing_pixels(128 * 128, 1, 6)
+    (282, 76, 547)
     """
-    return MAX_SCHUR_ENTRIES // (n_tasks * n_pixels * n_tasks)
+    per_pixel_pair = n_models * n_tasks * (n_tasks + 1) * n_pixels
+    n_missing = math.isqrt(int(MAX_MISSING_COST // per_pixel_pair))
+    while n_missing > 0 and n_models * missing_pixel_cost(n_pixels, n_missing, n_tasks) > MAX_MISSING_COST:
+        n_missing -= 1
+    return n_missing
+
+
+def missing_pixel_cost(n_pixels: int, n_missing: int, n_tasks: int) -> int:
+    """Multiply-adds per evaluation spent on the missing pixels, per model.
+
+    Forming ``C̃`` and the control variate's ``S_j`` (``T(T+1)/2`` products of ``n ×
+    |M|`` by ``|M| × |M|`` each) and factorising and inverting ``C̃`` (about ``(T|M|)³``).
+    """
+    return n_tasks * (n_tasks + 1) * n_pixels * n_missing**2 + (n_tasks * n_missing) ** 3
 
 
 def _flat_grid(x: torch.Tensor, n_axes: int) -> torch.Tensor:
@@ -76,41 +102,47 @@ class ObservedOperator(ICMOperator):
 class SchurPreconditioner:
     """``P = Σ̃_{OO}`` applied, factorised and differentiated through the missing values.
 
-    Channel-first tensors ``(P, R, T, *grid)`` with zeros at the missing pixels.
-    Columns are ordered ``k = s · |M| + i`` (map ``s``, missing pixel ``i``).
+    Channel-first tensors ``(P, R, T, *grid)`` with zeros at the missing pixels.  In the
+    eigenbasis ``Q`` of ``Σ̃`` the missing pixels are the rows ``V`` of ``Q`` (``V[j, i] =
+    q_j(i)``), so ``C̃ = Vᵀ M V`` per pair of maps, with ``M_j = Λ_j^{-1}``; its rows and
+    columns are ordered ``k = s · |M| + i`` (map ``s``, missing pixel ``i``).
     """
 
     base: KroneckerPreconditioner  # Σ̃ on the complete grid
     mask: torch.Tensor  # (*grid), 1 where observed
-    missing: torch.Tensor  # flat indices of the missing pixels, (|M|,)
-    columns: torch.Tensor  # G E_M, (P, T|M|, T, *grid)
+    rows: torch.Tensor  # V, (P, n, |M|)
     cholesky: torch.Tensor  # chol(C̃), (P, T|M|, T|M|)
 
     @classmethod
     def build(cls, base: KroneckerPreconditioner, observed: torch.Tensor) -> SchurPreconditioner:
         """Factorise ``C̃ = (Σ̃^{-1})_{MM}`` for the missing pixels of the boolean grid ``observed``."""
-        missing = torch.nonzero(~observed.reshape(-1)).squeeze(-1)
-        n_models, n_tasks = base.cholesky.shape[0], base.cholesky.shape[-1]
-        n_missing, n_axes = missing.numel(), observed.dim()
-        sources = base.cholesky.new_zeros(n_models, n_tasks, n_missing, n_tasks, observed.numel())
-        for task in range(n_tasks):
-            sources[:, task, torch.arange(n_missing), task, missing] = 1.0
-        sources = sources.reshape(n_models, n_tasks * n_missing, n_tasks, *observed.shape)
-        columns = base.solve(sources)
-        del sources
-        restricted = _flat_grid(columns, n_axes)[..., missing].reshape(n_models, n_tasks * n_missing, -1)
+        index = torch.nonzero(~observed)  # (|M|, d)
+        factors = [q[:, index[:, a], :] for a, q in enumerate(base.eigenvectors)]  # (P, |M|, n_a)
+        rows = factors[0]
+        for factor in factors[1:]:  # q_j(i) = Π_a Q_a[i_a, j_a]
+            rows = (rows.unsqueeze(-1) * factor.unsqueeze(-2)).flatten(-2)
+        rows = rows.transpose(1, 2).contiguous()  # (P, n, |M|)
+        inverse = cls._flat_blocks(base.inverse)
+        n_tasks, n_missing = inverse.shape[-1], rows.shape[-1]
+        c = rows.new_empty(rows.shape[0], n_tasks, n_missing, n_tasks, n_missing)
+        for s in range(n_tasks):
+            for t in range(s, n_tasks):
+                c[:, s, :, t] = rows.transpose(1, 2) @ (inverse[:, :, s, t, None] * rows)
+                if t != s:
+                    c[:, t, :, s] = c[:, s, :, t].transpose(-1, -2)
+        c = c.reshape(rows.shape[0], n_tasks * n_missing, n_tasks * n_missing)
         # A principal block of Σ̃⁻¹: positive definite, as well conditioned as Σ̃.
-        chol, _ = safe_cholesky(0.5 * (restricted + restricted.transpose(-1, -2)))
-        return cls(base, observed.to(columns.dtype), missing, columns, chol)
+        chol, _ = safe_cholesky(0.5 * (c + c.transpose(-1, -2)))
+        return cls(base, observed.to(rows.dtype), rows, chol)
+
+    @staticmethod
+    def _flat_blocks(blocks: torch.Tensor) -> torch.Tensor:
+        """``(P, *grid, T, T)`` → ``(P, n, T, T)``."""
+        return blocks.reshape(blocks.shape[0], -1, *blocks.shape[-2:])
 
     @property
-    def n_axes(self) -> int:
-        return self.mask.dim()
-
-    def _at_missing(self, x: torch.Tensor) -> torch.Tensor:
-        """``(P, R, T, *grid)`` → ``(P, T|M|, R)``, columns ordered as :attr:`columns`."""
-        values = _flat_grid(x, self.n_axes)[..., self.missing]  # (P, R, T, |M|)
-        return values.reshape(*values.shape[:2], -1).transpose(1, 2)
+    def n_missing(self) -> int:
+        return self.rows.shape[-1]
 
     def logdet(self) -> torch.Tensor:
         """``log det P = log det Σ̃ + log det C̃`` per model, ``(P,)``."""
@@ -118,22 +150,35 @@ class SchurPreconditioner:
         return self.base.logdet() + 2.0 * torch.log(diag).sum(-1)
 
     def solve(self, x: torch.Tensor) -> torch.Tensor:
-        """``P^{-1} x`` for ``x`` zero at the missing pixels (the result is too)."""
-        full = self.base.solve(x)
-        weights = torch.cholesky_solve(self._at_missing(full), self.cholesky)  # (P, T|M|, R)
-        return (full - torch.einsum("pk...,pkr->pr...", self.columns, weights)) * self.mask
+        """``P^{-1} x = Q (a − M V C̃^{-1} Vᵀ a)`` with ``a = M Qᵀ x``, for ``x`` zero at the missing pixels."""
+        inverse = self.base.inverse
+        a = torch.einsum("p...st,prt...->prs...", inverse, self.base._rotate(x, transpose=True))
+        flat = a.reshape(*a.shape[:3], -1)  # (P, R, T, n)
+        rows = self.rows.unsqueeze(1)  # broadcast over the vectors R
+        at_missing = (flat @ rows).flatten(2).transpose(1, 2)  # (G r)_M, (P, T|M|, R)
+        weights = torch.cholesky_solve(at_missing, self.cholesky)
+        weights = weights.transpose(1, 2).reshape(*flat.shape[:3], self.n_missing)  # (P, R, T, |M|)
+        spread = (weights @ rows.transpose(-1, -2)).reshape(a.shape)  # Qᵀ E_M w
+        a = a - torch.einsum("p...st,prt...->prs...", inverse, spread)
+        return self.base._rotate(a, transpose=False) * self.mask
 
     def factor_mul(self, eps: torch.Tensor) -> torch.Tensor:
         """``z = (L ε)_O``: full-grid draws of ``N(0, Σ̃)`` restricted to the observed pixels."""
         return self.base.factor_mul(eps) * self.mask
 
     def schur_weights(self) -> torch.Tensor:
-        """``M_j S_j M_j`` per eigenvector ``j`` (see the module docstring), ``(P, *grid, T, T)``."""
-        n_models, n_columns = self.columns.shape[:2]
-        flat = self.columns.reshape(n_models, n_columns, -1)
-        h = torch.linalg.solve_triangular(self.cholesky, flat, upper=False)  # rows of G E_M L⁻ᵀ
-        rotated = self.base._rotate(h.reshape(self.columns.shape), transpose=True)
-        return torch.einsum("pks...,pkt...->p...st", rotated, rotated)
+        """``M_j S_j M_j`` per eigenvector ``j`` (see the module docstring), ``(P, *grid, T, T)``.
+
+        ``S_j[s, t] = Σ_{i, i'} V[j, i] (C̃^{-1})[(s, i), (t, i')] V[j, i']``.
+        """
+        inverse = self._flat_blocks(self.base.inverse)
+        n_models, n_tasks = inverse.shape[0], inverse.shape[-1]
+        x = torch.cholesky_inverse(self.cholesky).reshape(n_models, n_tasks, self.n_missing, n_tasks, -1)
+        s_blocks = torch.empty_like(inverse)
+        for s in range(n_tasks):
+            for t in range(s, n_tasks):
+                s_blocks[:, :, s, t] = s_blocks[:, :, t, s] = ((self.rows @ x[:, s, :, t]) * self.rows).sum(-1)
+        return (inverse @ s_blocks @ inverse).reshape(self.base.inverse.shape)
 
     def probe_weights(self, eps: torch.Tensor, drawn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``w = P^{-1} z`` of the probes ``z`` (``drawn``) and their Lanczos weights ``zᵀ P^{-1} z``, ``(P, R)``."""

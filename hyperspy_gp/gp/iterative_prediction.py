@@ -159,13 +159,18 @@ class IterativePosterior(Posterior):
             alpha = self._solve(y)
             #: ``α B`` in channel-first layout ``(P, T, *grid)``.
             self.mean_weights = self._operator.mix(alpha)[:, 0]
-            # Σ_sep⁻¹ (Σ_sep,OO⁻¹ with missing pixels) exactly: the CG preconditioner's
-            # eigenvalues are corrected towards K, the twin's are not.
+            # The control variate's twin: Σ_sep⁻¹ exactly (the CG preconditioner's
+            # eigenvalues are corrected towards K, the twin's are not); with missing
+            # pixels Σ_sep,OO⁻¹ where the twin's exact variance (Schur columns) fits,
+            # else the complete grid's (a weaker control variate near missing pixels).
             separable = KroneckerPreconditioner.build(model.kernel, self.lengthscale, self.task_covariance,
                                                       self.noise)
-            self._separable_inverse = separable.solve if observed is None else \
-                SchurPreconditioner.build(separable, observed).solve
-        self._separable = _separable_twin(model, targets)
+            masked_twin = observed is not None and _schur_twin_fits(model)
+            self._twin_mask = self.mask if masked_twin else torch.ones_like(self.mask)
+            self._separable_inverse = SchurPreconditioner.build(separable, observed).solve if masked_twin \
+                else separable.solve
+        self._separable = _separable_twin(model, targets.masked_fill(~torch.as_tensor(self.mask > 0)[..., None], 0.0),
+                                          masked_twin)
         self.jitter = torch.zeros(targets.shape[0], dtype=targets.dtype, device=targets.device)
         self._maps: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()
@@ -280,9 +285,10 @@ class IterativePosterior(Posterior):
             draws = _joint_draws((sqrt_spec, sqrt_spec_sep), fine, fine_shape, (p, size, t), generator)
             errors = []
             solvers = (self._solve_draws, self._separable_inverse)
-            for draw, toeplitz, solve in zip(draws, (fine, fine_separable), solvers):
+            for draw, toeplitz, solve, mask in zip(draws, (fine, fine_separable), solvers,
+                                                   (self.mask, self._twin_mask)):
                 prior = torch.einsum("pst,prt...->prs...", task_sqrt, draw)  # cov B ⊗ K on the fine grid
-                observed = (prior[(..., *lattice)] + noise) * self.mask
+                observed = (prior[(..., *lattice)] + noise) * mask
                 weights = self._operator.mix(solve(observed))
                 errors.append(prior - toeplitz.matmul(_scatter(weights, lattice, fine_shape)))
             a, b = errors[0].pow(2), errors[1].pow(2)
@@ -312,14 +318,23 @@ def _joint_draws(spectra, embedding: ToeplitzKernel, fine_shape, shape, generato
     return draws
 
 
-def _separable_twin(model, targets: torch.Tensor) -> Posterior:
-    """The exact posterior of the same model with the separable kernel (Schur path with missing pixels)."""
+def _schur_twin_fits(model) -> bool:
+    """Whether the separable twin's Schur columns fit :data:`~hyperspy_gp.memory.MAX_SCHUR_ENTRIES`."""
+    from hyperspy_gp.gp.schur import MAX_SCHUR_ENTRIES
+
+    n_values = model.n_tasks * model.observed.size
+    return int((~model.observed).sum()) * model.n_tasks * n_values * model.n_models <= MAX_SCHUR_ENTRIES
+
+
+def _separable_twin(model, targets: torch.Tensor, masked: bool) -> Posterior:
+    """The exact posterior of the same model with the separable kernel, on the observed pixels if ``masked``."""
     from hyperspy_gp.gp.model import GridICMModel
     from hyperspy_gp.gp.schur import SchurPosterior
 
     kernel = model.kernel
     twin = GridICMModel(GridKernel(kernel.grid_shape, "separable", dtype=kernel.dtype, device=kernel.device),
                         model.n_models, model.n_tasks, rank=model.rank, isotropic=model.isotropic,
-                        lengthscale_bounds=model.lengthscale_bounds, observed=model.observed, masked_solver="schur")
+                        lengthscale_bounds=model.lengthscale_bounds, observed=model.observed if masked else None,
+                        masked_solver="schur")
     twin.load_state_dict(model.state_dict())
-    return GridPosterior(twin, targets) if model.observed is None else SchurPosterior(twin, targets)
+    return SchurPosterior(twin, targets) if masked else GridPosterior(twin, targets)

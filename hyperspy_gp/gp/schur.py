@@ -25,7 +25,7 @@ variance correction ``Σ_k (k*ᵀ h_k)²``.
 
 Cost per evaluation: one structured solve per missing value, ``O(|M| n Σ_a n_a)``, and
 ``|M| · n · T`` values of memory, so this path is for a few missing pixels on a large
-grid (:data:`MAX_SCHUR_ENTRIES`); :mod:`~hyperspy_gp.gp.dense` serves small grids.
+grid (:data:`~hyperspy_gp.memory.MAX_SCHUR_ENTRIES`); :mod:`~hyperspy_gp.gp.dense` serves small grids.
 """
 
 from __future__ import annotations
@@ -39,10 +39,7 @@ from hyperspy_gp.gp.cholesky import safe_cholesky
 from hyperspy_gp.gp.likelihood import GridICMSolve, grid_icm_log_likelihood, solve_grid_icm
 from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior
 from hyperspy_gp.gp.tensor import kron_dot
-
-#: Largest ``|M| · n · T`` (missing values × grid values) for the Schur path: the
-#: columns ``H`` take this many float64 values (32 million: 256 MB).
-MAX_SCHUR_ENTRIES = 32 * 2**20
+from hyperspy_gp.memory import MAX_SCHUR_ENTRIES  # noqa: F401 (its home is the memory module)
 
 
 def _gather(grid: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
