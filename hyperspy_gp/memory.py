@@ -181,7 +181,8 @@ def estimate_memory(
         Measured pixels when some are missing (dense solver), ``None`` for a
         complete grid (Kronecker solver).
     n_missing
-        Missing pixels on the Kronecker path (Schur complement), 0 for a complete grid.
+        Missing pixels on the Kronecker path (Schur complement) or the iterative path, 0
+        for a complete grid.
     iterative
         Whether the iterative path (``solver="iterative"``) serves the grid, with its
         ``n_missing`` pixels by conjugate gradients on the observed values.

@@ -169,8 +169,7 @@ class IterativePosterior(Posterior):
             self._twin_mask = self.mask if masked_twin else torch.ones_like(self.mask)
             self._separable_inverse = SchurPreconditioner.build(separable, observed).solve if masked_twin \
                 else separable.solve
-        self._separable = _separable_twin(model, targets.masked_fill(~torch.as_tensor(self.mask > 0)[..., None], 0.0),
-                                          masked_twin)
+        self._separable = _separable_twin(model, targets.masked_fill(self.mask[..., None] == 0, 0.0), masked_twin)
         self.jitter = torch.zeros(targets.shape[0], dtype=targets.dtype, device=targets.device)
         self._maps: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()

@@ -134,11 +134,10 @@ class GridICMModel(gpytorch.Module):
         self.to(**opts)  # constraint bounds follow the model's dtype and device
         self.observed = None if observed is None else np.asarray(observed, dtype=bool)
         self.iterative = bool(iterative)
-        if self.iterative:
-            masked_solver = "iterative"  # the FFT products serve missing pixels too
-        elif masked_solver not in MASKED_SOLVERS:
-            raise ValueError(f"masked_solver must be one of {MASKED_SOLVERS}, not {masked_solver!r}.")
-        self.masked_solver = masked_solver
+        valid = (*MASKED_SOLVERS, "iterative") if self.iterative else MASKED_SOLVERS
+        if masked_solver not in valid:
+            raise ValueError(f"masked_solver must be one of {valid}, not {masked_solver!r}.")
+        self.masked_solver = "iterative" if self.iterative else masked_solver  # FFT products serve missing pixels
         self.n_probes = DEFAULT_PROBES if n_probes is None else n_probes
         if self.observed is not None:
             from hyperspy_gp.gp.dense import observed_index_from_mask
