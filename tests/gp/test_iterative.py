@@ -53,6 +53,10 @@ def _dense_reference(model, targets, upsampling=1):
     return [torch.stack(r) for r in zip(*results)]
 
 
+def _reference_likelihood(model, targets):
+    return _dense_reference(model, targets)[0]
+
+
 def _gradients(model, value):
     model.zero_grad()
     value.sum().backward()
@@ -61,6 +65,18 @@ def _gradients(model, value):
 
 def _rel(a, b):
     return float((a - b).norm() / b.norm())
+
+
+def likelihood_against_reference(model, targets, reference_likelihood):
+    """``(value, gradients, reference, reference gradients)`` of ``model`` and of ``reference_likelihood(model, targets)``."""
+    value = model.log_likelihood(targets)
+    grads = _gradients(model, value)
+    reference = reference_likelihood(model, targets)
+    return value.detach(), grads, reference.detach(), _gradients(model, reference)
+
+
+def _flat(grads):
+    return torch.cat([g.reshape(-1) for g in grads.values()])
 
 
 @pytest.mark.parametrize("kind", ["separable", "matern"])
@@ -118,27 +134,19 @@ CASES = [("matern", (8, 9), 1, 3, 1), ("separable", (7, 8), 1, 2, 1), ("matern",
 @pytest.mark.parametrize("kind,shape,n_models,n_tasks,rank", CASES)
 def test_exact_probes_give_the_dense_likelihood_and_gradient(kind, shape, n_models, n_tasks, rank):
     model, targets = _random_model(kind, shape, n_models, n_tasks, rank, n_probes="exact")
-    value = model.log_likelihood(targets)
-    grads = _gradients(model, value)
-    reference = _dense_reference(model, targets)[0]
-    ref_grads = _gradients(model, reference)
-    assert _rel(value.detach(), reference.detach()) < RTOL
+    value, grads, reference, ref_grads = likelihood_against_reference(model, targets, _reference_likelihood)
+    assert _rel(value, reference) < RTOL
     for name in grads:
         assert _rel(grads[name], ref_grads[name]) < RTOL, name
 
 
 def test_default_probes_stay_within_the_stated_tolerance():
     model, targets = _random_model("matern", (16, 16), 1, 3, 1)
-    value = model.log_likelihood(targets)
-    grads = _gradients(model, value)
-    reference = _dense_reference(model, targets)[0]
-    ref_grads = _gradients(model, reference)
-    assert _rel(value.detach(), reference.detach()) < MLL_RTOL_PROBES
-    flat = torch.cat([g.reshape(-1) for g in grads.values()])
-    ref_flat = torch.cat([g.reshape(-1) for g in ref_grads.values()])
-    assert _rel(flat, ref_flat) < GRADIENT_RTOL_PROBES
+    value, grads, reference, ref_grads = likelihood_against_reference(model, targets, _reference_likelihood)
+    assert _rel(value, reference) < MLL_RTOL_PROBES
+    assert _rel(_flat(grads), _flat(ref_grads)) < GRADIENT_RTOL_PROBES
     # The estimate is deterministic: the same probes every call.
-    assert torch.equal(model.log_likelihood(targets).detach(), value.detach())
+    assert torch.equal(model.log_likelihood(targets).detach(), value)
 
 
 def test_gradient_is_finite_where_eigenvalues_repeat():
@@ -175,15 +183,20 @@ def test_fit_agrees_with_the_exact_fit_and_predictions():
 def test_posterior_mean_is_exact_and_variance_within_its_standard_error(shape, upsampling):
     model, targets = _random_model("matern", shape, 1, 2, 1, seed=3)
     _, mean_ref, var_ref = _dense_reference(model, targets, upsampling)
-    posterior = IterativePosterior(model, targets, n_samples=64)
-    coords = [torch.arange(n * upsampling, dtype=torch.float64) / upsampling for n in shape]
-    mean, variance = posterior.predict(coords)
-    assert _rel(mean, mean_ref.detach()) < 1e-8
-    error = posterior.variance_standard_error(coords)
     # (On a line scan both kernels coincide: the control variate makes the estimate exact.)
-    z = (variance - var_ref.detach()) / (error + 1e-9)
+    assert_exact_mean_and_calibrated_variance(IterativePosterior(model, targets, n_samples=64), upsampling,
+                                              mean_ref.detach(), var_ref.detach())
+
+
+def assert_exact_mean_and_calibrated_variance(posterior, upsampling, mean_ref, var_ref):
+    """The mean equals the dense one; the Monte-Carlo variance agrees within its reported standard error."""
+    coords = [torch.arange(n * upsampling, dtype=torch.float64) / upsampling for n in posterior.model.kernel.grid_shape]
+    mean, variance = posterior.predict(coords)
+    assert _rel(mean, mean_ref) < 1e-8
+    error = posterior.variance_standard_error(coords)
+    z = (variance - var_ref) / (error + 1e-9)
     assert float(z.pow(2).mean().sqrt()) < 2.0  # calibrated standard error
-    assert float(((variance - var_ref.detach()).abs() / var_ref.detach()).mean()) < 0.1
+    assert float(((variance - var_ref).abs() / var_ref).mean()) < 0.1
 
 
 def test_chunks_and_dask_slice_the_same_upsampled_maps():
