@@ -194,7 +194,7 @@ class Request:
 
     @property
     def iterative(self) -> bool:
-        """Whether the complete grid is solved by CG and SLQ (:mod:`~hyperspy_gp.gp.iterative`).
+        """Whether the fitted grid is solved by CG and SLQ (:mod:`~hyperspy_gp.gp.iterative`), missing pixels too.
 
         Returns
         -------

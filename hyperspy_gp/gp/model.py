@@ -83,8 +83,10 @@ class GridICMModel(gpytorch.Module):
         Boolean grid (numpy order) of the pixels that were measured, or ``None`` for a
         complete grid.  With it, the exact likelihood is computed by dense algebra on
         the observed pixels (:mod:`~hyperspy_gp.gp.dense`) or by the Kronecker eigenbasis
-        with a Schur complement over the missing ones (:mod:`~hyperspy_gp.gp.schur`);
-        without, by the Kronecker eigenbasis (:mod:`~hyperspy_gp.gp.likelihood`).
+        with a Schur complement over the missing ones (:mod:`~hyperspy_gp.gp.schur`,
+        :mod:`~hyperspy_gp.gp.schur_iterative`), see ``masked_solver``, or iteratively
+        (``iterative``); without, by the Kronecker eigenbasis
+        (:mod:`~hyperspy_gp.gp.likelihood`) or iteratively.
     masked_solver
         The exact path used when ``observed`` is given: ``"dense"``, ``"schur"`` (Schur
         complement factorised, a few missing pixels) or ``"schur-cg"`` (Schur complement
