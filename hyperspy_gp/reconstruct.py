@@ -195,7 +195,8 @@ def gp_reconstruct(
         as ``hyperparameters["variance_standard_error"]`` (see
         :mod:`hyperspy_gp.gp.iterative`).  ``"auto"`` takes ``"kronecker"`` for complete
         grids and the cheaper exact path that fits otherwise; for ``kernel="matern"``
-        beyond 4096 pixels it takes ``"iterative"``.  Missing pixels are predicted like
+        beyond 4096 pixels it takes ``"iterative"``, or ``"dense"`` for a sparse scan
+        with more missing pixels than that serves.  Missing pixels are predicted like
         any other; scan lines without a measured pixel are left out
         of the fit first (exact, the Kronecker structure is kept), so only the
         missing pixels on the kept lines count against these limits.  Where

@@ -406,7 +406,8 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     (``"iterative"``, :mod:`~hyperspy_gp.gp.iterative`, which needs evenly spaced
     lines) for ``kernel="matern"`` on more than :data:`MAX_DENSE_PIXELS` pixels, which
     also serves a few missing pixels on the kept lines
-    (:mod:`~hyperspy_gp.gp.iterative_missing`) and refuses more.  Otherwise, with
+    (:mod:`~hyperspy_gp.gp.iterative_missing`); with more, ``"auto"`` takes ``"dense"``
+    on the measured pixels where they fit (a sparse scan) and refuses otherwise.  Else, with
     missing pixels on the kept lines, ``"auto"`` takes the cheaper exact path that fits:
     ``"dense"`` (Cholesky on the observed pixels, :mod:`~hyperspy_gp.gp.dense`) or
     ``"kronecker"`` with a Schur complement over the missing pixels, factorised
@@ -476,17 +477,24 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
         return None
     n_missing = int((~observed).sum())
     tasks = maps.shape[-1] if request.mode == "parallel" else 1
-    if request.solver == "iterative" or (large_matern and request.solver == "auto"):
-        _check_iterative_missing(observed.size, n_missing, tasks, maps.shape[-1] // tasks, request.solver)
-        request.solver = "iterative"
-        return observed
-    if large_matern:
-        raise ValueError(
-            f"solver={request.solver!r} with kernel='matern' and missing pixels is limited to {MAX_DENSE_PIXELS} "
-            f"pixels; the measured scan lines hold {observed.size}. Use solver='auto' or 'iterative' (conjugate "
-            "gradients on the observed pixels), or kernel='separable'."
-        )
     dense_values = int(observed.sum()) * tasks
+    if request.solver == "iterative" or (large_matern and request.solver == "auto"):
+        refusal = _iterative_missing_refusal(observed.size, n_missing, tasks, maps.shape[-1] // tasks,
+                                             request.solver)
+        if refusal is None:
+            request.solver = "iterative"
+        elif request.solver == "auto" and dense_values <= MAX_DENSE_VALUES:  # a sparse scan: few measured values
+            request.solver = "dense"
+        else:
+            raise ValueError(refusal + (f" (The dense path needs at most {MAX_DENSE_VALUES} measured values, "
+                                        f"here {dense_values}.)" if request.solver == "auto" else ""))
+        return observed
+    if large_matern and request.solver == "kronecker":
+        raise ValueError(
+            f"solver='kronecker' with kernel='matern' and missing pixels is limited to {MAX_DENSE_PIXELS} "
+            f"pixels; the measured scan lines hold {observed.size}. Use solver='auto', 'iterative' (conjugate "
+            "gradients on the observed pixels) or 'dense' (few measured pixels), or kernel='separable'."
+        )
     schur_entries = n_missing * tasks * observed.size * tasks
     fits = {"dense": dense_values <= MAX_DENSE_VALUES, "kronecker": schur_entries <= MAX_SCHUR_ENTRIES}
     if request.solver == "auto":
@@ -508,21 +516,22 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     return observed
 
 
-def _check_iterative_missing(n_pixels: int, n_missing: int, tasks: int, models: int, solver: str) -> None:
-    """Refuse more missing pixels than the iterative path serves (:mod:`~hyperspy_gp.gp.iterative_missing`)."""
+def _iterative_missing_refusal(n_pixels: int, n_missing: int, tasks: int, models: int, solver: str) -> str | None:
+    """Why the iterative path cannot serve ``n_missing`` missing pixels, or ``None`` (:mod:`~hyperspy_gp.gp.iterative_missing`)."""
     from hyperspy_gp.gp.iterative_missing import max_missing_pixels
 
     limit = max_missing_pixels(n_pixels, tasks, models)
-    if n_missing > limit:
-        what = "solver='iterative'" if solver == "iterative" else \
-            f"kernel='matern' on more than {MAX_DENSE_PIXELS} pixels (solved iteratively)"
-        gps = f"{models} independent GPs" if models > 1 else f"a parallel GP of {tasks} maps"
-        raise ValueError(
-            f"{what} serves at most {limit} missing pixels on this {n_pixels}-pixel grid with {gps}; "
-            f"{n_missing} pixels on the measured scan lines have no finite loadings (e.g. a navigation_mask). "
-            "Use kernel='separable' (exact for any number of missing pixels), crop the scan with s.inav[...], or "
-            "decompose without a navigation_mask."
-        )
+    if n_missing <= limit:
+        return None
+    what = "solver='iterative'" if solver == "iterative" else \
+        f"kernel='matern' on more than {MAX_DENSE_PIXELS} pixels (solved iteratively)"
+    gps = f"{models} independent GPs" if models > 1 else f"a parallel GP of {tasks} maps"
+    return (
+        f"{what} serves at most {limit} missing pixels on this {n_pixels}-pixel grid with {gps}; "
+        f"{n_missing} pixels on the measured scan lines have no finite loadings (e.g. a navigation_mask). "
+        "Use kernel='separable' (exact for any number of missing pixels), crop the scan with s.inav[...], or "
+        "decompose without a navigation_mask."
+    )
 
 
 def _missing_pixel_costs(grid_shape, kernel: str, n_missing: int, dense_values: int, tasks: int) -> dict:

@@ -596,6 +596,39 @@ def test_iterative_solver_with_masked_pixels_reproduces_the_exact_matern_reconst
         assert (variance[:, row, column] > neighbours.max(axis=1)).all()
 
 
+def test_a_sparse_scan_with_the_matern_kernel_is_solved_on_its_measured_pixels(unchanged, monkeypatch):
+    # 15 % of a 72 × 72 scan measured: too many missing pixels for the iterative path, few
+    # enough measured values for the dense one, whose kernel then covers the measured
+    # pixels only (never the 5184 × 5184 matrix of the whole grid).
+    from hyperspy_gp.gp.kernels import GridKernel
+
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:72, :72]
+    truth = np.stack([np.sin(xx / 5.0) * np.cos(yy / 6.0), np.cos(xx / 7.0 + yy / 9.0)], -1)
+    maps = truth + 0.05 * rng.standard_normal(truth.shape)
+    missing = rng.random((72, 72)) > 0.15
+    maps[missing] = np.nan
+    s = _with_missing_pixels(maps, np.abs(rng.standard_normal((16, 2))) + 0.1)
+    whole_grid = GridKernel.factors
+
+    def factors(self, lengthscale):
+        assert self.kind == "separable", "the non-separable kernel's n × n factor was formed"
+        return whole_grid(self, lengthscale)
+
+    monkeypatch.setattr(GridKernel, "factors", factors)
+    with unchanged(s):
+        rec = gp_reconstruct(s, components=2, kernel="matern")
+    settings = rec.signal.metadata.GP_reconstruction.settings
+    assert settings.solver == "dense" and settings.masked_solver == "dense"
+    assert settings.missing_pixels == int(missing.sum())
+    loadings = np.moveaxis(rec.loadings.data, 0, -1)
+    error = np.abs(loadings[missing] - truth[missing])
+    assert (np.sqrt((error**2).mean(0)) < 0.05).all()  # the unmeasured pixels, predicted (noise 0.05)
+    assert (np.percentile(error, 99, axis=0) < 0.15).all()
+    variance = np.moveaxis(rec.variance.data, 0, -1)
+    assert (variance[missing].mean(0) > variance[~missing].mean(0)).all()
+
+
 def test_the_matern_kernel_on_large_scans_takes_the_iterative_path():
     from hyperspy_gp.request import Request, choose_solver
 
@@ -619,10 +652,17 @@ def test_the_matern_kernel_on_large_scans_takes_the_iterative_path():
         observed = choose_solver(holes, chosen)
         assert chosen.solver == "iterative" and chosen.masked_solver == "iterative"
         assert observed.shape == (70, 60) and (~observed).sum() == 2
-    with pytest.raises(ValueError, match="solver='auto' or 'iterative'"):
+    with pytest.raises(ValueError, match="Use solver='auto', 'iterative'"):
         choose_solver(holes, request("kronecker"))
-    # More than its columns allow (here 1997 for 4200 pixels and 2 maps): refused, with the way out.
-    many = maps.copy()
-    many[np.random.default_rng(1).random((70, 60)) < 0.5] = np.nan
-    with pytest.raises(ValueError, match=r"at most \d+ missing pixels.*kernel='separable'"):
-        choose_solver(many, request("auto"))
+    # More missing pixels than it serves (1298 for 4200 pixels and 2 maps): a sparse scan
+    # with few measured values takes the dense path on them; with many, it is refused.
+    sparse = maps.copy()
+    sparse[np.random.default_rng(1).random((70, 60)) < 0.5] = np.nan  # 2100 measured × 2 maps
+    chosen = request("auto")
+    assert choose_solver(sparse, chosen) is not None and chosen.solver == "dense"
+    with pytest.raises(ValueError, match=r"at most 1298 missing pixels.*kernel='separable'"):
+        choose_solver(sparse, request("iterative"))
+    large = np.random.default_rng(2).normal(size=(128, 128, 2))
+    large[np.random.default_rng(3).random((128, 128)) < 0.1] = np.nan
+    with pytest.raises(ValueError, match=r"at most 758 missing pixels.*at most 6000 measured values"):
+        choose_solver(large, request("auto"))

@@ -6,10 +6,13 @@ Kronecker structure: the covariance of the observed values is the principal subm
 .. math::  Σ_{OO} = B ⊗ K_{OO} + D ⊗ I_{|O|}
 
 of the full-grid covariance.  This module factorises it by Cholesky, exactly, so it is
-limited to ``|O| · T ≤`` :data:`MAX_DENSE_VALUES`.  ``K_{OO}`` is gathered from the
-same per-axis factors as the structured path (``K_{OO}[i, j] = Π_a K_a[o_{i,a},
-o_{j,a}]``), so both paths share one kernel definition.  Gradients come from autograd
-through the Cholesky factorisation (no eigendecomposition is involved).
+limited to ``|O| · T ≤`` :data:`MAX_DENSE_VALUES`.  For the separable kernel
+``K_{OO}`` is gathered from the same per-axis factors as the structured path
+(``K_{OO}[i, j] = Π_a K_a[o_{i,a}, o_{j,a}]``), so both paths share one kernel
+definition; the non-separable kernel is evaluated on the observed pixels only
+(:meth:`~hyperspy_gp.gp.kernels.GridKernel.point_kernel`), so that a sparse scan of a
+large grid never forms the ``n × n`` matrix of the whole grid.  Gradients come from
+autograd through the Cholesky factorisation (no eigendecomposition is involved).
 
 Predictions at the full (upsampled) grid are computed in chunks of test rows, with
 memory bounded by ``chunk × |O| × T²``.
@@ -48,6 +51,30 @@ def observed_kernel(factors: list[torch.Tensor], observed_index: torch.Tensor) -
     return kernel
 
 
+def observed_kernel_of(kernel, lengthscale: torch.Tensor, observed_index: torch.Tensor) -> torch.Tensor:
+    """``K_{OO}`` ``(P, |O|, |O|)`` of ``kernel`` (a :class:`~hyperspy_gp.gp.kernels.GridKernel`).
+
+    Gathered from the per-axis factors for the separable kernel; for the non-separable
+    kernel, whose single factor covers all ``n`` pixels, evaluated on the observed
+    pixels only, so a sparse scan on a large grid never forms an ``n × n`` matrix.
+    """
+    if kernel.kind == "separable":
+        return observed_kernel(kernel.factors(lengthscale), observed_index)
+    points = kernel.training_points(observed_index)
+    return kernel.point_kernel(lengthscale, points, points)
+
+
+def cross_kernel_of(kernel, lengthscale: torch.Tensor, test_coords: Sequence[torch.Tensor],
+                    observed_index: torch.Tensor) -> torch.Tensor:
+    """``k(X*, X_O)`` ``(P, m, |O|)`` of ``kernel`` on the grid of ``test_coords`` (see :func:`observed_kernel_of`)."""
+    if kernel.kind == "separable":
+        test_shape = tuple(len(t) for t in test_coords)
+        return cross_kernel(kernel.cross_factors(lengthscale, test_coords), observed_index, test_shape)
+    mesh = torch.meshgrid(*test_coords, indexing="ij")
+    test_points = torch.stack([m.reshape(-1) for m in mesh], dim=-1)
+    return kernel.point_kernel(lengthscale, test_points, kernel.training_points(observed_index))
+
+
 def cross_kernel(cross_factors: list[torch.Tensor], observed_index: torch.Tensor, test_shape) -> torch.Tensor:
     """``k(X*, X_O)`` of a batch, ``(P, m, |O|)``, from cross factors ``(P, m_a, n_a)``."""
     out = None
@@ -68,15 +95,18 @@ def _full_covariance(task_covariance, noise, k_oo):
     return (kron + noise_part).reshape(p, t * n, t * n)
 
 
-def masked_log_likelihood(targets_obs, task_covariance, noise, factors, observed_index) -> torch.Tensor:
+def masked_log_likelihood(targets_obs, task_covariance, noise, k_oo) -> torch.Tensor:
     """Exact ``log p(y_O)`` per model, ``(P,)``; differentiable by autograd.
 
     Parameters
     ----------
     targets_obs
         ``(P, |O|, T)`` observed values.
+    task_covariance, noise
+        ``(P, T, T)`` and ``(P, T)``.
+    k_oo
+        ``(P, |O|, |O|)`` kernel of the observed pixels (:func:`observed_kernel_of`).
     """
-    k_oo = observed_kernel(factors, observed_index)
     sigma = _full_covariance(task_covariance, noise, k_oo)
     chol, _ = safe_cholesky(sigma)
     y = targets_obs.transpose(-1, -2).reshape(targets_obs.shape[0], -1, 1)  # task-major
@@ -104,7 +134,7 @@ class MaskedPosterior(Posterior):
             self.lengthscale = model.lengthscale.clone()
             index = model.observed_index
             obs = model.observed_values(targets)
-            k_oo = observed_kernel(model.kernel.factors(self.lengthscale), index)
+            k_oo = observed_kernel_of(model.kernel, self.lengthscale, index)
             self.chol, self.jitter = safe_cholesky(_full_covariance(self.task_covariance, model.noise, k_oo))
             y = obs.transpose(-1, -2).reshape(obs.shape[0], -1, 1)
             self.alpha = torch.cholesky_solve(y, self.chol)[..., 0].reshape(obs.shape[0], obs.shape[-1], -1)
@@ -112,10 +142,8 @@ class MaskedPosterior(Posterior):
 
     def predict(self, test_coords: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent mean and variance ``(P, m_1, ..., m_d, T)`` on the grid of ``test_coords``."""
-        kernel = self.model.kernel
         test_shape = tuple(len(t) for t in test_coords)
-        cross = kernel.cross_factors(self.lengthscale, test_coords)
-        k_star = cross_kernel(cross, self.model.observed_index, test_shape)  # (P, m, |O|)
+        k_star = cross_kernel_of(self.model.kernel, self.lengthscale, test_coords, self.model.observed_index)
         mean = torch.einsum("pmo,pto->pmt", k_star, self.mean_weights)
         b = self.task_covariance
         n_obs, n_tasks = k_star.shape[-1], b.shape[-1]

@@ -134,11 +134,32 @@ class GridKernel:
                 matern52((t[:, None] - x[None, :]).abs() / lengthscale[:, a, None, None])
                 for a, (t, x) in enumerate(zip(test_coords, train))
             ]
-        test_pts = _grid_points(test_coords)
-        train_pts = _grid_points(train)
-        diff = (test_pts[:, None, :] - train_pts[None, :, :]) ** 2  # (m, n, d)
-        r2 = torch.einsum("mnd,pd->pmn", diff, lengthscale.pow(-2))
-        return [_matern52_of_squared(r2)]
+        return [self.point_kernel(lengthscale, _grid_points(test_coords), _grid_points(train))]
+
+    def point_kernel(self, lengthscale: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """The kernel between two sets of points ``(m, ndim)`` and ``(n, ndim)``, ``(P, m, n)``.
+
+        For the pixels of a scan that are not a grid: the observed pixels of a sparse
+        scan (:mod:`~hyperspy_gp.gp.dense`).
+
+        Examples
+        --------
+        >>> kernel = GridKernel((4, 4), "matern")
+        >>> points = torch.tensor([[0.0, 0.0], [0.0, 2.0], [3.0, 1.0]], dtype=torch.float64)
+        >>> kernel.point_kernel(torch.tensor([[2.0, 2.0]], dtype=torch.float64), points, points).shape
+        torch.Size([1, 3, 3])
+        """
+        delta = x1[:, None, :] - x2[None, :, :]  # (m, n, d)
+        if self.kind == "separable":
+            return matern52(delta.abs()[None] / lengthscale[:, None, None, :]).prod(-1)
+        r2 = torch.einsum("mnd,pd->pmn", delta * delta, lengthscale.pow(-2))
+        return _matern52_of_squared(r2)
+
+    def training_points(self, index: torch.Tensor) -> torch.Tensor:
+        """Coordinates ``(count, ndim)`` of the training pixels at ``index`` ``(count, n_factors)`` (factor layout)."""
+        if self.kind == "separable":
+            return torch.stack([p[index[:, a]] for a, p in enumerate(self.points)], dim=-1)
+        return _grid_points(self.points)[index[:, 0]]
 
     def stationary_values(self, lengthscale: torch.Tensor, lags: Sequence[torch.Tensor]) -> torch.Tensor:
         """The kernel as a function of the offset, on the grid of offsets ``lags``.

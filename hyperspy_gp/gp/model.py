@@ -239,13 +239,14 @@ class GridICMModel(gpytorch.Module):
             return iterative_log_likelihood(
                 targets, self.task_covariance, self.noise, self.lengthscale, self.kernel, probes, observed
             )
+        if self.observed is not None and self.masked_solver == "dense":
+            from hyperspy_gp.gp.dense import masked_log_likelihood, observed_kernel_of
+
+            k_oo = observed_kernel_of(self.kernel, self.lengthscale, self.observed_index)
+            return masked_log_likelihood(self.observed_values(targets), self.task_covariance, self.noise, k_oo)
         covariances = (self.task_covariance, self.noise, self.kernel.factors(self.lengthscale))
         if self.observed is None:
             return grid_icm_log_likelihood(self.as_factor_layout(targets), *covariances)
-        if self.masked_solver == "dense":
-            from hyperspy_gp.gp.dense import masked_log_likelihood
-
-            return masked_log_likelihood(self.observed_values(targets), *covariances, self.observed_index)
         if self.masked_solver == "schur":
             from hyperspy_gp.gp.schur import schur_log_likelihood
 
