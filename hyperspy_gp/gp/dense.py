@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from hyperspy_gp.gp.cholesky import safe_cholesky
+from hyperspy_gp.gp.kernels import grid_points
 from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, Posterior
 
 #: Largest number of observed values ``|O| · T`` for the dense path.
@@ -70,9 +71,7 @@ def cross_kernel_of(kernel, lengthscale: torch.Tensor, test_coords: Sequence[tor
     if kernel.kind == "separable":
         test_shape = tuple(len(t) for t in test_coords)
         return cross_kernel(kernel.cross_factors(lengthscale, test_coords), observed_index, test_shape)
-    mesh = torch.meshgrid(*test_coords, indexing="ij")
-    test_points = torch.stack([m.reshape(-1) for m in mesh], dim=-1)
-    return kernel.point_kernel(lengthscale, test_points, kernel.training_points(observed_index))
+    return kernel.point_kernel(lengthscale, grid_points(test_coords), kernel.training_points(observed_index))
 
 
 def cross_kernel(cross_factors: list[torch.Tensor], observed_index: torch.Tensor, test_shape) -> torch.Tensor:

@@ -134,7 +134,7 @@ class GridKernel:
                 matern52((t[:, None] - x[None, :]).abs() / lengthscale[:, a, None, None])
                 for a, (t, x) in enumerate(zip(test_coords, train))
             ]
-        return [self.point_kernel(lengthscale, _grid_points(test_coords), _grid_points(train))]
+        return [self.point_kernel(lengthscale, grid_points(test_coords), grid_points(train))]
 
     def point_kernel(self, lengthscale: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """The kernel between two sets of points ``(m, ndim)`` and ``(n, ndim)``, ``(P, m, n)``.
@@ -159,7 +159,7 @@ class GridKernel:
         """Coordinates ``(count, ndim)`` of the training pixels at ``index`` ``(count, n_factors)`` (factor layout)."""
         if self.kind == "separable":
             return torch.stack([p[index[:, a]] for a, p in enumerate(self.points)], dim=-1)
-        return _grid_points(self.points)[index[:, 0]]
+        return grid_points(self.points)[index[:, 0]]
 
     def stationary_values(self, lengthscale: torch.Tensor, lags: Sequence[torch.Tensor]) -> torch.Tensor:
         """The kernel as a function of the offset, on the grid of offsets ``lags``.
@@ -203,6 +203,7 @@ class GridKernel:
         return (math.prod(len(t) for t in test_coords),)
 
 
-def _grid_points(coords: Sequence[torch.Tensor]) -> torch.Tensor:
+def grid_points(coords: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The points ``(Π m_a, ndim)`` of the grid with coordinates ``coords`` per axis, row-major."""
     mesh = torch.meshgrid(*coords, indexing="ij")
     return torch.stack([m.reshape(-1) for m in mesh], dim=-1)
