@@ -517,7 +517,7 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
 
 
 def _iterative_missing_refusal(n_pixels: int, n_missing: int, tasks: int, models: int, solver: str) -> str | None:
-    """Why the iterative path cannot serve ``n_missing`` missing pixels, or ``None`` (:mod:`~hyperspy_gp.gp.iterative_missing`)."""
+    """Why the iterative path (:mod:`~hyperspy_gp.gp.iterative_missing`) cannot serve the pixels, or ``None``."""
     from hyperspy_gp.gp.iterative_missing import max_missing_pixels
 
     limit = max_missing_pixels(n_pixels, tasks, models)

@@ -151,7 +151,7 @@ class KroneckerPreconditioner:
         return self._rotate(_maps_first(blocks.squeeze(-1)), transpose=False)
 
     def probe_weights(self, eps: torch.Tensor, drawn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``w = P^{-1} z`` of the probes ``z = L ε`` (``drawn``) and their weights ``zᵀ P^{-1} z = ‖ε‖²``, ``(P, R)``."""
+        """``w = P^{-1} z`` of the probes ``z = L ε`` (``drawn``) and their weights ``‖ε‖²``, ``(P, R)``."""
         return self.factor_inv_t_mul(eps), eps.pow(2).sum(dim=tuple(range(2, eps.dim())))
 
     def surrogate(self, values, task_covariance, noise, whitened: torch.Tensor) -> torch.Tensor:

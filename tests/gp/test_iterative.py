@@ -68,7 +68,7 @@ def _rel(a, b):
 
 
 def likelihood_against_reference(model, targets, reference_likelihood):
-    """``(value, gradients, reference, reference gradients)`` of ``model`` and of ``reference_likelihood(model, targets)``."""
+    """Likelihood and gradients of ``model`` and of ``reference_likelihood(model, targets)``: four values."""
     value = model.log_likelihood(targets)
     grads = _gradients(model, value)
     reference = reference_likelihood(model, targets)
