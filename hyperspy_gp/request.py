@@ -479,8 +479,7 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     tasks = maps.shape[-1] if request.mode == "parallel" else 1
     dense_values = int(observed.sum()) * tasks
     if request.solver == "iterative" or (large_matern and request.solver == "auto"):
-        refusal = _iterative_missing_refusal(observed.size, n_missing, tasks, maps.shape[-1] // tasks,
-                                             request.solver)
+        refusal = _iterative_missing_refusal(observed.size, n_missing, tasks, maps.shape[-1] // tasks, request)
         if refusal is None:
             request.solver = "iterative"
         elif request.solver == "auto" and dense_values <= MAX_DENSE_VALUES:  # a sparse scan: few measured values
@@ -516,20 +515,21 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     return observed
 
 
-def _iterative_missing_refusal(n_pixels: int, n_missing: int, tasks: int, models: int, solver: str) -> str | None:
+def _iterative_missing_refusal(n_pixels: int, n_missing: int, tasks: int, models: int, request: Request) -> str | None:
     """Why the iterative path (:mod:`~hyperspy_gp.gp.iterative_missing`) cannot serve the pixels, or ``None``."""
     from hyperspy_gp.gp.iterative_missing import max_missing_pixels
 
     limit = max_missing_pixels(n_pixels, tasks, models)
     if n_missing <= limit:
         return None
-    what = "solver='iterative'" if solver == "iterative" else \
+    what = "solver='iterative'" if request.solver == "iterative" else \
         f"kernel='matern' on more than {MAX_DENSE_PIXELS} pixels (solved iteratively)"
     gps = f"{models} independent GPs" if models > 1 else f"a parallel GP of {tasks} maps"
+    way_out = "solver='auto'" if request.kernel == "separable" else "kernel='separable'"
     return (
         f"{what} serves at most {limit} missing pixels on this {n_pixels}-pixel grid with {gps}; "
         f"{n_missing} pixels on the measured scan lines have no finite loadings (e.g. a navigation_mask). "
-        "Use kernel='separable' (exact for any number of missing pixels), crop the scan with s.inav[...], or "
+        f"Use {way_out} (exact for any number of missing pixels), crop the scan with s.inav[...], or "
         "decompose without a navigation_mask."
     )
 

@@ -662,6 +662,9 @@ def test_the_matern_kernel_on_large_scans_takes_the_iterative_path():
     assert choose_solver(sparse, chosen) is not None and chosen.solver == "dense"
     with pytest.raises(ValueError, match=r"at most 1298 missing pixels.*kernel='separable'"):
         choose_solver(sparse, request("iterative"))
+    separable = Request([0, 1], "parallel", 1, None, "separable", 1, "iterative", "cpu", "float64", None)
+    with pytest.raises(ValueError, match=r"at most 1298 missing pixels.*Use solver='auto'"):
+        choose_solver(sparse, separable)
     large = np.random.default_rng(2).normal(size=(128, 128, 2))
     large[np.random.default_rng(3).random((128, 128)) < 0.1] = np.nan
     with pytest.raises(ValueError, match=r"at most 758 missing pixels.*at most 6000 measured values"):
