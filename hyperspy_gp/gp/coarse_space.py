@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from hyperspy_gp.gp.cholesky import safe_cholesky
-from hyperspy_gp.gp.tensor import kron_dot
+from hyperspy_gp.gp.tensor import blocked_gram, kron_dot
 from hyperspy_gp.memory import CHUNK_BYTES, COARSE_BASIS_VALUES, COARSE_MATRIX_VALUES
 
 #: Smallest spacing of the coarse lattice, in pixels (every other pixel).
@@ -181,15 +181,8 @@ class CoarseCorrection:
         t = self.n_tasks
         rotated = kron_dot(op.scatter(basis.transpose(-1, -2).unsqueeze(2)),
                            [q.transpose(-1, -2) for q in op.eigenvectors])  # (P, *fg, 1, c)
-        rotated = rotated.reshape(p, -1, c)
-        blocks = op.inverse_blocks.reshape(p, -1, t, t)
-        out = basis.new_empty(p, c, t, c, t)
-        for i in range(t):
-            for k in range(i, t):
-                block = (rotated * blocks[:, :, i, k, None]).transpose(-1, -2) @ rotated
-                out[:, :, i, :, k] = block
-                out[:, :, k, :, i] = block
-        out = out.reshape(p, c * t, c * t)
+        gram = blocked_gram(rotated.reshape(p, -1, c), op.inverse_blocks.reshape(p, -1, t, t))  # (P, T, c, T, c)
+        out = gram.permute(0, 2, 1, 4, 3).reshape(p, c * t, c * t)  # rows and columns (c, t)
         return 0.5 * (out + out.transpose(-1, -2))
 
     def precondition(self, r: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ import torch
 
 from hyperspy_gp.gp.cholesky import safe_cholesky
 from hyperspy_gp.gp.iterative import ICMOperator, KroneckerPreconditioner, preconditioner_surrogate
+from hyperspy_gp.gp.tensor import blocked_gram, kron_rows
 
 #: Largest :func:`missing_pixel_cost` of one evaluation: 6e10 multiply-adds, about 2 s on
 #: 2 CPU cores, as much as a whole evaluation of a complete 128² grid with 6 maps.
@@ -82,11 +83,6 @@ def missing_pixel_cost(n_pixels: int, n_missing: int, n_tasks: int) -> int:
     return n_tasks * (n_tasks + 1) * n_pixels * n_missing**2 + (n_tasks * n_missing) ** 3
 
 
-def _flat_grid(x: torch.Tensor, n_axes: int) -> torch.Tensor:
-    """Channel-first ``(..., *grid)`` → ``(..., n)``."""
-    return x.reshape(*x.shape[: x.dim() - n_axes], -1)
-
-
 class ObservedOperator(ICMOperator):
     """``Σ_{OO} x``: the FFT product ``Σ x`` with the missing values set to zero."""
 
@@ -116,21 +112,10 @@ class SchurPreconditioner:
     @classmethod
     def build(cls, base: KroneckerPreconditioner, observed: torch.Tensor) -> SchurPreconditioner:
         """Factorise ``C̃ = (Σ̃^{-1})_{MM}`` for the missing pixels of the boolean grid ``observed``."""
-        index = torch.nonzero(~observed)  # (|M|, d)
-        factors = [q[:, index[:, a], :] for a, q in enumerate(base.eigenvectors)]  # (P, |M|, n_a)
-        rows = factors[0]
-        for factor in factors[1:]:  # q_j(i) = Π_a Q_a[i_a, j_a]
-            rows = (rows.unsqueeze(-1) * factor.unsqueeze(-2)).flatten(-2)
-        rows = rows.transpose(1, 2).contiguous()  # (P, n, |M|)
-        inverse = cls._flat_blocks(base.inverse)
-        n_tasks, n_missing = inverse.shape[-1], rows.shape[-1]
-        c = rows.new_empty(rows.shape[0], n_tasks, n_missing, n_tasks, n_missing)
-        for s in range(n_tasks):
-            for t in range(s, n_tasks):
-                c[:, s, :, t] = rows.transpose(1, 2) @ (inverse[:, :, s, t, None] * rows)
-                if t != s:
-                    c[:, t, :, s] = c[:, s, :, t].transpose(-1, -2)
-        c = c.reshape(rows.shape[0], n_tasks * n_missing, n_tasks * n_missing)
+        rows = kron_rows(base.eigenvectors, torch.nonzero(~observed))  # q_j(i), (P, |M|, *grid)
+        rows = rows.flatten(2).transpose(1, 2).contiguous()  # (P, n, |M|)
+        c = blocked_gram(rows, cls._flat_blocks(base.inverse))  # (P, T, |M|, T, |M|)
+        c = c.reshape(rows.shape[0], c.shape[1] * c.shape[2], -1)
         # A principal block of Σ̃⁻¹: positive definite, as well conditioned as Σ̃.
         chol, _ = safe_cholesky(0.5 * (c + c.transpose(-1, -2)))
         return cls(base, observed.to(rows.dtype), rows, chol)

@@ -38,7 +38,7 @@ import torch
 from hyperspy_gp.gp.cholesky import safe_cholesky
 from hyperspy_gp.gp.likelihood import GridICMSolve, grid_icm_log_likelihood, solve_grid_icm
 from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior
-from hyperspy_gp.gp.tensor import kron_dot
+from hyperspy_gp.gp.tensor import kron_dot, kron_rows
 from hyperspy_gp.memory import MAX_SCHUR_ENTRIES  # noqa: F401 (its home is the memory module)
 
 
@@ -49,11 +49,7 @@ def _gather(grid: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _missing_columns(solve: GridICMSolve, index: torch.Tensor) -> torch.Tensor:
     """``G = Σ^{-1} E_M`` in grid layout ``(P, *fg, T, m·T)`` (column ``i·T + t``)."""
-    rows = [q[:, index[:, a], :] for a, q in enumerate(solve.eigenvectors)]  # (P, m, n_a)
-    rotated = rows[0]
-    for row in rows[1:]:  # Qᵀ e_i in the eigenbasis: Π_a Q_a[c_ia, j_a], (P, m, *fg)
-        rotated = rotated.unsqueeze(-1) * row.reshape(*row.shape[:2], *([1] * (rotated.dim() - 2)), -1)
-    rotated = rotated.movedim(1, -1)  # (P, *fg, m)
+    rotated = kron_rows(solve.eigenvectors, index).movedim(1, -1)  # Qᵀ e_i in the eigenbasis, (P, *fg, m)
     inv_blocks = solve.block_inverse()  # (P, *fg, T, T)
     weights = rotated[..., None, :, None] * inv_blocks[..., :, None, :]  # (P, *fg, T, m, T)
     p, *fg, t, m, _ = weights.shape

@@ -57,6 +57,38 @@ def kron_outer(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def kron_rows(matrices: Sequence[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` of ``M_1 ⊗ ... ⊗ M_d`` in grid layout, ``(P, m, n_1, ..., n_d)``.
+
+    ``index`` ``(m, d)`` holds grid coordinates, and ``out[p, i, j_1, ..., j_d] = Π_a
+    M_a[p, index[i, a], j_a]``: for the eigenvectors ``Q_a`` of a Kronecker product,
+    the pixels ``i`` rotated into its eigenbasis, ``Qᵀ e_i``.
+    """
+    rows = [matrix[:, index[:, a], :] for a, matrix in enumerate(matrices)]  # (P, m, n_a)
+    out = rows[0]
+    for row in rows[1:]:
+        out = out.unsqueeze(-1) * row.reshape(*row.shape[:2], *([1] * (out.dim() - 2)), -1)
+    return out
+
+
+def blocked_gram(rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``out[p, s, a, t, b] = Σ_j rows[p, j, a] blocks[p, j, s, t] rows[p, j, b]``, ``(P, T, m, T, m)``.
+
+    For ``rows`` ``(P, n, m)`` and blocks ``(P, n, T, T)`` symmetric in ``(s, t)``: the
+    ``T × T`` blocks of ``(V ⊗ I)ᵀ diag_j(M_j) (V ⊗ I)``, as ``T (T + 1) / 2`` products of
+    ``n × m`` matrices.
+    """
+    p, _, m = rows.shape
+    t = blocks.shape[-1]
+    out = rows.new_empty(p, t, m, t, m)
+    for s in range(t):
+        for u in range(s, t):
+            out[:, s, :, u] = rows.transpose(1, 2) @ (blocks[:, :, s, u, None] * rows)
+            if u != s:
+                out[:, u, :, s] = out[:, s, :, u].transpose(-1, -2)
+    return out
+
+
 def sum_except_axis(x: torch.Tensor, axis: int) -> torch.Tensor:
     """Sum a grid tensor ``(P, n_1, ..., n_d)`` over every spatial axis but ``axis``."""
     dims = [d for d in range(1, x.dim()) if d != axis + 1]
