@@ -58,6 +58,11 @@ JACOBI_BLOCK_VALUES = 64
 #: complement (:mod:`~hyperspy_gp.gp.schur`): its columns ``H`` take this many float64
 #: values (32 million: 256 MB).
 MAX_SCHUR_ENTRIES = 32 * 2**20
+
+
+def schur_entries(n_pixels: int, n_missing: int, n_tasks: int) -> int:
+    """Values ``|M| T · n T`` of the factorised Schur complement's columns, per model (:data:`MAX_SCHUR_ENTRIES`)."""
+    return n_missing * n_tasks * n_pixels * n_tasks
 #: Largest tile (pixels × maps) of that preconditioner where the mask has connected masked
 #: regions (coarse points): 6 × 6 pixels for 6 maps.
 REGION_BLOCK_VALUES = 216
@@ -238,7 +243,7 @@ def estimate_memory(
         prediction += 3 * draws * _FLOAT64 + (os.cpu_count() or 1) * CHUNK_BYTES
     elif n_observed is None and n_missing:
         # Schur columns Σ⁻¹E_M, H = Σ⁻¹E_M L⁻ᵀ and ΣH with its autograd copy: |M|·n·T each.
-        fitting += 4 * n_models * n_missing * n_tasks * n_pixels * n_tasks * itemsize
+        fitting += 4 * n_models * schur_entries(n_pixels, n_missing, n_tasks) * itemsize
     if iterative:
         fitting, prediction = _iterative_bytes(grid_shape, upsampling, n_models, n_tasks, itemsize, n_missing)
     return MemoryEstimate(4 * map_bytes, spectrum, fitting, prediction + 2 * 2 * map_bytes)
@@ -264,7 +269,7 @@ def _iterative_bytes(grid_shape, upsampling, n_models, n_tasks, itemsize, n_miss
     # Missing pixels: the eigenvector rows V (n × |M|) and a product temporary, C̃, its
     # factor and inverse ((T|M|)² each); prediction keeps two such preconditioners and
     # the separable twin's Schur columns (|M|T · nT values) where they fit.
-    schur_values = n_missing * n_tasks * n_pixels * n_tasks
+    schur_values = schur_entries(n_pixels, n_missing, n_tasks)
     twin = 2 * schur_values if n_models * schur_values <= MAX_SCHUR_ENTRIES else 0
     per_model = 2 * n_pixels * n_missing + 3 * (n_tasks * n_missing) ** 2
     missing_fitting = n_models * per_model * itemsize

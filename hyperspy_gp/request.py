@@ -448,7 +448,7 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     (1, 'kronecker')
     """
     from hyperspy_gp.gp.dense import MAX_DENSE_VALUES
-    from hyperspy_gp.gp.schur import MAX_SCHUR_ENTRIES
+    from hyperspy_gp.memory import MAX_SCHUR_ENTRIES, schur_entries
 
     measured = np.isfinite(maps).all(axis=-1)
     request.n_missing, request.schur_cg, request.exact_fallback = int((~measured).sum()), False, None
@@ -494,8 +494,8 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
             f"pixels; the measured scan lines hold {observed.size}. Use solver='auto', 'iterative' (conjugate "
             "gradients on the observed pixels) or 'dense' (few measured pixels), or kernel='separable'."
         )
-    schur_entries = n_missing * tasks * observed.size * tasks
-    fits = {"dense": dense_values <= MAX_DENSE_VALUES, "kronecker": schur_entries <= MAX_SCHUR_ENTRIES}
+    fits = {"dense": dense_values <= MAX_DENSE_VALUES,
+            "kronecker": schur_entries(observed.size, n_missing, tasks) <= MAX_SCHUR_ENTRIES}
     if request.solver == "auto":
         cost = _missing_pixel_costs(observed.shape, request.kernel, n_missing, dense_values, tasks)
         exact = [name for name in ("kronecker", "dense") if fits[name]]

@@ -320,9 +320,10 @@ def _joint_draws(spectra, embedding: ToeplitzKernel, fine_shape, shape, generato
 def _schur_twin_fits(model) -> bool:
     """Whether the separable twin's Schur columns fit :data:`~hyperspy_gp.memory.MAX_SCHUR_ENTRIES`."""
     from hyperspy_gp.gp.schur import MAX_SCHUR_ENTRIES
+    from hyperspy_gp.memory import schur_entries
 
-    n_values = model.n_tasks * model.observed.size
-    return int((~model.observed).sum()) * model.n_tasks * n_values * model.n_models <= MAX_SCHUR_ENTRIES
+    entries = schur_entries(model.observed.size, int((~model.observed).sum()), model.n_tasks)
+    return model.n_models * entries <= MAX_SCHUR_ENTRIES
 
 
 def _separable_twin(model, targets: torch.Tensor, masked: bool) -> Posterior:
