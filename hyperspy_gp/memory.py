@@ -54,15 +54,6 @@ VARIANCE_DRAWS = 64
 #: Values (pixels × maps) of a tile, one block of the Schur complement by CG's
 #: block-Jacobi preconditioner.
 JACOBI_BLOCK_VALUES = 64
-#: Largest ``|M| · n · T`` (missing values × grid values) for the factorised Schur
-#: complement (:mod:`~hyperspy_gp.gp.schur`): its columns ``H`` take this many float64
-#: values (32 million: 256 MB).
-MAX_SCHUR_ENTRIES = 32 * 2**20
-
-
-def schur_entries(n_pixels: int, n_missing: int, n_tasks: int) -> int:
-    """Values ``|M| T · n T`` of the factorised Schur complement's columns, per model (:data:`MAX_SCHUR_ENTRIES`)."""
-    return n_missing * n_tasks * n_pixels * n_tasks
 #: Largest tile (pixels × maps) of that preconditioner where the mask has connected masked
 #: regions (coarse points): 6 × 6 pixels for 6 maps.
 REGION_BLOCK_VALUES = 216
@@ -71,6 +62,10 @@ REGION_BLOCK_VALUES = 216
 COARSE_MATRIX_VALUES = 2**22
 #: Largest ``P m c`` (models × missing pixels × coarse points): its basis under 64 MB.
 COARSE_BASIS_VALUES = 2**23
+#: Largest ``|M| · n · T`` (missing values × grid values) for the factorised Schur
+#: complement (:mod:`~hyperspy_gp.gp.schur`): its columns ``H`` take this many float64
+#: values (32 million: 256 MB).
+MAX_SCHUR_ENTRIES = 32 * 2**20
 _FLOAT64 = 8
 
 
@@ -247,6 +242,11 @@ def estimate_memory(
     if iterative:
         fitting, prediction = _iterative_bytes(grid_shape, upsampling, n_models, n_tasks, itemsize, n_missing)
     return MemoryEstimate(4 * map_bytes, spectrum, fitting, prediction + 2 * 2 * map_bytes)
+
+
+def schur_entries(n_pixels: int, n_missing: int, n_tasks: int) -> int:
+    """Values ``|M| T · n T`` of the factorised Schur complement's columns, per model (:data:`MAX_SCHUR_ENTRIES`)."""
+    return n_missing * n_tasks * n_pixels * n_tasks
 
 
 def _fitting_bytes(grid_shape, n_models, n_tasks, kernel, n_observed, itemsize) -> int:
