@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from hyperspy_gp import memory
 from hyperspy_gp.gp.iterative import (
     CG_TOLERANCE,
     ESTIMATE_CG_TOLERANCE,
@@ -319,11 +320,8 @@ def _joint_draws(spectra, embedding: ToeplitzKernel, fine_shape, shape, generato
 
 def _schur_twin_fits(model) -> bool:
     """Whether the separable twin's Schur columns fit :data:`~hyperspy_gp.memory.MAX_SCHUR_ENTRIES`."""
-    from hyperspy_gp.gp.schur import MAX_SCHUR_ENTRIES
-    from hyperspy_gp.memory import schur_entries
-
-    entries = schur_entries(model.observed.size, int((~model.observed).sum()), model.n_tasks)
-    return model.n_models * entries <= MAX_SCHUR_ENTRIES
+    entries = memory.schur_entries(model.observed.size, int((~model.observed).sum()), model.n_tasks)
+    return model.n_models * entries <= memory.MAX_SCHUR_ENTRIES
 
 
 def _separable_twin(model, targets: torch.Tensor, masked: bool) -> Posterior:

@@ -39,7 +39,6 @@ from hyperspy_gp.gp.cholesky import safe_cholesky
 from hyperspy_gp.gp.likelihood import GridICMSolve, grid_icm_log_likelihood, solve_grid_icm
 from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior
 from hyperspy_gp.gp.tensor import kron_dot, kron_rows
-from hyperspy_gp.memory import MAX_SCHUR_ENTRIES  # noqa: F401 (its home is the memory module)
 
 
 def _gather(grid: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -157,7 +157,7 @@ def test_control_variate_has_the_exact_gradient_of_the_log_determinant():
 @pytest.mark.parametrize("shape,upsampling,masked_twin", [((12, 10), 2, True), ((15,), 3, True), ((12, 10), 2, False)])
 def test_posterior_mean_is_exact_and_variance_within_its_standard_error(shape, upsampling, masked_twin, monkeypatch):
     if not masked_twin:  # the separable twin's Schur columns do not fit: the complete grid's twin
-        monkeypatch.setattr("hyperspy_gp.gp.schur.MAX_SCHUR_ENTRIES", 0)
+        monkeypatch.setattr("hyperspy_gp.memory.MAX_SCHUR_ENTRIES", 0)
     model, targets = _random_model("matern", shape, 1, 2, 1, n_missing=5, seed=3)
     _, mean_ref, var_ref = _dense_reference(model, targets, upsampling)
     assert_exact_mean_and_calibrated_variance(IterativePosterior(model, targets, n_samples=64), upsampling,
