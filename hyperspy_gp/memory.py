@@ -62,6 +62,9 @@ REGION_BLOCK_VALUES = 216
 COARSE_MATRIX_VALUES = 2**22
 #: Largest ``P m c`` (models × missing pixels × coarse points): its basis under 64 MB.
 COARSE_BASIS_VALUES = 2**23
+#: Values of one chunk of the missing pixels' temporaries (pixels × lines × ``n_b``) on the
+#: iterative path (:class:`~hyperspy_gp.gp.pixel_rows.PixelRows`): 32 MB.
+PIXEL_ROWS_CHUNK_VALUES = 2**22
 #: Largest ``|M| · n · T`` (missing values × grid values) for the factorised Schur
 #: complement (:mod:`~hyperspy_gp.gp.schur`): its columns ``H`` take this many float64
 #: values (32 million: 256 MB).
@@ -266,12 +269,16 @@ def _fitting_bytes(grid_shape, n_models, n_tasks, kernel, n_observed, itemsize) 
 
 def _iterative_bytes(grid_shape, upsampling, n_models, n_tasks, itemsize, n_missing=0) -> tuple[int, int]:
     n_pixels = math.prod(grid_shape)
-    # Missing pixels: the eigenvector rows V (n × |M|) and a product temporary, C̃, its
-    # factor and inverse ((T|M|)² each); prediction keeps two such preconditioners and
-    # the separable twin's Schur columns (|M|T · nT values) where they fit.
+    # Missing pixels (:class:`~hyperspy_gp.gp.pixel_rows.PixelRows`): the T Gram matrices
+    # G_k, their factors and inverses (T |M|² each); the products of the r ≤ n_1 lines
+    # with a missing pixel (r² (n_1 + n / n_1)), the rows by pixel and by line and a chunk
+    # of temporaries.  Prediction keeps two such preconditioners and the separable twin's
+    # Schur columns (|M|T · nT values) where they fit.
     schur_values = schur_entries(n_pixels, n_missing, n_tasks)
     twin = 2 * schur_values if n_models * schur_values <= MAX_SCHUR_ENTRIES else 0
-    per_model = 2 * n_pixels * n_missing + 3 * (n_tasks * n_missing) ** 2
+    lines, rest = min(n_missing, grid_shape[0]), n_pixels // grid_shape[0]
+    per_model = 3 * n_tasks * n_missing**2 + lines**2 * (grid_shape[0] + rest) + 2 * n_missing * rest
+    per_model += 2 * PIXEL_ROWS_CHUNK_VALUES if n_missing else 0
     missing_fitting = n_models * per_model * itemsize
     missing_prediction = n_models * (2 * per_model + twin) * _FLOAT64
     columns = n_models * (1 + LOGDET_PROBES) * n_tasks

@@ -479,14 +479,20 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     tasks = maps.shape[-1] if request.mode == "parallel" else 1
     dense_values = int(observed.sum()) * tasks
     if request.solver == "iterative" or (large_matern and request.solver == "auto"):
-        refusal = _iterative_missing_refusal(observed.size, n_missing, tasks, maps.shape[-1] // tasks, request)
-        if refusal is None:
-            request.solver = "iterative"
-        elif request.solver == "auto" and dense_values <= MAX_DENSE_VALUES:  # a sparse scan: few measured values
+        from hyperspy_gp.gp.iterative_missing import MAX_MISSING_COST
+
+        cost = _iterative_missing_cost(observed, tasks, maps.shape[-1] // tasks)
+        # A sparse scan (few measured values) is cheaper on the dense path.
+        dense = request.solver == "auto" and dense_values <= MAX_DENSE_VALUES and \
+            (cost > MAX_MISSING_COST or dense_values**3 / 3 < cost)
+        if dense:
             request.solver = "dense"
+        elif cost <= MAX_MISSING_COST:
+            request.solver = "iterative"
         else:
-            raise ValueError(refusal + (f" (The dense path needs at most {MAX_DENSE_VALUES} measured values, "
-                                        f"here {dense_values}.)" if request.solver == "auto" else ""))
+            raise ValueError(_iterative_missing_refusal(observed, cost, tasks, maps.shape[-1] // tasks, request) + (
+                f" (The dense path needs at most {MAX_DENSE_VALUES} measured values, here {dense_values}.)"
+                if request.solver == "auto" else ""))
         return observed
     if large_matern and request.solver == "kronecker":
         raise ValueError(
@@ -515,21 +521,26 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     return observed
 
 
-def _iterative_missing_refusal(n_pixels: int, n_missing: int, tasks: int, models: int, request: Request) -> str | None:
-    """Why the iterative path (:mod:`~hyperspy_gp.gp.iterative_missing`) cannot serve the pixels, or ``None``."""
-    from hyperspy_gp.gp.iterative_missing import max_missing_pixels
+def _iterative_missing_cost(observed: np.ndarray, tasks: int, models: int) -> int:
+    """Multiply-adds per evaluation that the iterative path spends on the missing pixels of ``observed``."""
+    from hyperspy_gp.gp.iterative_missing import mask_lines, missing_pixel_cost
 
-    limit = max_missing_pixels(n_pixels, tasks, models)
-    if n_missing <= limit:
-        return None
+    return models * missing_pixel_cost(observed.shape, int((~observed).sum()), tasks, *mask_lines(observed))
+
+
+def _iterative_missing_refusal(observed: np.ndarray, cost: int, tasks: int, models: int, request: Request) -> str:
+    """Why the iterative path (:mod:`~hyperspy_gp.gp.iterative_missing`) cannot serve the missing pixels."""
+    from hyperspy_gp.gp.iterative_missing import MAX_MISSING_COST, max_missing_pixels
+
     what = "solver='iterative'" if request.solver == "iterative" else \
         f"kernel='matern' on more than {MAX_DENSE_PIXELS} pixels (solved iteratively)"
     gps = f"{models} independent GPs" if models > 1 else f"a parallel GP of {tasks} maps"
     way_out = "solver='auto'" if request.kernel == "separable" else "kernel='separable'"
     return (
-        f"{what} serves at most {limit} missing pixels on this {n_pixels}-pixel grid with {gps}; "
-        f"{n_missing} pixels on the measured scan lines have no finite loadings (e.g. a navigation_mask). "
-        f"Use {way_out} (exact for any number of missing pixels), crop the scan with s.inav[...], or "
+        f"{what} serves about {max_missing_pixels(observed.shape, tasks, models)} missing pixels scattered at "
+        f"random on this {observed.size}-pixel grid with {gps}; {int((~observed).sum())} pixels on the measured "
+        f"scan lines have no finite loadings (e.g. a navigation_mask), {cost / MAX_MISSING_COST:.1f}× its cost "
+        f"limit. Use {way_out} (exact for any number of missing pixels), crop the scan with s.inav[...], or "
         "decompose without a navigation_mask."
     )
 

@@ -597,9 +597,9 @@ def test_iterative_solver_with_masked_pixels_reproduces_the_exact_matern_reconst
 
 
 def test_a_sparse_scan_with_the_matern_kernel_is_solved_on_its_measured_pixels(unchanged, monkeypatch):
-    # 15 % of a 72 × 72 scan measured: too many missing pixels for the iterative path, few
-    # enough measured values for the dense one, whose kernel then covers the measured
-    # pixels only (never the 5184 × 5184 matrix of the whole grid).
+    # 15 % of a 72 × 72 scan measured: few measured values, cheaper on the dense path than
+    # the iterative one's 4400 missing pixels; its kernel then covers the measured pixels
+    # only (never the 5184 × 5184 matrix of the whole grid).
     from hyperspy_gp.gp.kernels import GridKernel
 
     rng = np.random.default_rng(5)
@@ -630,6 +630,7 @@ def test_a_sparse_scan_with_the_matern_kernel_is_solved_on_its_measured_pixels(u
 
 
 def test_the_matern_kernel_on_large_scans_takes_the_iterative_path():
+    from hyperspy_gp.gp.iterative_missing import max_missing_pixels
     from hyperspy_gp.request import Request, choose_solver
 
     maps = np.random.default_rng(0).normal(size=(70, 60, 2))  # 4200 pixels > 4096
@@ -654,18 +655,22 @@ def test_the_matern_kernel_on_large_scans_takes_the_iterative_path():
         assert observed.shape == (70, 60) and (~observed).sum() == 2
     with pytest.raises(ValueError, match="Use solver='auto', 'iterative'"):
         choose_solver(holes, request("kronecker"))
-    # More missing pixels than it serves (1298 for 4200 pixels and 2 maps): a sparse scan
-    # with few measured values takes the dense path on them; with many, it is refused.
-    sparse = maps.copy()
-    sparse[np.random.default_rng(1).random((70, 60)) < 0.5] = np.nan  # 2100 measured × 2 maps
+    # Half the pixels missing: the iterative path, whose cost (2100 scattered missing
+    # pixels) is below the dense path's on 2100 measured values × 2 maps.
+    half = maps.copy()
+    half[np.random.default_rng(1).random((70, 60)) < 0.5] = np.nan
     chosen = request("auto")
-    assert choose_solver(sparse, chosen) is not None and chosen.solver == "dense"
-    with pytest.raises(ValueError, match=r"at most 1298 missing pixels.*kernel='separable'"):
-        choose_solver(sparse, request("iterative"))
-    separable = Request([0, 1], "parallel", 1, None, "separable", 1, "iterative", "cpu", "float64", None)
-    with pytest.raises(ValueError, match=r"at most 1298 missing pixels.*Use solver='auto'"):
-        choose_solver(sparse, separable)
+    assert choose_solver(half, chosen) is not None and chosen.solver == "iterative"
+    # Half of 128² missing: more than it serves for 2 maps, and with 16314 measured values
+    # too many for the dense path.
     large = np.random.default_rng(2).normal(size=(128, 128, 2))
-    large[np.random.default_rng(3).random((128, 128)) < 0.1] = np.nan
-    with pytest.raises(ValueError, match=r"at most 758 missing pixels.*at most 6000 measured values"):
+    large[np.random.default_rng(3).random((128, 128)) < 0.5] = np.nan
+    limit = max_missing_pixels((128, 128), 2)
+    assert limit < np.isnan(large[..., 0]).sum()
+    with pytest.raises(ValueError, match=rf"about {limit} missing pixels.*kernel='separable'"):
+        choose_solver(large, request("iterative"))
+    separable = Request([0, 1], "parallel", 1, None, "separable", 1, "iterative", "cpu", "float64", None)
+    with pytest.raises(ValueError, match=rf"about {limit} missing pixels.*Use solver='auto'"):
+        choose_solver(large, separable)
+    with pytest.raises(ValueError, match=rf"about {limit} missing pixels.*at most 6000 measured values"):
         choose_solver(large, request("auto"))

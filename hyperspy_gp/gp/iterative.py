@@ -86,6 +86,9 @@ class KroneckerPreconditioner:
     cholesky: torch.Tensor  # chol(λ_j B + D), (P, *grid, T, T)
     inverse: torch.Tensor  # (λ_j B + D)^{-1}, (P, *grid, T, T)
     jitter: torch.Tensor  # (P,)
+    eigenvalues: torch.Tensor  # λ_j (corrected or not), (P, *grid)
+    task_covariance: torch.Tensor  # B, (P, T, T)
+    diagonal: torch.Tensor  # D plus the jitter, (P, T)
 
     @classmethod
     def build(cls, kernel: GridKernel, lengthscale, task_covariance, noise,
@@ -112,7 +115,8 @@ class KroneckerPreconditioner:
         blocks = lam_grid[..., None, None] * task_covariance.detach().reshape(view)
         blocks = blocks + torch.diag_embed(noise.detach()).reshape(view)
         chol, jitter = safe_cholesky(blocks)
-        return cls(eigenvectors, chol, torch.cholesky_inverse(chol), jitter)
+        return cls(eigenvectors, chol, torch.cholesky_inverse(chol), jitter, lam_grid,
+                   task_covariance.detach(), noise.detach() + jitter[:, None])
 
     @property
     def n_axes(self) -> int:

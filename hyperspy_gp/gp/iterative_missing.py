@@ -43,44 +43,65 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from hyperspy_gp.gp.cholesky import safe_cholesky
 from hyperspy_gp.gp.iterative import ICMOperator, KroneckerPreconditioner, preconditioner_surrogate
-from hyperspy_gp.gp.tensor import blocked_gram, kron_rows
+from hyperspy_gp.gp.pixel_rows import PixelRows
 
-#: Largest :func:`missing_pixel_cost` of one evaluation: 6e10 multiply-adds, about 2 s on
-#: 2 CPU cores, as much as a whole evaluation of a complete 128² grid with 6 maps.
-#: Measured per evaluation, 128² × 6 maps: complete 2.1 s; 20, 56, 150 and 300 missing
-#: pixels 2.5, 2.7, 3.3 and 4.6 s.
-MAX_MISSING_COST = 6e10
+#: Largest :func:`missing_pixel_cost` of one evaluation, all models: 3e11 multiply-adds,
+#: about 5 s on 2 CPU cores.  Measured per evaluation, 128² × 6 maps, missing pixels at
+#: random (``exp_rows.py``, one run): complete 1.7 s; 819, 1638, 3277 and 6554 missing
+#: pixels (5, 10, 20 and 40 %) 2.4, 3.5, 7.9 and 26 s, of which building the
+#: preconditioner and the Schur weights 0.5, 1.3, 4.2 and 20 s.
+MAX_MISSING_COST = 3e11
 
 
-def max_missing_pixels(n_pixels: int, n_tasks: int, n_models: int = 1) -> int:
-    """The most missing pixels this path serves on a grid of ``n_pixels`` for ``n_models`` models of ``n_tasks`` maps.
+def max_missing_pixels(grid_shape: tuple[int, ...], n_tasks: int, n_models: int = 1) -> int:
+    """The most pixels, scattered at random, this path serves for ``n_models`` models of ``n_tasks`` maps.
 
     Those whose cost per likelihood evaluation (:func:`missing_pixel_cost`, all models)
-    stays within :data:`MAX_MISSING_COST`.
+    stays within :data:`MAX_MISSING_COST`.  Pixels on fewer lines cost less.
 
     Examples
     --------
-    >>> max_missing_pixels(128 * 128, 6), max_missing_pixels(256 * 256, 12), max_missing_pixels(128 * 128, 1, 6)
-    (282, 76, 547)
+    >>> max_missing_pixels((128, 128), 6), max_missing_pixels((256, 256), 12), max_missing_pixels((128, 128), 1, 6)
+    (3536, 2216, 3536)
     """
-    per_pixel_pair = n_models * n_tasks * (n_tasks + 1) * n_pixels
-    n_missing = math.isqrt(int(MAX_MISSING_COST // per_pixel_pair))
-    while n_missing > 0 and n_models * missing_pixel_cost(n_pixels, n_missing, n_tasks) > MAX_MISSING_COST:
-        n_missing -= 1
-    return n_missing
+    low, high = 0, math.prod(grid_shape)
+    while low < high:  # the cost grows with the pixels
+        middle = (low + high + 1) // 2
+        if n_models * missing_pixel_cost(grid_shape, middle, n_tasks) <= MAX_MISSING_COST:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
-def missing_pixel_cost(n_pixels: int, n_missing: int, n_tasks: int) -> int:
-    """Multiply-adds per evaluation spent on the missing pixels, per model.
+def missing_pixel_cost(grid_shape: tuple[int, ...], n_missing: int, n_tasks: int, lines: int | None = None,
+                       most_on_a_line: int | None = None) -> int:
+    """Multiply-adds per evaluation spent on ``n_missing`` pixels, per model.
 
-    Forming ``C̃`` and the control variate's ``S_j`` (``T(T+1)/2`` products of ``n ×
-    |M|`` by ``|M| × |M|`` each) and factorising and inverting ``C̃`` (about ``(T|M|)³``).
+    The ``T`` Gram matrices ``G_k`` and the Schur weights, ``2 T (r² n + |M| r s n_b)``
+    (:mod:`~hyperspy_gp.gp.pixel_rows`), and factorising and inverting the ``G_k``, ``T
+    |M|³``.  ``lines`` (``r``) and ``most_on_a_line`` (``s``) are those of the mask
+    (:func:`mask_lines`); by default those of pixels scattered at random (``s`` the mean
+    plus three standard deviations).
     """
-    return n_tasks * (n_tasks + 1) * n_pixels * n_missing**2 + (n_tasks * n_missing) ** 3
+    n_first, n = grid_shape[0], math.prod(grid_shape)
+    if lines is None:
+        per_line = n_missing / n_first
+        lines = min(n_missing, n_first)
+        most_on_a_line = min(n // n_first, math.ceil(per_line + 3.0 * math.sqrt(per_line)) + 1)
+    rows = lines**2 * n + n_missing * lines * most_on_a_line * (n // n_first)
+    return n_tasks * (2 * rows + n_missing**3)
+
+
+def mask_lines(observed: np.ndarray) -> tuple[int, int]:
+    """Lines (first-axis coordinates) of ``observed`` that hold a missing pixel, and the most on one."""
+    per_line = (~np.asarray(observed, dtype=bool)).reshape(observed.shape[0], -1).sum(axis=1)
+    return int((per_line > 0).sum()), int(per_line.max())
 
 
 class ObservedOperator(ICMOperator):
@@ -99,51 +120,63 @@ class SchurPreconditioner:
     """``P = Σ̃_{OO}`` applied, factorised and differentiated through the missing values.
 
     Channel-first tensors ``(P, R, T, *grid)`` with zeros at the missing pixels.  In the
-    eigenbasis ``Q`` of ``Σ̃`` the missing pixels are the rows ``V`` of ``Q`` (``V[j, i] =
-    q_j(i)``), so ``C̃ = Vᵀ M V`` per pair of maps, with ``M_j = Λ_j^{-1}``; its rows and
-    columns are ordered ``k = s · |M| + i`` (map ``s``, missing pixel ``i``).
+    eigenbasis ``Q`` of ``Σ̃`` the missing pixels are the rows ``V`` of ``Q``
+    (:class:`~hyperspy_gp.gp.pixel_rows.PixelRows`), and ``M_j = (λ_j B + D)^{-1} = W
+    diag_k(e_{jk}) Wᵀ`` with ``W = D^{-1/2} R``, ``R Γ Rᵀ = D^{-1/2} B D^{-1/2}`` and
+    ``e_{jk} = 1 / (λ_j γ_k + 1)``.  So ``C̃ = Vᵀ M V = (W ⊗ I) diag_k(G_k) (W ⊗ I)ᵀ``
+    with ``G_k = Vᵀ diag(e_k) V``: ``T`` factorisations of ``|M| × |M|`` instead of one of
+    ``T|M| × T|M|``.  Nothing here is differentiated (the preconditioner is a constant of
+    each evaluation), so the eigendecomposition of ``B`` is safe where its eigenvalues
+    repeat.
     """
 
     base: KroneckerPreconditioner  # Σ̃ on the complete grid
     mask: torch.Tensor  # (*grid), 1 where observed
-    rows: torch.Tensor  # V, (P, n, |M|)
-    cholesky: torch.Tensor  # chol(C̃), (P, T|M|, T|M|)
+    rows: PixelRows  # V at the missing pixels
+    whitening: torch.Tensor  # W = D^{-1/2} R, (P, T, K)
+    unwhitening: torch.Tensor  # W^{-T} = D^{1/2} R, (P, T, K)
+    scales: torch.Tensor  # e_{jk}, (P, K, n_a, n_b)
+    inverse: torch.Tensor  # G_k^{-1}, (P, K, |M|, |M|)
+    logdet_c: torch.Tensor  # log det C̃, (P,)
 
     @classmethod
     def build(cls, base: KroneckerPreconditioner, observed: torch.Tensor) -> SchurPreconditioner:
         """Factorise ``C̃ = (Σ̃^{-1})_{MM}`` for the missing pixels of the boolean grid ``observed``."""
-        rows = kron_rows(base.eigenvectors, torch.nonzero(~observed))  # q_j(i), (P, |M|, *grid)
-        rows = rows.flatten(2).transpose(1, 2).contiguous()  # (P, n, |M|)
-        c = blocked_gram(rows, cls._flat_blocks(base.inverse))  # (P, T, |M|, T, |M|)
-        c = c.reshape(rows.shape[0], c.shape[1] * c.shape[2], -1)
-        # A principal block of Σ̃⁻¹: positive definite, as well conditioned as Σ̃.
-        chol, _ = safe_cholesky(0.5 * (c + c.transpose(-1, -2)))
-        return cls(base, observed.to(rows.dtype), rows, chol)
-
-    @staticmethod
-    def _flat_blocks(blocks: torch.Tensor) -> torch.Tensor:
-        """``(P, *grid, T, T)`` → ``(P, n, T, T)``."""
-        return blocks.reshape(blocks.shape[0], -1, *blocks.shape[-2:])
+        rows = PixelRows.build(base.eigenvectors, torch.nonzero(~observed))
+        root = base.diagonal.sqrt()
+        whitened = base.task_covariance / (root[:, :, None] * root[:, None, :])
+        gamma, rotation = torch.linalg.eigh(whitened)
+        lam = base.eigenvalues.reshape(base.eigenvalues.shape[0], 1, observed.shape[0], -1)
+        scales = 1.0 / (lam * gamma.clamp_min(0.0)[:, :, None, None] + 1.0)
+        # Principal blocks of diag(e_k) in an orthonormal basis: eigenvalues in (0, 1].
+        chol, _ = safe_cholesky(rows.gram(scales))
+        # log det C̃ = Σ_k log det G_k + |M| log det(W Wᵀ), and W Wᵀ = D^{-1}.
+        diag = torch.diagonal(chol, dim1=-2, dim2=-1)
+        logdet_c = 2.0 * torch.log(diag).flatten(1).sum(-1) - rows.n_pixels * torch.log(base.diagonal).sum(-1)
+        # The inverse, not the factor: one matrix product per CG iteration is several
+        # times faster than a batched triangular solve, and the Schur weights need it.
+        return cls(base, observed.to(rows.rest.dtype), rows, rotation / root[:, :, None],
+                   rotation * root[:, :, None], scales, torch.cholesky_inverse(chol), logdet_c)
 
     @property
     def n_missing(self) -> int:
-        return self.rows.shape[-1]
+        return self.rows.n_pixels
 
     def logdet(self) -> torch.Tensor:
         """``log det P = log det Σ̃ + log det C̃`` per model, ``(P,)``."""
-        diag = torch.diagonal(self.cholesky, dim1=-2, dim2=-1)
-        return self.base.logdet() + 2.0 * torch.log(diag).sum(-1)
+        return self.base.logdet() + self.logdet_c
 
     def solve(self, x: torch.Tensor) -> torch.Tensor:
         """``P^{-1} x = Q (a − M V C̃^{-1} Vᵀ a)`` with ``a = M Qᵀ x``, for ``x`` zero at the missing pixels."""
         inverse = self.base.inverse
         a = torch.einsum("p...st,prt...->prs...", inverse, self.base._rotate(x, transpose=True))
-        flat = a.reshape(*a.shape[:3], -1)  # (P, R, T, n)
-        rows = self.rows.unsqueeze(1)  # broadcast over the vectors R
-        at_missing = (flat @ rows).flatten(2).transpose(1, 2)  # (G r)_M, (P, T|M|, R)
-        weights = torch.cholesky_solve(at_missing, self.cholesky)
-        weights = weights.transpose(1, 2).reshape(*flat.shape[:3], self.n_missing)  # (P, R, T, |M|)
-        spread = (weights @ rows.transpose(-1, -2)).reshape(a.shape)  # Qᵀ E_M w
+        grid = a.shape[3:]
+        at_missing = self.rows.values_at(a.reshape(*a.shape[:3], grid[0], -1))  # (G x)_M, (P, R, T, |M|)
+        # C̃^{-1} = (W^{-T} ⊗ I) diag_k(G_k^{-1}) (W^{-1} ⊗ I)
+        per_channel = torch.einsum("ptk,prtm->pkmr", self.unwhitening, at_missing)
+        per_channel = self.inverse @ per_channel
+        weights = torch.einsum("ptk,pkmr->prtm", self.unwhitening, per_channel)
+        spread = self.rows.spread(weights).reshape(a.shape)  # Qᵀ E_M w
         a = a - torch.einsum("p...st,prt...->prs...", inverse, spread)
         return self.base._rotate(a, transpose=False) * self.mask
 
@@ -152,18 +185,15 @@ class SchurPreconditioner:
         return self.base.factor_mul(eps) * self.mask
 
     def schur_weights(self) -> torch.Tensor:
-        """``M_j S_j M_j`` per eigenvector ``j`` (see the module docstring), ``(P, *grid, T, T)``.
+        """``M_j S_j M_j = W diag_k(e_{jk}² h_{jk}) Wᵀ`` per eigenvector ``j``, ``(P, *grid, T, T)``.
 
-        ``S_j[s, t] = Σ_{i, i'} V[j, i] (C̃^{-1})[(s, i), (t, i')] V[j, i']``.
+        ``S_j[s, t] = Σ_{i, i'} V[j, i] (C̃^{-1})[(s, i), (t, i')] V[j, i']`` (see the module
+        docstring) and ``h_{jk} = (V G_k^{-1} Vᵀ)_{jj}``.
         """
-        inverse = self._flat_blocks(self.base.inverse)
-        n_models, n_tasks = inverse.shape[0], inverse.shape[-1]
-        x = torch.cholesky_inverse(self.cholesky).reshape(n_models, n_tasks, self.n_missing, n_tasks, -1)
-        s_blocks = torch.empty_like(inverse)
-        for s in range(n_tasks):
-            for t in range(s, n_tasks):
-                s_blocks[:, :, s, t] = s_blocks[:, :, t, s] = ((self.rows @ x[:, s, :, t]) * self.rows).sum(-1)
-        return (inverse @ s_blocks @ inverse).reshape(self.base.inverse.shape)
+        h = self.rows.quadratic_diagonal(self.inverse)  # (P, K, n_a, n_b)
+        weights = (self.scales**2 * h).flatten(2)
+        blocks = torch.einsum("psk,pkj,ptk->pjst", self.whitening, weights, self.whitening)
+        return blocks.reshape(self.base.inverse.shape)
 
     def probe_weights(self, eps: torch.Tensor, drawn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``w = P^{-1} z`` of the probes ``z`` (``drawn``) and their Lanczos weights ``zᵀ P^{-1} z``, ``(P, R)``."""
