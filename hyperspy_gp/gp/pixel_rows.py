@@ -23,6 +23,7 @@ four products.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +60,8 @@ class PixelRows:
             rest = kron_rows(others, pixels[:, 1:]).flatten(2)  # (P, m, n_b)
         else:  # a 1-D grid: Q_b is the 1 × 1 identity
             rest = first.new_ones(first.shape[0], line.numel(), 1)
-        padded = rest.new_zeros(rest.shape[0], lines.numel(), int(counts.max()), rest.shape[-1])
+        most = int(counts.max()) if lines.numel() else 0  # no pixels: empty products
+        padded = rest.new_zeros(rest.shape[0], lines.numel(), most, rest.shape[-1])
         padded[:, line, slot] = rest
         return cls(first[:, lines, :], rest, padded, line, slot)
 
@@ -69,7 +71,7 @@ class PixelRows:
 
     def _chunks(self) -> list[slice]:
         """Slices of pixels whose temporaries fit :data:`~hyperspy_gp.memory.PIXEL_ROWS_CHUNK_VALUES`."""
-        size = max(1, memory.PIXEL_ROWS_CHUNK_VALUES // (self.first.shape[1] * self.rest.shape[-1]))
+        size = max(1, memory.PIXEL_ROWS_CHUNK_VALUES // max(1, self.first.shape[1] * self.rest.shape[-1]))
         return [slice(start, start + size) for start in range(0, self.n_pixels, size)]
 
     def _line_pairs(self) -> torch.Tensor:
@@ -87,7 +89,7 @@ class PixelRows:
         pairs = self._line_pairs()
         out = weights.new_empty(n_models, weights.shape[1], self.n_pixels, self.n_pixels)
         for k in range(weights.shape[1]):
-            lines = (pairs @ weights[:, k]).reshape(n_models, n_lines, n_lines, -1)  # A, (P, r, r, n_b)
+            lines = (pairs @ weights[:, k]).reshape(n_models, n_lines, n_lines, weights.shape[-1])  # A
             for chunk in self._chunks():
                 scaled = lines[:, self.line[chunk]] * self.rest[:, chunk, None, :]  # (P, c, r, n_b)
                 by_line = torch.einsum("pcaj,pasj->pcas", scaled, self.padded)
@@ -113,15 +115,15 @@ class PixelRows:
     def values_at(self, x: torch.Tensor) -> torch.Tensor:
         """``Vᵀ x``, i.e. ``(Q x)`` at the pixels, for ``x`` ``(P, ..., n_a, n_b)`` → ``(P, ..., m)``."""
         lead = x.shape[1:-2]
-        flat = x.reshape(x.shape[0], -1, *x.shape[-2:])  # (P, L, n_a, n_b)
+        flat = x.reshape(x.shape[0], math.prod(lead), *x.shape[-2:])  # (P, L, n_a, n_b)
         on_lines = torch.einsum("pra,plaj->plrj", self.first, flat)
         by_line = torch.einsum("plrj,prsj->plrs", on_lines, self.padded)
-        return by_line[:, :, self.line, self.slot].reshape(x.shape[0], *lead, -1)
+        return by_line[:, :, self.line, self.slot].reshape(x.shape[0], *lead, self.n_pixels)
 
     def spread(self, u: torch.Tensor) -> torch.Tensor:
         """``V u``, i.e. ``Qᵀ`` of the grid vector that holds ``u`` ``(P, ..., m)`` at the pixels, ``(P, ..., n_a, n_b)``."""
         lead = u.shape[1:-1]
-        flat = u.reshape(u.shape[0], -1, u.shape[-1])  # (P, L, m)
+        flat = u.reshape(u.shape[0], math.prod(lead), u.shape[-1])  # (P, L, m)
         by_line = flat.new_zeros(*flat.shape[:2], *self.padded.shape[1:3])
         by_line[:, :, self.line, self.slot] = flat
         on_lines = torch.einsum("plrs,prsj->plrj", by_line, self.padded)

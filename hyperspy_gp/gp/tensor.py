@@ -67,7 +67,7 @@ def kron_rows(matrices: Sequence[torch.Tensor], index: torch.Tensor) -> torch.Te
     rows = [matrix[:, index[:, a], :] for a, matrix in enumerate(matrices)]  # (P, m, n_a)
     out = rows[0]
     for row in rows[1:]:
-        out = out.unsqueeze(-1) * row.reshape(*row.shape[:2], *([1] * (out.dim() - 2)), -1)
+        out = out.unsqueeze(-1) * row.reshape(*row.shape[:2], *([1] * (out.dim() - 2)), row.shape[-1])
     return out
 
 
