@@ -188,15 +188,15 @@ def gp_reconstruct(
         ``hyperparameters["variance_standard_error"]``).
         ``"dense"``: Cholesky on the observed pixels, limited to 6000 observed values
         (pixels × maps in a parallel GP).  ``"iterative"`` (any kernel, complete grids
-        or a few missing pixels, e.g. 282 on 128 × 128 × 6 maps, see
-        :func:`~hyperspy_gp.gp.iterative_missing.max_missing_pixels`): FFT products,
+        or missing pixels up to a cost limit, e.g. about 3500 scattered on 128 × 128 × 6
+        maps, see :func:`~hyperspy_gp.gp.iterative_missing.max_missing_pixels`): FFT products,
         preconditioned conjugate gradients and a stochastic log-determinant; the mean
         is exact, the variance a Monte-Carlo estimate whose standard error is returned
         as ``hyperparameters["variance_standard_error"]`` (see
         :mod:`hyperspy_gp.gp.iterative`).  ``"auto"`` takes ``"kronecker"`` for complete
         grids and the cheaper exact path that fits otherwise; for ``kernel="matern"``
         beyond 4096 pixels it takes ``"iterative"``, or ``"dense"`` for a sparse scan
-        with more missing pixels than that serves.  Missing pixels are predicted like
+        where that is cheaper.  Missing pixels are predicted like
         any other; scan lines without a measured pixel are left out
         of the fit first (exact, the Kronecker structure is kept), so only the
         missing pixels on the kept lines count against these limits.  Where

@@ -405,9 +405,10 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     complete fitted grid is solved in the Kronecker eigenbasis, or iteratively
     (``"iterative"``, :mod:`~hyperspy_gp.gp.iterative`, which needs evenly spaced
     lines) for ``kernel="matern"`` on more than :data:`MAX_DENSE_PIXELS` pixels, which
-    also serves a few missing pixels on the kept lines
-    (:mod:`~hyperspy_gp.gp.iterative_missing`); with more, ``"auto"`` takes ``"dense"``
-    on the measured pixels where they fit (a sparse scan) and refuses otherwise.  Else, with
+    also serves missing pixels on the kept lines up to its cost limit
+    (:mod:`~hyperspy_gp.gp.iterative_missing`); ``"auto"`` takes ``"dense"`` on the
+    measured pixels instead where they fit and cost less (a sparse scan), and refuses
+    when neither path serves.  Else, with
     missing pixels on the kept lines, ``"auto"`` takes the cheaper exact path that fits:
     ``"dense"`` (Cholesky on the observed pixels, :mod:`~hyperspy_gp.gp.dense`) or
     ``"kronecker"`` with a Schur complement over the missing pixels, factorised

@@ -16,7 +16,9 @@ Where things live:
   complement factorised or by conjugate gradients, dense Cholesky).
 - :mod:`~hyperspy_gp.gp.toeplitz`, :mod:`~hyperspy_gp.gp.iterative`,
   :mod:`~hyperspy_gp.gp.iterative_prediction` — any stationary kernel on a complete
-  grid: FFT products, conjugate gradients, a stochastic log-determinant.
+  grid: FFT products, conjugate gradients, a stochastic log-determinant;
+  :mod:`~hyperspy_gp.gp.iterative_missing` and :mod:`~hyperspy_gp.gp.pixel_rows` — the
+  same with missing pixels.
 
 This subpackage imports torch; nothing outside it does at import time.
 """

@@ -28,14 +28,15 @@ Control variate.  ``∂ log det P = Σ_j tr((M_j − M_j S_j M_j) ∂Λ_j)`` wit
 Q`` (:meth:`SchurPreconditioner.schur_weights`), exact; the probes then only estimate
 the small ``log det(P^{-1} Σ_{OO})`` part, as on the complete grid.
 
-No column ``G E_M`` is formed: in the eigenbasis the missing pixels are the rows ``V``
-of ``Q``, so ``C̃ = Vᵀ M V`` per pair of maps and ``P^{-1}`` costs one rotation each way
-plus two products with ``V`` (``n × |M|``).  Forming ``C̃`` and ``S_j`` grows as ``T² n
-|M|²``, so this path serves a few missing pixels (dead pixels, a small
-``navigation_mask``: :func:`max_missing_pixels`, e.g. 282 on 128² × 6 maps).
-Measured per evaluation on 2 CPU cores, 128² × 6 maps, in one run of
-``bench_missing.py --kernel matern``: complete 1.7 s, 20 missing pixels 2.5 s, 164 (1 %
-at random) 3.1 s.
+No column ``G E_M`` is formed, nor the rows ``V`` of ``Q`` at the missing pixels
+(:class:`~hyperspy_gp.gp.pixel_rows.PixelRows` keeps them by scan line), and with the
+task covariance whitened once, ``C̃`` splits into ``T`` Gram matrices ``G_k = Vᵀ
+diag(e_k) V`` of ``|M| × |M|`` (:class:`SchurPreconditioner`).  Per evaluation the
+missing pixels cost about ``T |M|³`` plus the Gram matrices (:func:`missing_pixel_cost`);
+the path serves masks within :data:`MAX_MISSING_COST`, e.g. 3536 pixels scattered at
+random on 128² × 6 maps (:func:`max_missing_pixels`).  Measured per evaluation on 2
+CPU cores, 128² × 6 maps, in one run of ``bench_missing.py --kernel matern``: complete
+1.6 s; 20 missing pixels 1.9 s; 1, 5 and 20 % at random 2.2, 2.6 and 9.4 s.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ from hyperspy_gp.gp.iterative import ICMOperator, KroneckerPreconditioner, preco
 from hyperspy_gp.gp.pixel_rows import PixelRows
 
 #: Largest :func:`missing_pixel_cost` of one evaluation, all models: 3e11 multiply-adds,
-#: about 5 s on 2 CPU cores.  Measured per evaluation, 128² × 6 maps, missing pixels at
-#: random (``exp_rows.py``, one run): complete 1.7 s; 819, 1638, 3277 and 6554 missing
+#: about 5 s on 2 CPU cores.  Measured on single evaluations, 128² × 6 maps, missing
+#: pixels at random (one run): complete 1.7 s; 819, 1638, 3277 and 6554 missing
 #: pixels (5, 10, 20 and 40 %) 2.4, 3.5, 7.9 and 26 s, of which building the
 #: preconditioner and the Schur weights 0.5, 1.3, 4.2 and 20 s.
 MAX_MISSING_COST = 3e11

@@ -98,7 +98,7 @@ class GridICMModel(gpytorch.Module):
         log-determinant (:mod:`~hyperspy_gp.gp.iterative`) instead of
         eigendecompositions: the path for the non-separable kernel on large grids.  With
         ``observed``, CG runs on the observed values
-        (:mod:`~hyperspy_gp.gp.iterative_missing`, a few missing pixels).
+        (:mod:`~hyperspy_gp.gp.iterative_missing`, missing pixels up to its cost limit).
     n_probes
         Probes of the stochastic log-determinant estimates (``iterative`` and
         ``"schur-cg"``), or ``"exact"``.
