@@ -269,15 +269,18 @@ def _fitting_bytes(grid_shape, n_models, n_tasks, kernel, n_observed, itemsize) 
 
 def _iterative_bytes(grid_shape, upsampling, n_models, n_tasks, itemsize, n_missing=0) -> tuple[int, int]:
     n_pixels = math.prod(grid_shape)
-    # Missing pixels (:class:`~hyperspy_gp.gp.pixel_rows.PixelRows`): the T Gram matrices
-    # G_k, their factors and inverses (T |M|² each); the products of the r ≤ n_1 lines
-    # with a missing pixel (r² (n_1 + n / n_1)), the rows by pixel and by line and a chunk
-    # of temporaries.  Prediction keeps two such preconditioners and the separable twin's
-    # Schur columns (|M|T · nT values) where they fit.
+    # Missing pixels (:mod:`~hyperspy_gp.gp.iterative_missing`), the preconditioner built
+    # from the m missing pixels or, on a sparse scan, from the m measured ones: T Gram
+    # matrices, factors and inverses (T m² each); the products of the r ≤ n_1 lines
+    # holding those pixels (r² (n_1 + n / n_1)), the rows by pixel and by line
+    # (:class:`~hyperspy_gp.gp.pixel_rows.PixelRows`) and a chunk of temporaries.
+    # Prediction keeps two such preconditioners and the separable twin's Schur columns
+    # (|M|T · nT values) where they fit.
     schur_values = schur_entries(n_pixels, n_missing, n_tasks)
     twin = 2 * schur_values if n_models * schur_values <= MAX_SCHUR_ENTRIES else 0
-    lines, rest = min(n_missing, grid_shape[0]), n_pixels // grid_shape[0]
-    per_model = 3 * n_tasks * n_missing**2 + lines**2 * (grid_shape[0] + rest) + 2 * n_missing * rest
+    block = min(n_missing, n_pixels - n_missing)
+    lines, rest = min(block, grid_shape[0]), n_pixels // grid_shape[0]
+    per_model = 3 * n_tasks * block**2 + lines**2 * (grid_shape[0] + rest) + 2 * block * rest
     per_model += 2 * PIXEL_ROWS_CHUNK_VALUES if n_missing else 0
     missing_fitting = n_models * per_model * itemsize
     missing_prediction = n_models * (2 * per_model + twin) * _FLOAT64

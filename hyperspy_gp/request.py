@@ -29,8 +29,12 @@ MAX_DENSE_PIXELS = 4096
 #: float64, likelihood + gradient), to choose the cheapest: dense Cholesky per
 #: (observed values)³; factorised Schur complement per missing value × T × grid values
 #: × Σ factor sizes; Schur complement by CG per CG iteration × right-hand side × grid
-#: values × Σ factor sizes.
-SECONDS_PER_UNIT = {"dense": 4e-11, "schur": 8e-10, "schur-cg": 1.5e-10}
+#: values × Σ factor sizes; the iterative path (non-separable kernel) per multiply-add of
+#: its missing pixels (:func:`~hyperspy_gp.gp.iterative_missing.missing_pixel_cost`) and
+#: of its CG over the grid, taken as 6e10 for 128² × 6 maps (1.7 s measured there).
+SECONDS_PER_UNIT = {"dense": 4e-11, "schur": 8e-10, "schur-cg": 1.5e-10, "iterative": 2.8e-11}
+#: Multiply-adds per pixel and map of one evaluation of the iterative path's CG.
+ITERATIVE_GRID_COST = 6e10 / (128 * 128 * 6)
 #: CG iterations assumed by the cost model (measured: 10–60 for scattered pixels).
 EXPECTED_CG_ITERATIONS = 50
 #: An exact deterministic path is preferred unless the Schur complement by CG is
@@ -483,9 +487,13 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
         from hyperspy_gp.gp.iterative_missing import MAX_MISSING_COST
 
         cost = _iterative_missing_cost(observed, tasks, maps.shape[-1] // tasks)
-        # A sparse scan (few measured values) is cheaper on the dense path.
+        # A sparse scan (few measured values): the exact dense path unless the iterative
+        # one, its missing pixels and CG over the grid, is much cheaper.
+        iterative_seconds = SECONDS_PER_UNIT["iterative"] * (cost + ITERATIVE_GRID_COST * observed.size
+                                                             * maps.shape[-1])
+        dense_seconds = SECONDS_PER_UNIT["dense"] * float(dense_values) ** 3
         dense = request.solver == "auto" and dense_values <= MAX_DENSE_VALUES and \
-            (cost > MAX_MISSING_COST or dense_values**3 / 3 < cost)
+            (cost > MAX_MISSING_COST or dense_seconds < EXACT_PREFERENCE * iterative_seconds)
         if dense:
             request.solver = "dense"
         elif cost <= MAX_MISSING_COST:
@@ -524,9 +532,9 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
 
 def _iterative_missing_cost(observed: np.ndarray, tasks: int, models: int) -> int:
     """Multiply-adds per evaluation that the iterative path spends on the missing pixels of ``observed``."""
-    from hyperspy_gp.gp.iterative_missing import mask_lines, missing_pixel_cost
+    from hyperspy_gp.gp.iterative_missing import missing_pixel_cost
 
-    return models * missing_pixel_cost(observed.shape, int((~observed).sum()), tasks, *mask_lines(observed))
+    return models * missing_pixel_cost(observed, tasks)
 
 
 def _iterative_missing_refusal(observed: np.ndarray, cost: int, tasks: int, models: int, request: Request) -> str:
@@ -537,12 +545,14 @@ def _iterative_missing_refusal(observed: np.ndarray, cost: int, tasks: int, mode
         f"kernel='matern' on more than {MAX_DENSE_PIXELS} pixels (solved iteratively)"
     gps = f"{models} independent GPs" if models > 1 else f"a parallel GP of {tasks} maps"
     way_out = "solver='auto'" if request.kernel == "separable" else "kernel='separable'"
+    missing = max_missing_pixels(observed.shape, tasks, models)
+    measured = max_missing_pixels(observed.shape, tasks, models, side="observed")
     return (
-        f"{what} serves about {max_missing_pixels(observed.shape, tasks, models)} missing pixels scattered at "
-        f"random on this {observed.size}-pixel grid with {gps}; {int((~observed).sum())} pixels on the measured "
-        f"scan lines have no finite loadings (e.g. a navigation_mask), {cost / MAX_MISSING_COST:.1f}× its cost "
-        f"limit. Use {way_out} (exact for any number of missing pixels), crop the scan with s.inav[...], or "
-        "decompose without a navigation_mask."
+        f"{what} serves about {missing} missing pixels scattered at random on this {observed.size}-pixel grid "
+        f"with {gps}, or about {measured} measured ones (a sparse scan); {int((~observed).sum())} pixels on the "
+        f"measured scan lines have no finite loadings (e.g. a navigation_mask), {cost / MAX_MISSING_COST:.1f}× "
+        f"its cost limit. Use {way_out} (exact for any number of missing pixels), crop the scan with "
+        "s.inav[...], or decompose without a navigation_mask."
     )
 
 

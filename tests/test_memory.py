@@ -61,6 +61,9 @@ def test_iterative_path_counts_its_missing_pixels_without_schur_columns():
     assert 0 < few.prediction - complete.prediction < 2**29
     gram = 3 * 12 * 2000**2 * 8
     assert gram < many.fitting - complete.fitting < gram + 2**29
+    # A sparse scan: its preconditioner is built from the 2000 measured pixels.
+    sparse = estimate_memory((256, 256), 12, 10, kernel="matern", iterative=True, n_missing=65536 - 2000)
+    assert gram < sparse.fitting - complete.fitting < gram + 2**29
 
 
 def test_the_estimate_of_every_path_runs_without_importing_torch():

@@ -627,6 +627,18 @@ def test_a_sparse_scan_with_the_matern_kernel_is_solved_on_its_measured_pixels(u
     assert (np.percentile(error, 99, axis=0) < 0.15).all()
     variance = np.moveaxis(rec.variance.data, 0, -1)
     assert (variance[missing].mean(0) > variance[~missing].mean(0)).all()
+    # Forced iterative: CG preconditioned by the separable model's block on the measured
+    # pixels (built from them, 778 against 4406 missing), the same maps.
+    with unchanged(s):
+        iterative = gp_reconstruct(s, components=2, kernel="matern", solver="iterative")
+    settings = iterative.signal.metadata.GP_reconstruction.settings
+    assert settings.solver == "iterative" and settings.masked_solver == "iterative"
+    maps_iterative = np.moveaxis(iterative.loadings.data, 0, -1)
+    error = np.abs(maps_iterative[missing] - truth[missing])
+    assert (np.sqrt((error**2).mean(0)) < 0.05).all()
+    assert np.abs(maps_iterative - loadings).max() < 0.05
+    variance = np.moveaxis(iterative.variance.data, 0, -1)
+    assert (variance[missing].mean(0) > variance[~missing].mean(0)).all()
 
 
 def test_the_matern_kernel_on_large_scans_takes_the_iterative_path():
@@ -655,14 +667,22 @@ def test_the_matern_kernel_on_large_scans_takes_the_iterative_path():
         assert observed.shape == (70, 60) and (~observed).sum() == 2
     with pytest.raises(ValueError, match="Use solver='auto', 'iterative'"):
         choose_solver(holes, request("kronecker"))
-    # Half the pixels missing: the iterative path, whose cost (2100 scattered missing
-    # pixels) is below the dense path's on 2100 measured values × 2 maps.
-    half = maps.copy()
-    half[np.random.default_rng(1).random((70, 60)) < 0.5] = np.nan
+    # 70 % missing: the exact dense path on the 1260 measured pixels × 2 maps, not much
+    # dearer than the iterative one.
+    sparse = maps.copy()
+    sparse[np.random.default_rng(1).random((70, 60)) < 0.7] = np.nan
     chosen = request("auto")
-    assert choose_solver(half, chosen) is not None and chosen.solver == "iterative"
-    # Half of 128² missing: more than it serves for 2 maps, and with 16314 measured values
-    # too many for the dense path.
+    assert choose_solver(sparse, chosen) is not None and chosen.solver == "dense"
+    # On 128² with too many measured values for the dense path: iterative, its
+    # preconditioner built from the missing pixels (30 % missing) or from the measured ones
+    # (75 % missing).
+    for fraction in (0.3, 0.75):
+        many = np.random.default_rng(4).normal(size=(128, 128, 2))
+        many[np.random.default_rng(5).random((128, 128)) < fraction] = np.nan
+        chosen = request("auto")
+        assert choose_solver(many, chosen) is not None and chosen.solver == "iterative"
+    # Half of 128² missing: more than it serves for 2 maps from either side, and with
+    # 16314 measured values too many for the dense path.
     large = np.random.default_rng(2).normal(size=(128, 128, 2))
     large[np.random.default_rng(3).random((128, 128)) < 0.5] = np.nan
     limit = max_missing_pixels((128, 128), 2)

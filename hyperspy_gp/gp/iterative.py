@@ -418,8 +418,8 @@ def operator_and_preconditioner(kernel: GridKernel, toeplitz: ToeplitzKernel, le
     precond = KroneckerPreconditioner.build(kernel, lengthscale, task_covariance, noise, toeplitz)
     if observed is None:
         return operator, precond
-    from hyperspy_gp.gp.iterative_missing import ObservedOperator, SchurPreconditioner
+    from hyperspy_gp.gp.iterative_missing import ObservedOperator, observed_block_preconditioner
 
     observed = observed.to(lengthscale.device)
     return (ObservedOperator(toeplitz, task_covariance, noise, observed),
-            SchurPreconditioner.build(precond, observed))
+            observed_block_preconditioner(precond, observed))

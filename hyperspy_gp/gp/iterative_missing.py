@@ -59,50 +59,85 @@ from hyperspy_gp.gp.pixel_rows import PixelRows
 MAX_MISSING_COST = 3e11
 
 
-def max_missing_pixels(grid_shape: tuple[int, ...], n_tasks: int, n_models: int = 1) -> int:
-    """The most pixels, scattered at random, this path serves for ``n_models`` models of ``n_tasks`` maps.
+def max_missing_pixels(grid_shape: tuple[int, ...], n_tasks: int, n_models: int = 1, side: str = "missing") -> int:
+    """The most pixels, scattered at random, that this path serves from one ``side`` of the mask.
 
-    Those whose cost per likelihood evaluation (:func:`missing_pixel_cost`, all models)
-    stays within :data:`MAX_MISSING_COST`.  Pixels on fewer lines cost less.
+    ``side="missing"``: the most missing pixels; ``"observed"``: the most measured ones (a
+    sparse scan).  Those whose cost per likelihood evaluation (:func:`block_cost`, all
+    ``n_models`` models of ``n_tasks`` maps) stays within :data:`MAX_MISSING_COST`.
+    Pixels on fewer lines cost less.
 
     Examples
     --------
     >>> max_missing_pixels((128, 128), 6), max_missing_pixels((256, 256), 12), max_missing_pixels((128, 128), 1, 6)
     (3536, 2216, 3536)
+    >>> max_missing_pixels((128, 128), 6, side="observed")
+    3596
     """
     low, high = 0, math.prod(grid_shape)
     while low < high:  # the cost grows with the pixels
         middle = (low + high + 1) // 2
-        if n_models * missing_pixel_cost(grid_shape, middle, n_tasks) <= MAX_MISSING_COST:
+        if n_models * block_cost(grid_shape, middle, n_tasks, side=side) <= MAX_MISSING_COST:
             low = middle
         else:
             high = middle - 1
     return low
 
 
-def missing_pixel_cost(grid_shape: tuple[int, ...], n_missing: int, n_tasks: int, lines: int | None = None,
-                       most_on_a_line: int | None = None) -> int:
-    """Multiply-adds per evaluation spent on ``n_missing`` pixels, per model.
+def block_cost(grid_shape: tuple[int, ...], n_block: int, n_tasks: int, lines: int | None = None,
+               most_on_a_line: int | None = None, side: str = "missing") -> int:
+    """Multiply-adds per evaluation of building ``P = Σ̃_{OO}`` from ``n_block`` pixels of one ``side``, per model.
 
-    The ``T`` Gram matrices ``G_k`` and the Schur weights, ``2 T (r² n + |M| r s n_b)``
-    (:mod:`~hyperspy_gp.gp.pixel_rows`), and factorising and inverting the ``G_k``, ``T
-    |M|³``.  ``lines`` (``r``) and ``most_on_a_line`` (``s``) are those of the mask
-    (:func:`mask_lines`); by default those of pixels scattered at random (``s`` the mean
-    plus three standard deviations).
+    From the missing pixels (:class:`SchurPreconditioner`): ``T`` Gram matrices and ``T``
+    diagonals of the Schur weights, ``2 T (r² n + |M| r s n_b)``
+    (:mod:`~hyperspy_gp.gp.pixel_rows`); from the observed ones
+    (:class:`ObservedBlockPreconditioner`): one Gram matrix and ``T`` diagonals.  Either
+    way ``T`` factorisations and inverses of ``n_block × n_block``, ``T n_block³``.
+    ``lines`` (``r``) and ``most_on_a_line`` (``s``) are those of the block's pixels
+    (:func:`pixel_lines`); by default those of pixels scattered at random (``s`` the
+    mean plus three standard deviations).
     """
     n_first, n = grid_shape[0], math.prod(grid_shape)
     if lines is None:
-        per_line = n_missing / n_first
-        lines = min(n_missing, n_first)
+        per_line = n_block / n_first
+        lines = min(n_block, n_first)
         most_on_a_line = min(n // n_first, math.ceil(per_line + 3.0 * math.sqrt(per_line)) + 1)
-    rows = lines**2 * n + n_missing * lines * most_on_a_line * (n // n_first)
-    return n_tasks * (2 * rows + n_missing**3)
+    rows = lines**2 * n + n_block * lines * most_on_a_line * (n // n_first)
+    grams = n_tasks if side == "missing" else 1
+    return (grams + n_tasks) * rows + n_tasks * n_block**3
 
 
-def mask_lines(observed: np.ndarray) -> tuple[int, int]:
-    """Lines (first-axis coordinates) of ``observed`` that hold a missing pixel, and the most on one."""
-    per_line = (~np.asarray(observed, dtype=bool)).reshape(observed.shape[0], -1).sum(axis=1)
+def missing_pixel_cost(observed: np.ndarray, n_tasks: int) -> int:
+    """Multiply-adds per evaluation spent on the missing pixels of the boolean grid ``observed``, per model.
+
+    The cheaper of the two constructions of the preconditioner (:func:`block_cost`),
+    which :func:`observed_block_preconditioner` takes.
+    """
+    observed = np.asarray(observed, dtype=bool)
+    n_missing = int((~observed).sum())
+    return min(block_cost(observed.shape, n_missing, n_tasks, *pixel_lines(~observed)),
+               block_cost(observed.shape, observed.size - n_missing, n_tasks, *pixel_lines(observed), side="observed"))
+
+
+def pixel_lines(pixels: np.ndarray) -> tuple[int, int]:
+    """Lines (first-axis coordinates) of the boolean grid ``pixels`` holding a ``True`` pixel, and the most on one."""
+    per_line = np.asarray(pixels, dtype=bool).reshape(pixels.shape[0], -1).sum(axis=1)
     return int((per_line > 0).sum()), int(per_line.max())
+
+
+def observed_block_preconditioner(base: KroneckerPreconditioner, observed: torch.Tensor):
+    """``P = Σ̃_{OO}`` built the cheaper way for the mask (:func:`block_cost`).
+
+    :class:`SchurPreconditioner` from the missing pixels, or
+    :class:`ObservedBlockPreconditioner` from the observed ones (a sparse scan).
+    """
+    mask = observed.cpu().numpy()
+    n_tasks, n_missing = base.task_covariance.shape[-1], int((~mask).sum())
+    from_missing = block_cost(mask.shape, n_missing, n_tasks, *pixel_lines(~mask))
+    from_observed = block_cost(mask.shape, mask.size - n_missing, n_tasks, *pixel_lines(mask), side="observed")
+    if from_missing <= from_observed:
+        return SchurPreconditioner.build(base, observed)
+    return ObservedBlockPreconditioner.build(base, observed)
 
 
 class ObservedOperator(ICMOperator):
@@ -116,9 +151,44 @@ class ObservedOperator(ICMOperator):
         return super().__call__(x) * self.mask
 
 
+class _ObservedBlock:
+    """What both constructions of ``P = Σ̃_{OO}`` share: its probes and its control variate.
+
+    Subclasses provide ``base`` (Σ̃ on the complete grid), ``mask`` (``(*grid)``, 1 where
+    observed), :meth:`solve` and :meth:`schur_weights`.
+    """
+
+    base: KroneckerPreconditioner
+    mask: torch.Tensor
+
+    def factor_mul(self, eps: torch.Tensor) -> torch.Tensor:
+        """``z = (L ε)_O``: full-grid draws of ``N(0, Σ̃)`` restricted to the observed pixels."""
+        return self.base.factor_mul(eps) * self.mask
+
+    def probe_weights(self, eps: torch.Tensor, drawn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``w = P^{-1} z`` of the probes ``z`` (``drawn``) and their Lanczos weights ``zᵀ P^{-1} z``, ``(P, R)``."""
+        whitened = self.solve(drawn)
+        return whitened, (drawn * whitened).sum(dim=tuple(range(2, drawn.dim())))
+
+    def surrogate(self, values, task_covariance, noise, whitened: torch.Tensor) -> torch.Tensor:
+        """The control variate of the log-determinant's gradient, with the observed block's part."""
+        return preconditioner_surrogate(self.base, values, task_covariance, noise, whitened, self.schur_weights())
+
+
+def _whitened_tasks(base: KroneckerPreconditioner) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``√D``, ``Γ`` and ``R`` with ``R Γ Rᵀ = D^{-1/2} B D^{-1/2}``, so that ``λ B + D = U diag(λ γ_k + 1) Uᵀ``, ``U = √D R``.
+
+    ``D`` includes the preconditioner's jitter.  Not differentiated, so repeated
+    eigenvalues (identical maps, rank-deficient ``B``) are harmless.
+    """
+    root = base.diagonal.sqrt()
+    gamma, rotation = torch.linalg.eigh(base.task_covariance / (root[:, :, None] * root[:, None, :]))
+    return root, gamma.clamp_min(0.0), rotation
+
+
 @dataclass
-class SchurPreconditioner:
-    """``P = Σ̃_{OO}`` applied, factorised and differentiated through the missing values.
+class SchurPreconditioner(_ObservedBlock):
+    """``P = Σ̃_{OO}`` applied, factorised and differentiated through the missing values (few of them).
 
     Channel-first tensors ``(P, R, T, *grid)`` with zeros at the missing pixels.  In the
     eigenbasis ``Q`` of ``Σ̃`` the missing pixels are the rows ``V`` of ``Q``
@@ -144,11 +214,9 @@ class SchurPreconditioner:
     def build(cls, base: KroneckerPreconditioner, observed: torch.Tensor) -> SchurPreconditioner:
         """Factorise ``C̃ = (Σ̃^{-1})_{MM}`` for the missing pixels of the boolean grid ``observed``."""
         rows = PixelRows.build(base.eigenvectors, torch.nonzero(~observed))
-        root = base.diagonal.sqrt()
-        whitened = base.task_covariance / (root[:, :, None] * root[:, None, :])
-        gamma, rotation = torch.linalg.eigh(whitened)
+        root, gamma, rotation = _whitened_tasks(base)
         lam = base.eigenvalues.reshape(base.eigenvalues.shape[0], 1, observed.shape[0], -1)
-        scales = 1.0 / (lam * gamma.clamp_min(0.0)[:, :, None, None] + 1.0)
+        scales = 1.0 / (lam * gamma[:, :, None, None] + 1.0)
         # Principal blocks of diag(e_k) in an orthonormal basis: eigenvalues in (0, 1].
         chol, _ = safe_cholesky(rows.gram(scales))
         # log det C̃ = Σ_k log det G_k + |M| log det(W Wᵀ), and W Wᵀ = D^{-1}.
@@ -181,10 +249,6 @@ class SchurPreconditioner:
         a = a - torch.einsum("p...st,prt...->prs...", inverse, spread)
         return self.base._rotate(a, transpose=False) * self.mask
 
-    def factor_mul(self, eps: torch.Tensor) -> torch.Tensor:
-        """``z = (L ε)_O``: full-grid draws of ``N(0, Σ̃)`` restricted to the observed pixels."""
-        return self.base.factor_mul(eps) * self.mask
-
     def schur_weights(self) -> torch.Tensor:
         """``M_j S_j M_j = W diag_k(e_{jk}² h_{jk}) Wᵀ`` per eigenvector ``j``, ``(P, *grid, T, T)``.
 
@@ -196,11 +260,65 @@ class SchurPreconditioner:
         blocks = torch.einsum("psk,pkj,ptk->pjst", self.whitening, weights, self.whitening)
         return blocks.reshape(self.base.inverse.shape)
 
-    def probe_weights(self, eps: torch.Tensor, drawn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``w = P^{-1} z`` of the probes ``z`` (``drawn``) and their Lanczos weights ``zᵀ P^{-1} z``, ``(P, R)``."""
-        whitened = self.solve(drawn)
-        return whitened, (drawn * whitened).sum(dim=tuple(range(2, drawn.dim())))
 
-    def surrogate(self, values, task_covariance, noise, whitened: torch.Tensor) -> torch.Tensor:
-        """The control variate of the log-determinant's gradient, with the Schur complement's part."""
-        return preconditioner_surrogate(self.base, values, task_covariance, noise, whitened, self.schur_weights())
+@dataclass
+class ObservedBlockPreconditioner(_ObservedBlock):
+    """``P = Σ̃_{OO}`` formed from the observed pixels: the construction for sparse scans.
+
+    With ``V_O`` the rows of ``Q`` at the observed pixels (``V_Oᵀ V_O = I``) and ``λ_j B +
+    D = U diag_k(λ_j γ_k + 1) Uᵀ``, ``U = D^{1/2} R`` (:class:`SchurPreconditioner`),
+    ``P = (U ⊗ I) diag_k(I + γ_k K̃_{OO}) (U ⊗ I)ᵀ`` where ``K̃_{OO} = V_Oᵀ diag(λ) V_O`` is
+    the preconditioner's kernel between the observed pixels: one Gram matrix and ``T``
+    factorisations of ``|O| × |O|``, and ``P^{-1}`` needs no rotation.  The control
+    variate needs ``∂ log det P = Σ_j tr(Y_j ∂Λ_j)`` with ``Y_j`` the ``j``-th diagonal block
+    of ``V_O P^{-1} V_Oᵀ``, ``W diag_k(h_{jk}) Wᵀ`` with ``W = U^{-T}`` and ``h_{jk} = (V_O
+    H_k^{-1} V_Oᵀ)_{jj}``.
+    """
+
+    base: KroneckerPreconditioner  # Σ̃ on the complete grid
+    mask: torch.Tensor  # (*grid), 1 where observed
+    rows: PixelRows  # V_O at the observed pixels
+    whitening: torch.Tensor  # W = U^{-T} = D^{-1/2} R, (P, T, K)
+    inverse: torch.Tensor  # H_k^{-1} = (I + γ_k K̃_OO)^{-1}, (P, K, |O|, |O|)
+    logdet_p: torch.Tensor  # log det P, (P,)
+
+    @classmethod
+    def build(cls, base: KroneckerPreconditioner, observed: torch.Tensor) -> ObservedBlockPreconditioner:
+        """Factorise ``P`` on the observed pixels of the boolean grid ``observed``."""
+        rows = PixelRows.build(base.eigenvectors, torch.nonzero(observed))
+        root, gamma, rotation = _whitened_tasks(base)
+        lam = base.eigenvalues.reshape(base.eigenvalues.shape[0], 1, observed.shape[0], -1)
+        kernel = rows.gram(lam)  # K̃_OO, (P, 1, |O|, |O|)
+        eye = torch.eye(rows.n_pixels, dtype=kernel.dtype, device=kernel.device)
+        chol, _ = safe_cholesky(eye + gamma[:, :, None, None] * kernel)  # eigenvalues ≥ 1
+        # log det P = Σ_k log det H_k + |O| log det(U Uᵀ), and U Uᵀ = D.
+        diag = torch.diagonal(chol, dim1=-2, dim2=-1)
+        logdet = 2.0 * torch.log(diag).flatten(1).sum(-1) + rows.n_pixels * torch.log(base.diagonal).sum(-1)
+        return cls(base, observed.to(kernel.dtype), rows, rotation / root[:, :, None],
+                   torch.cholesky_inverse(chol), logdet)
+
+    def logdet(self) -> torch.Tensor:
+        """``log det P`` per model, ``(P,)``."""
+        return self.logdet_p
+
+    def solve(self, x: torch.Tensor) -> torch.Tensor:
+        """``P^{-1} x = (W ⊗ I) diag_k(H_k^{-1}) (W ⊗ I)ᵀ x_O``, for ``x`` zero at the missing pixels."""
+        flat = x.flatten(3)
+        index = torch.nonzero(self.mask.reshape(-1), as_tuple=True)[0]
+        per_channel = torch.einsum("ptk,prto->pkor", self.whitening, flat[..., index])
+        solved = torch.einsum("ptk,pkor->prto", self.whitening, self.inverse @ per_channel)
+        return torch.zeros_like(flat).index_copy_(-1, index, solved).reshape(x.shape)
+
+    def schur_weights(self) -> torch.Tensor:
+        """``M_j − Y_j = W diag_k(e_{jk} − h_{jk}) Wᵀ`` per eigenvector ``j``, ``(P, *grid, T, T)``.
+
+        ``∂ log det P = Σ_j tr((M_j − (M_j − Y_j)) ∂Λ_j)``, the form the surrogate takes
+        (:func:`~hyperspy_gp.gp.iterative.preconditioner_surrogate`), with ``M_j = (λ_j B +
+        D)^{-1} = W diag_k(e_{jk}) Wᵀ``, ``e_{jk} = 1 / (λ_j γ_k + 1)``.
+        """
+        _, gamma, _ = _whitened_tasks(self.base)
+        lam = self.base.eigenvalues.reshape(self.base.eigenvalues.shape[0], 1, -1)
+        h = self.rows.quadratic_diagonal(self.inverse).flatten(2)  # (P, K, n)
+        weights = 1.0 / (lam * gamma[:, :, None] + 1.0) - h
+        blocks = torch.einsum("psk,pkj,ptk->pjst", self.whitening, weights, self.whitening)
+        return blocks.reshape(self.base.inverse.shape)

@@ -41,7 +41,7 @@ from hyperspy_gp.gp.iterative import (
     operator_and_preconditioner,
     preconditioned_cg,
 )
-from hyperspy_gp.gp.iterative_missing import SchurPreconditioner
+from hyperspy_gp.gp.iterative_missing import observed_block_preconditioner
 from hyperspy_gp.gp.kernels import GridKernel
 from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior, Posterior
 from hyperspy_gp.gp.toeplitz import ToeplitzKernel
@@ -168,7 +168,7 @@ class IterativePosterior(Posterior):
                                                       self.noise)
             masked_twin = observed is not None and _schur_twin_fits(model)
             self._twin_mask = self.mask if masked_twin else torch.ones_like(self.mask)
-            self._separable_inverse = SchurPreconditioner.build(separable, observed).solve if masked_twin \
+            self._separable_inverse = observed_block_preconditioner(separable, observed).solve if masked_twin \
                 else separable.solve
         self._separable = _separable_twin(model, targets.masked_fill(self.mask[..., None] == 0, 0.0), masked_twin)
         self.jitter = torch.zeros(targets.shape[0], dtype=targets.dtype, device=targets.device)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hyperspy_gp.gp.iterative import KroneckerPreconditioner, corrected_eigenvalues
-from hyperspy_gp.gp.iterative_missing import SchurPreconditioner, max_missing_pixels
+from hyperspy_gp.gp.iterative_missing import ObservedBlockPreconditioner, SchurPreconditioner, max_missing_pixels
 from hyperspy_gp.gp.iterative_prediction import IterativePosterior
 from hyperspy_gp.gp.kernels import GridKernel
 from hyperspy_gp.gp.model import GridICMModel
@@ -68,7 +68,9 @@ def _dense_reference(model, targets, upsampling=1):
 
 # kind, grid, models, maps, rank of W, missing pixels (besides the 2 × 2 block on 2-D grids)
 CASES = [("matern", (8, 9), 1, 3, 1, 4), ("matern", (9, 8), 3, 1, 0, 4), ("separable", (7, 8), 1, 2, 1, 4),
-         ("matern", (16,), 1, 2, 1, 4), ("matern", (10, 12), 1, 3, 1, 40)]
+         ("matern", (16,), 1, 2, 1, 4), ("matern", (10, 12), 1, 3, 1, 40),
+         # sparse scans: the preconditioner built from the observed pixels
+         ("matern", (10, 12), 1, 3, 1, 90), ("matern", (9, 8), 3, 1, 0, 50), ("matern", (20,), 1, 2, 1, 14)]
 
 
 @pytest.mark.parametrize("kind,shape,n_models,n_tasks,rank,n_missing", CASES)
@@ -90,7 +92,7 @@ def test_default_probes_stay_within_the_stated_tolerance(n_missing):
     assert _rel(_flat(grads), _flat(ref_grads)) < GRADIENT_RTOL_PROBES
 
 
-def _preconditioner(tasks="general", shape=(6, 7), n_tasks=3):
+def _preconditioner(tasks="general", side=SchurPreconditioner, shape=(6, 7), n_tasks=3):
     kernel = GridKernel(shape, "matern")
     lengthscale = torch.tensor([[2.0, 3.0]], dtype=torch.float64, requires_grad=True)
     if tasks == "general":
@@ -103,7 +105,7 @@ def _preconditioner(tasks="general", shape=(6, 7), n_tasks=3):
     toeplitz = ToeplitzKernel(kernel, lengthscale)
     base = KroneckerPreconditioner.build(kernel, lengthscale, b, noise, toeplitz)
     observed = torch.as_tensor(_observed(shape, 3))
-    return SchurPreconditioner.build(base, observed), (lengthscale, b, noise, toeplitz), observed
+    return side.build(base, observed), (lengthscale, b, noise, toeplitz), observed
 
 
 def _dense_covariance(precond, task_covariance, noise, eigenvalues):
@@ -123,8 +125,9 @@ def _dense_covariance(precond, task_covariance, noise, eigenvalues):
 
 
 @pytest.mark.parametrize("tasks", ["general", "identical maps"])
-def test_preconditioner_is_the_observed_block_of_the_separable_covariance(tasks):
-    precond, (_, b, noise, toeplitz), observed = _preconditioner(tasks)
+@pytest.mark.parametrize("side", [SchurPreconditioner, ObservedBlockPreconditioner])
+def test_preconditioner_is_the_observed_block_of_the_separable_covariance(tasks, side):
+    precond, (_, b, noise, toeplitz), observed = _preconditioner(tasks, side)
     with torch.no_grad():
         eigenvalues = corrected_eigenvalues(precond.base.eigenvectors, toeplitz.values)
         dense = _dense_covariance(precond, b, noise, eigenvalues)
@@ -146,10 +149,11 @@ def test_preconditioner_is_the_observed_block_of_the_separable_covariance(tasks)
 
 
 @pytest.mark.parametrize("tasks", ["general", "identical maps"])
-def test_control_variate_has_the_exact_gradient_of_the_log_determinant(tasks):
+@pytest.mark.parametrize("side", [SchurPreconditioner, ObservedBlockPreconditioner])
+def test_control_variate_has_the_exact_gradient_of_the_log_determinant(tasks, side):
     # With no probes (w = 0) the surrogate's gradient is ∂ log det Σ̃_OO(θ) with the
     # eigenbasis held fixed: here against autograd through the dense matrix.
-    precond, (lengthscale, b, noise, toeplitz), observed = _preconditioner(tasks)
+    precond, (lengthscale, b, noise, toeplitz), observed = _preconditioner(tasks, side)
     whitened = torch.zeros(1, 1, b.shape[-1], *observed.shape, dtype=torch.float64)
     surrogate = precond.surrogate(toeplitz.values, b, noise, whitened).sum()
     grads = torch.autograd.grad(surrogate, (lengthscale, b, noise))
@@ -162,11 +166,14 @@ def test_control_variate_has_the_exact_gradient_of_the_log_determinant(tasks):
         assert _rel(got, want) < 1e-8
 
 
-@pytest.mark.parametrize("shape,upsampling,masked_twin", [((12, 10), 2, True), ((15,), 3, True), ((12, 10), 2, False)])
-def test_posterior_mean_is_exact_and_variance_within_its_standard_error(shape, upsampling, masked_twin, monkeypatch):
+@pytest.mark.parametrize("shape,upsampling,masked_twin,n_missing", [
+    ((12, 10), 2, True, 5), ((15,), 3, True, 5), ((12, 10), 2, False, 5),
+    ((12, 10), 2, True, 90)])  # a sparse scan
+def test_posterior_mean_is_exact_and_variance_within_its_standard_error(shape, upsampling, masked_twin, n_missing,
+                                                                         monkeypatch):
     if not masked_twin:  # the separable twin's Schur columns do not fit: the complete grid's twin
         monkeypatch.setattr("hyperspy_gp.memory.MAX_SCHUR_ENTRIES", 0)
-    model, targets = _random_model("matern", shape, 1, 2, 1, n_missing=5, seed=3)
+    model, targets = _random_model("matern", shape, 1, 2, 1, n_missing=n_missing, seed=3)
     _, mean_ref, var_ref = _dense_reference(model, targets, upsampling)
     assert_exact_mean_and_calibrated_variance(IterativePosterior(model, targets, n_samples=64), upsampling,
                                               mean_ref.detach(), var_ref.detach())
@@ -200,16 +207,31 @@ def test_fit_agrees_with_the_dense_fit_of_the_observed_values():
 
 
 def test_the_path_serves_as_many_missing_pixels_as_its_cost_allows():
-    from hyperspy_gp.gp.iterative_missing import MAX_MISSING_COST, mask_lines, missing_pixel_cost
+    from hyperspy_gp.gp.iterative_missing import MAX_MISSING_COST, block_cost, missing_pixel_cost, pixel_lines
 
     shape = (256, 256)
     limit = max_missing_pixels(shape, 12)
-    assert missing_pixel_cost(shape, limit, 12) <= MAX_MISSING_COST < missing_pixel_cost(shape, limit + 1, 12)
+    assert block_cost(shape, limit, 12) <= MAX_MISSING_COST < block_cost(shape, limit + 1, 12)
     # Fewer with more maps per GP, and with more independent GPs to serve.
     assert max_missing_pixels(shape, 1) > max_missing_pixels(shape, 6) > limit > 0
     assert max_missing_pixels(shape, 1, n_models=6) < max_missing_pixels(shape, 1)
     # Pixels on few lines cost less than as many scattered at random: a 40 × 40 block.
     observed = np.ones(shape, dtype=bool)
     observed[100:140, 30:70] = False
-    assert mask_lines(observed) == (40, 40)
-    assert missing_pixel_cost(shape, 1600, 12, *mask_lines(observed)) < missing_pixel_cost(shape, 1600, 12) / 2
+    assert pixel_lines(~observed) == (40, 40)
+    assert missing_pixel_cost(observed, 12) < block_cost(shape, 1600, 12) / 2
+    # A sparse scan costs what its few measured pixels cost, built from their side.
+    sparse = ~_observed(shape, 2000)
+    assert missing_pixel_cost(sparse, 12) == block_cost(shape, 2004, 12, *pixel_lines(sparse), side="observed")
+    assert missing_pixel_cost(sparse, 12) <= MAX_MISSING_COST
+
+
+@pytest.mark.parametrize("n_missing,side", [(10, SchurPreconditioner), (100, ObservedBlockPreconditioner)])
+def test_the_preconditioner_is_built_from_the_cheaper_side_of_the_mask(n_missing, side):
+    from hyperspy_gp.gp.iterative_missing import observed_block_preconditioner
+
+    kernel = GridKernel((11, 12), "matern")
+    lengthscale = torch.tensor([[2.0, 3.0]], dtype=torch.float64)
+    b, noise = torch.eye(2, dtype=torch.float64)[None], torch.tensor([[0.1, 0.2]], dtype=torch.float64)
+    base = KroneckerPreconditioner.build(kernel, lengthscale, b, noise, ToeplitzKernel(kernel, lengthscale))
+    assert isinstance(observed_block_preconditioner(base, torch.as_tensor(_observed((11, 12), n_missing))), side)
