@@ -116,10 +116,14 @@ def missing_pixel_cost(observed: np.ndarray, n_tasks: int) -> int:
     The cheaper of the two constructions of the preconditioner (:func:`block_cost`),
     which :func:`observed_block_preconditioner` takes.
     """
-    observed = np.asarray(observed, dtype=bool)
+    return min(_side_costs(np.asarray(observed, dtype=bool), n_tasks))
+
+
+def _side_costs(observed: np.ndarray, n_tasks: int) -> tuple[int, int]:
+    """:func:`block_cost` of building ``P`` from the missing and from the observed pixels of ``observed``."""
     n_missing = int((~observed).sum())
-    return min(block_cost(observed.shape, n_missing, n_tasks, *pixel_lines(~observed)),
-               block_cost(observed.shape, observed.size - n_missing, n_tasks, *pixel_lines(observed), side="observed"))
+    return (block_cost(observed.shape, n_missing, n_tasks, *pixel_lines(~observed)),
+            block_cost(observed.shape, observed.size - n_missing, n_tasks, *pixel_lines(observed), side="observed"))
 
 
 def pixel_lines(pixels: np.ndarray) -> tuple[int, int]:
@@ -128,16 +132,14 @@ def pixel_lines(pixels: np.ndarray) -> tuple[int, int]:
     return int((per_line > 0).sum()), int(per_line.max())
 
 
-def observed_block_preconditioner(base: KroneckerPreconditioner, observed: torch.Tensor):
+def observed_block_preconditioner(base: KroneckerPreconditioner,
+                                  observed: torch.Tensor) -> SchurPreconditioner | ObservedBlockPreconditioner:
     """``P = Σ̃_{OO}`` built the cheaper way for the mask (:func:`block_cost`).
 
     :class:`SchurPreconditioner` from the missing pixels, or
     :class:`ObservedBlockPreconditioner` from the observed ones (a sparse scan).
     """
-    mask = observed.cpu().numpy()
-    n_tasks, n_missing = base.task_covariance.shape[-1], int((~mask).sum())
-    from_missing = block_cost(mask.shape, n_missing, n_tasks, *pixel_lines(~mask))
-    from_observed = block_cost(mask.shape, mask.size - n_missing, n_tasks, *pixel_lines(mask), side="observed")
+    from_missing, from_observed = _side_costs(observed.cpu().numpy(), base.task_covariance.shape[-1])
     if from_missing <= from_observed:
         return SchurPreconditioner.build(base, observed)
     return ObservedBlockPreconditioner.build(base, observed)
