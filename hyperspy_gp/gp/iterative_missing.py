@@ -232,10 +232,6 @@ class SchurPreconditioner(_ObservedBlock):
         return cls(base, observed.to(rows.rest.dtype), rows, rotation / root[:, :, None],
                    rotation * root[:, :, None], scales, torch.cholesky_inverse(chol), logdet_c)
 
-    @property
-    def n_missing(self) -> int:
-        return self.rows.n_pixels
-
     def logdet(self) -> torch.Tensor:
         """``log det P = log det Σ̃ + log det C̃`` per model, ``(P,)``."""
         return self.base.logdet() + self.logdet_c
@@ -283,7 +279,9 @@ class ObservedBlockPreconditioner(_ObservedBlock):
     base: KroneckerPreconditioner  # Σ̃ on the complete grid
     mask: torch.Tensor  # (*grid), 1 where observed
     rows: PixelRows  # V_O at the observed pixels
+    index: torch.Tensor  # the observed pixels in the flattened grid, (|O|,)
     whitening: torch.Tensor  # W = U^{-T} = D^{-1/2} R, (P, T, K)
+    scales: torch.Tensor  # e_{jk} = 1 / (λ_j γ_k + 1), (P, K, n)
     inverse: torch.Tensor  # H_k^{-1} = (I + γ_k K̃_OO)^{-1}, (P, K, |O|, |O|)
     logdet_p: torch.Tensor  # log det P, (P,)
 
@@ -299,7 +297,9 @@ class ObservedBlockPreconditioner(_ObservedBlock):
         # log det P = Σ_k log det H_k + |O| log det(U Uᵀ), and U Uᵀ = D.
         diag = torch.diagonal(chol, dim1=-2, dim2=-1)
         logdet = 2.0 * torch.log(diag).flatten(1).sum(-1) + rows.n_pixels * torch.log(base.diagonal).sum(-1)
-        return cls(base, observed.to(kernel.dtype), rows, rotation / root[:, :, None],
+        index = torch.nonzero(observed.reshape(-1), as_tuple=True)[0]
+        scales = (1.0 / (lam * gamma[:, :, None, None] + 1.0)).flatten(2)
+        return cls(base, observed.to(kernel.dtype), rows, index, rotation / root[:, :, None], scales,
                    torch.cholesky_inverse(chol), logdet)
 
     def logdet(self) -> torch.Tensor:
@@ -309,10 +309,9 @@ class ObservedBlockPreconditioner(_ObservedBlock):
     def solve(self, x: torch.Tensor) -> torch.Tensor:
         """``P^{-1} x = (W ⊗ I) diag_k(H_k^{-1}) (W ⊗ I)ᵀ x_O``, for ``x`` zero at the missing pixels."""
         flat = x.flatten(3)
-        index = torch.nonzero(self.mask.reshape(-1), as_tuple=True)[0]
-        per_channel = torch.einsum("ptk,prto->pkor", self.whitening, flat[..., index])
+        per_channel = torch.einsum("ptk,prto->pkor", self.whitening, flat[..., self.index])
         solved = torch.einsum("ptk,pkor->prto", self.whitening, self.inverse @ per_channel)
-        return torch.zeros_like(flat).index_copy_(-1, index, solved).reshape(x.shape)
+        return torch.zeros_like(flat).index_copy_(-1, self.index, solved).reshape(x.shape)
 
     def schur_weights(self) -> torch.Tensor:
         """``M_j − Y_j = W diag_k(e_{jk} − h_{jk}) Wᵀ`` per eigenvector ``j``, ``(P, *grid, T, T)``.
@@ -321,9 +320,7 @@ class ObservedBlockPreconditioner(_ObservedBlock):
         (:func:`~hyperspy_gp.gp.iterative.preconditioner_surrogate`), with ``M_j = (λ_j B +
         D)^{-1} = W diag_k(e_{jk}) Wᵀ``, ``e_{jk} = 1 / (λ_j γ_k + 1)``.
         """
-        _, gamma, _ = _whitened_tasks(self.base)
-        lam = self.base.eigenvalues.reshape(self.base.eigenvalues.shape[0], 1, -1)
         h = self.rows.quadratic_diagonal(self.inverse).flatten(2)  # (P, K, n)
-        weights = 1.0 / (lam * gamma[:, :, None] + 1.0) - h
+        weights = self.scales - h
         blocks = torch.einsum("psk,pkj,ptk->pjst", self.whitening, weights, self.whitening)
         return blocks.reshape(self.base.inverse.shape)
