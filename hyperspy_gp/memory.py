@@ -252,6 +252,11 @@ def schur_entries(n_pixels: int, n_missing: int, n_tasks: int) -> int:
     return n_missing * n_tasks * n_pixels * n_tasks
 
 
+def schur_twin_fits(n_pixels: int, n_missing: int, n_tasks: int, n_models: int) -> bool:
+    """Whether the iterative posterior's separable twin keeps its Schur columns (all models within :data:`MAX_SCHUR_ENTRIES`)."""
+    return n_models * schur_entries(n_pixels, n_missing, n_tasks) <= MAX_SCHUR_ENTRIES
+
+
 def _fitting_bytes(grid_shape, n_models, n_tasks, kernel, n_observed, itemsize) -> int:
     n_pixels = math.prod(grid_shape)
     if n_observed is not None:
@@ -276,8 +281,8 @@ def _iterative_bytes(grid_shape, upsampling, n_models, n_tasks, itemsize, n_miss
     # (:class:`~hyperspy_gp.gp.pixel_rows.PixelRows`) and a chunk of temporaries.
     # Prediction keeps two such preconditioners and the separable twin's Schur columns
     # (|M|T · nT values) where they fit.
-    schur_values = schur_entries(n_pixels, n_missing, n_tasks)
-    twin = 2 * schur_values if n_models * schur_values <= MAX_SCHUR_ENTRIES else 0
+    fits = schur_twin_fits(n_pixels, n_missing, n_tasks, n_models)
+    twin = 2 * schur_entries(n_pixels, n_missing, n_tasks) if fits else 0
     block = min(n_missing, n_pixels - n_missing)
     lines, rest = min(block, grid_shape[0]), n_pixels // grid_shape[0]
     per_model = 3 * n_tasks * block**2 + lines**2 * (grid_shape[0] + rest) + 2 * block * rest

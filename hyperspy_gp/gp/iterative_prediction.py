@@ -319,9 +319,8 @@ def _joint_draws(spectra, embedding: ToeplitzKernel, fine_shape, shape, generato
 
 
 def _schur_twin_fits(model) -> bool:
-    """Whether the separable twin's Schur columns fit :data:`~hyperspy_gp.memory.MAX_SCHUR_ENTRIES`."""
-    entries = memory.schur_entries(model.observed.size, int((~model.observed).sum()), model.n_tasks)
-    return model.n_models * entries <= memory.MAX_SCHUR_ENTRIES
+    """Whether the separable twin's Schur columns fit (:func:`~hyperspy_gp.memory.schur_twin_fits`)."""
+    return memory.schur_twin_fits(model.observed.size, int((~model.observed).sum()), model.n_tasks, model.n_models)
 
 
 def _separable_twin(model, targets: torch.Tensor, masked: bool) -> Posterior:
