@@ -6,7 +6,13 @@ import sys
 import pytest
 
 from hyperspy_gp import memory
-from hyperspy_gp.memory import MemoryBudgetError, check_memory_budget, estimate_memory, resolve_budget
+from hyperspy_gp.memory import (
+    JACOBI_BLOCK_VALUES,
+    MemoryBudgetError,
+    check_memory_budget,
+    estimate_memory,
+    resolve_budget,
+)
 
 
 def test_output_terms_are_the_array_sizes():
@@ -150,8 +156,9 @@ def test_schur_complement_by_cg_is_linear_in_the_missing_pixels_not_in_missing_t
     many = estimate_memory((256, 256), 6, 100, n_missing=30000, schur_cg=True)
     assert complete.fitting < few.fitting < many.fitting < 2 * 2**30  # factorised: 30000 × 65536 × 36 values
     # CG vectors over the missing values, and the preconditioner's tile blocks (their
-    # factors too): at most 64² values per missing pixel, and at most 64 per grid value.
-    tiles = {m: min(m * 64**2, 65536 * 6 * 64) for m in (1000, 30000)}
+    # factors too): per whitened map, at most k² values per missing pixel and k per pixel.
+    k = JACOBI_BLOCK_VALUES  # pixels per tile and whitened map
+    tiles = {m: 6 * min(m * k**2, 65536 * k) for m in (1000, 30000)}
     assert many.fitting - few.fitting == (6 * 17 * 6 * 29000 + 2 * (tiles[30000] - tiles[1000])) * 8
     assert few.prediction > complete.prediction  # the variance draws
 
@@ -167,5 +174,6 @@ def test_tile_blocks_the_mask_gives_replace_the_bound():
     """``n_jacobi_values`` (the blocks a mask's tiles give, larger tiles for masked regions) is what is counted."""
     bound = estimate_memory((256, 256), 6, 100, n_missing=18000, schur_cg=True)
     given = estimate_memory((256, 256), 6, 100, n_missing=18000, schur_cg=True, n_jacobi_values=600 * 216**2)
-    # the blocks and their factors; the bound: 64 values per grid value (fewer than 64² per missing pixel)
-    assert given.fitting - bound.fitting == 2 * (600 * 216**2 - 65536 * 6 * 64) * 8
+    # the blocks and their factors; the bound: k values per pixel and whitened map (fewer than k² per missing
+    # pixel)
+    assert given.fitting - bound.fitting == 2 * (600 * 216**2 - 6 * 65536 * JACOBI_BLOCK_VALUES) * 8

@@ -52,6 +52,7 @@ import torch
 
 from hyperspy_gp.gp.cholesky import safe_cholesky
 from hyperspy_gp.gp.iterative import ICMOperator, KroneckerPreconditioner, preconditioner_surrogate
+from hyperspy_gp.gp.likelihood import whiten_tasks
 from hyperspy_gp.gp.pixel_rows import PixelRows
 
 #: Largest :func:`missing_pixel_cost` of one evaluation, all models: 3e11 multiply-adds,
@@ -180,17 +181,6 @@ class _ObservedBlock:
         return preconditioner_surrogate(self.base, values, task_covariance, noise, whitened, self.schur_weights())
 
 
-def _whitened_tasks(base: KroneckerPreconditioner) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``√D``, ``Γ`` and ``R`` with ``R Γ Rᵀ = D^{-1/2} B D^{-1/2}``, so that ``λ B + D = U diag(λ γ_k + 1) Uᵀ``, ``U = √D R``.
-
-    ``D`` includes the preconditioner's jitter.  Not differentiated, so repeated
-    eigenvalues (identical maps, rank-deficient ``B``) are harmless.
-    """
-    root = base.diagonal.sqrt()
-    gamma, rotation = torch.linalg.eigh(base.task_covariance / (root[:, :, None] * root[:, None, :]))
-    return root, gamma.clamp_min(0.0), rotation
-
-
 @dataclass
 class SchurPreconditioner(_ObservedBlock):
     """``P = Σ̃_{OO}`` applied, factorised and differentiated through the missing values (few of them).
@@ -219,7 +209,7 @@ class SchurPreconditioner(_ObservedBlock):
     def build(cls, base: KroneckerPreconditioner, observed: torch.Tensor) -> SchurPreconditioner:
         """Factorise ``C̃ = (Σ̃^{-1})_{MM}`` for the missing pixels of the boolean grid ``observed``."""
         rows = PixelRows.build(base.eigenvectors, torch.nonzero(~observed))
-        root, gamma, rotation = _whitened_tasks(base)
+        root, gamma, rotation = whiten_tasks(base.task_covariance, base.diagonal)
         lam = base.eigenvalues.reshape(base.eigenvalues.shape[0], 1, observed.shape[0], -1)
         scales = 1.0 / (lam * gamma[:, :, None, None] + 1.0)
         # Principal blocks of diag(e_k) in an orthonormal basis: eigenvalues in (0, 1].
@@ -289,7 +279,7 @@ class ObservedBlockPreconditioner(_ObservedBlock):
     def build(cls, base: KroneckerPreconditioner, observed: torch.Tensor) -> ObservedBlockPreconditioner:
         """Factorise ``P`` on the observed pixels of the boolean grid ``observed``."""
         rows = PixelRows.build(base.eigenvectors, torch.nonzero(observed))
-        root, gamma, rotation = _whitened_tasks(base)
+        root, gamma, rotation = whiten_tasks(base.task_covariance, base.diagonal)
         lam = base.eigenvalues.reshape(base.eigenvalues.shape[0], 1, observed.shape[0], -1)
         kernel = rows.gram(lam)  # K̃_OO, (P, 1, |O|, |O|)
         eye = torch.eye(rows.n_pixels, dtype=kernel.dtype, device=kernel.device)

@@ -130,6 +130,19 @@ def solve_grid_icm(
     return GridICMSolve(eigenvectors, eigenvalues, lam_grid, chol, rotated, weights, jitter)
 
 
+def whiten_tasks(task_covariance: torch.Tensor, diagonal: torch.Tensor):
+    """``√D``, ``Γ`` and ``R`` with ``R Γ Rᵀ = D^{-1/2} B D^{-1/2}``: ``λ B + D = U diag(λ γ_k + 1) Uᵀ``, ``U = √D R``.
+
+    ``task_covariance`` ``B`` ``(P, T, T)``, ``diagonal`` ``D`` ``(P, T)`` (the noise with
+    any jitter the blocks got).  For preconditioners, never differentiated: repeated
+    eigenvalues (identical maps, rank-deficient ``B``) are harmless.
+    """
+    with torch.no_grad():
+        root = diagonal.sqrt()
+        gamma, rotation = torch.linalg.eigh(task_covariance / (root[:, :, None] * root[:, None, :]))
+    return root, gamma.clamp_min(0.0), rotation
+
+
 def _log_likelihood(solve: GridICMSolve) -> torch.Tensor:
     spatial_dims = tuple(range(1, solve.rotated_targets.dim()))
     quad = (solve.rotated_targets * solve.rotated_weights).sum(dim=spatial_dims)

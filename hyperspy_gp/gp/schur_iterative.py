@@ -63,6 +63,7 @@ from hyperspy_gp.gp.likelihood import (
     GridICMSolve,
     grid_icm_log_likelihood,
     solve_grid_icm,
+    whiten_tasks,
 )
 from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior
 from hyperspy_gp.gp.schur import _apply_covariance
@@ -85,31 +86,29 @@ MAX_PAIR_ELEMENTS = 2**23
 MAX_JACOBI_COST = 0.25
 
 
-def jacobi_tile(factor_shape: Sequence[int], n_tasks: int, regions: torch.Tensor | None = None) -> int:
-    """Side of the tiles whose missing values form one block of the preconditioner.
+def jacobi_tile(factor_shape: Sequence[int], regions: torch.Tensor | None = None) -> int:
+    """Side of the tiles whose missing pixels form one block of the preconditioner (per whitened map).
 
-    The largest side with at most :data:`~hyperspy_gp.memory.JACOBI_BLOCK_VALUES` values
-    (pixels × maps) per tile.  A tile of neighbouring pixels holds the strongest
-    couplings of ``C`` (measured on 64² × 6 maps, fitted hyperparameters, CG iterations
-    with one-pixel blocks → 3 × 3 tiles: 20 % missing at random 54 → 36, 50 % 150 → 83,
-    a masked quarter disc 1285 → 466).
+    The largest side with at most :data:`~hyperspy_gp.memory.JACOBI_BLOCK_VALUES` pixels
+    per tile.  A tile of neighbouring pixels holds the strongest couplings of ``C``.  The
+    blocks are built per whitened map (see :class:`MaskedOperator`), so a tile's side
+    does not depend on the number of maps.  Measured, one likelihood evaluation at
+    hyperparameters fitted to the complete maps, 128², tiles of 3, 5 and 8 pixels a
+    side: 5 % missing at random 0.91, 0.91 and 1.30 s; 20 %, 1.78 s with 5 and 2.46 s
+    with 8 (21 and 22 CG iterations); 50 %, 4.6 and 4.8 s (56 and 42 iterations).
 
     With ``regions`` (the missing pixels of a mask with connected masked regions, which
     the coarse space serves), tiles grow further, up to
-    :data:`~hyperspy_gp.memory.REGION_BLOCK_VALUES` values, while applying ``J`` costs at
-    most :data:`MAX_JACOBI_COST` of a product with ``C``.  Measured, one likelihood
-    evaluation at fitted hyperparameters, 6 maps, a masked quarter disc (3 × 3 → 6 × 6
-    tiles): 128², 17.9 s → 13.3 s and 259 → 138 CG iterations; 256², 170 s → 133 s and
-    374 → 224.  For scattered missing pixels larger tiles cost more than they save (128²,
-    50 % at random, 3 × 3 → 5 × 5: 5.9 s → 7.1 s), so those keep the small tiles.
+    :data:`~hyperspy_gp.memory.REGION_BLOCK_VALUES` pixels, while applying ``J`` costs at
+    most :data:`MAX_JACOBI_COST` of a product with ``C``.  Measured on a masked quarter
+    disc of 128² × 6 maps: 10 × 10 tiles 10.3 s and 110 CG iterations, 14 × 14 tiles
+    13.7 s and 116.
 
     Parameters
     ----------
     factor_shape
         Lengths of the kernel's factor axes (the grid for a separable kernel, the
         number of pixels for a non-separable one).
-    n_tasks
-        Maps ``T`` per model.
     regions
         ``(m, n_factors)`` factor-layout coordinates of the missing pixels when the mask
         has connected masked regions, ``None`` otherwise.
@@ -117,34 +116,33 @@ def jacobi_tile(factor_shape: Sequence[int], n_tasks: int, regions: torch.Tensor
     Returns
     -------
     int
-        Tile side in pixels along every factor axis (1: per-pixel ``T × T`` blocks).
+        Tile side in pixels along every factor axis (1: per-pixel blocks).
 
     Examples
     --------
-    >>> jacobi_tile((64, 64), 6), jacobi_tile((64, 64), 1), jacobi_tile((300,), 6), jacobi_tile((4096,), 6)
-    (3, 8, 10, 1)
+    >>> jacobi_tile((64, 64)), jacobi_tile((300,)), jacobi_tile((4096,))
+    (5, 25, 1)
     >>> yy, xx = torch.meshgrid(torch.arange(128), torch.arange(128), indexing="ij")
     >>> disc = torch.nonzero(yy**2 + xx**2 < 77**2)  # a masked quarter disc
-    >>> jacobi_tile((128, 128), 6, regions=disc)
-    6
+    >>> jacobi_tile((128, 128), regions=disc)
+    10
     """
     tile = 1
-    while _tile_fits(tile + 1, factor_shape, n_tasks, JACOBI_BLOCK_VALUES):
+    while _tile_fits(tile + 1, factor_shape, JACOBI_BLOCK_VALUES):
         tile += 1
     if regions is None:
         return tile
-    product = 2 * math.prod(factor_shape) * n_tasks * sum(factor_shape)  # multiply-adds of C v per column
-    while _tile_fits(tile + 1, factor_shape, n_tasks, REGION_BLOCK_VALUES):
-        values = (tile + 1) ** len(factor_shape) * n_tasks
-        if used_tiles(regions, tile + 1) * values**2 > MAX_JACOBI_COST * product:
+    product = 2 * math.prod(factor_shape) * sum(factor_shape)  # multiply-adds of C v per column and map
+    while _tile_fits(tile + 1, factor_shape, REGION_BLOCK_VALUES):
+        if used_tiles(regions, tile + 1) * (tile + 1) ** (2 * len(factor_shape)) > MAX_JACOBI_COST * product:
             break
         tile += 1
     return tile
 
 
-def _tile_fits(side: int, factor_shape: Sequence[int], n_tasks: int, max_values: int) -> bool:
-    """Whether tiles of ``side`` keep within ``max_values`` values and the pair-product limit."""
-    return (side ** len(factor_shape) * n_tasks <= max_values and side <= max(factor_shape)
+def _tile_fits(side: int, factor_shape: Sequence[int], max_pixels: int) -> bool:
+    """Whether tiles of ``side`` keep within ``max_pixels`` pixels and the pair-product limit."""
+    return (side ** len(factor_shape) <= max_pixels and side <= max(factor_shape)
             and all(n * n * side <= MAX_PAIR_ELEMENTS for n in factor_shape))
 
 
@@ -154,32 +152,110 @@ def used_tiles(index: torch.Tensor, tile: int) -> int:
 
 
 def jacobi_block_values(observed, factor_shape: Sequence[int], n_tasks: int, regions: bool) -> int:
-    """Values ``U k²`` of the block-Jacobi preconditioner's tile blocks (one model) for a mask.
+    """Values ``T U k²`` of the block-Jacobi preconditioner's tile blocks (one model) for a mask.
 
-    ``U`` tiles hold a missing pixel, ``k`` values each (:func:`jacobi_tile`; ``regions``
-    as for :class:`MaskedOperator`).  For :func:`~hyperspy_gp.memory.estimate_memory`.
+    ``U`` tiles hold a missing pixel, ``k`` pixels each (:func:`jacobi_tile` for one
+    whitened map; ``regions`` as for :class:`MaskedOperator`), one block per whitened
+    map.  For :func:`~hyperspy_gp.memory.estimate_memory`.
 
     Examples
     --------
     >>> observed = np.ones((64, 64), dtype=bool)
-    >>> observed[:4, :4] = False  # one 3 × 3 tile, three partial ones; 3 × 3 pixels × 6 maps each
-    >>> jacobi_block_values(observed, (64, 64), 6, regions=False) == 4 * 54**2
+    >>> observed[:4, :4] = False  # one 5 × 5 tile of 25 pixels, for each of the 6 whitened maps
+    >>> jacobi_block_values(observed, (64, 64), 6, regions=False) == 6 * 25**2
     True
     """
     from hyperspy_gp.gp.dense import observed_index_from_mask
 
     index = observed_index_from_mask(~np.asarray(observed, dtype=bool), tuple(factor_shape))
-    tile = jacobi_tile(factor_shape, n_tasks, index if regions else None)
-    return used_tiles(index, tile) * (tile ** len(factor_shape) * n_tasks) ** 2
+    tile = jacobi_tile(factor_shape, index if regions else None)
+    return n_tasks * used_tiles(index, tile) * tile ** (2 * len(factor_shape))
+
+
+def tile_slots(index: torch.Tensor, tile: int, grid_shape: Sequence[int]):
+    """Tiles of side ``tile`` that hold a pixel of ``index`` ``(m, n_factors)``, and where each pixel sits.
+
+    Returns ``tiles`` (the used tiles' C-order numbers, sorted), ``slot`` (each pixel's
+    tile, an index into ``tiles``) and ``position`` (its C-order place within the tile).
+    """
+    counts = [math.ceil(n / tile) for n in grid_shape]
+    tile_id = torch.zeros_like(index[:, 0])
+    position = torch.zeros_like(index[:, 0])
+    for axis, count in enumerate(counts):
+        tile_id = tile_id * count + index[:, axis] // tile
+        position = position * tile + index[:, axis] % tile
+    tiles, slot = torch.unique(tile_id, return_inverse=True)
+    return tiles, slot, position
+
+
+def tile_pair_sums(eigenvectors: Sequence[torch.Tensor], weights: torch.Tensor, tile: int,
+                   tiles: torch.Tensor) -> torch.Tensor:
+    """``Σ_j q_j(i) q_j(i') w_j`` for all pixel pairs ``i, i'`` of each used tile, ``(P, U, k, k, c)``.
+
+    ``weights`` ``(P, *grid, c)`` holds ``c`` channels per eigenvalue (``T²`` for the
+    blocks ``M_j``, ``T`` for whitened maps); ``k = tile^d`` pixels per tile in C order.
+    Per factor axis, the products ``Q_a[i, j] Q_a[i', j]`` of the rows ``i, i'`` of a tile
+    (zero rows pad the last tile) turn the sum into one :func:`kron_dot`, computed over
+    chunks of the first axis' tiles so that its output stays within
+    :data:`~hyperspy_gp.memory.CHUNK_BYTES`.
+    """
+    p, *fg, c = weights.shape
+    d = len(fg)
+    counts = [math.ceil(n / tile) for n in fg]
+    pairs = []
+    for q, n, count in zip(eigenvectors, fg, counts):
+        padded = q.new_zeros(p, count * tile, n)
+        padded[:, :n] = q
+        padded = padded.reshape(p, count, tile, n)
+        pairs.append((padded[:, :, :, None] * padded[:, :, None, :]).reshape(p, count, tile * tile, n))
+    per_tile_row = p * tile**2 * math.prod(n * tile**2 for n in counts[1:]) * c * weights.element_size()
+    rows = max(1, CHUNK_BYTES // per_tile_row)
+    tiles_per_row = math.prod(counts[1:])
+    first = tiles // tiles_per_row
+    k = tile**d
+    out = weights.new_empty(p, len(tiles), k, k, c)
+    for start in range(0, counts[0], rows):
+        chosen = (first >= start) & (first < start + rows)
+        if not bool(chosen.any()):
+            continue
+        mats = [pairs[0][:, start : start + rows].reshape(p, -1, fg[0])]
+        mats += [pair.reshape(p, -1, n) for pair, n in zip(pairs[1:], fg[1:])]
+        block = kron_dot(weights, mats)  # (P, c_0·tile², ..., c_{d-1}·tile², c)
+        block = block.reshape(p, *[x for n in block.shape[1 : 1 + d] for x in (n // tile**2, tile, tile)], c)
+        # (P, tiles.., i.., i'.., c) → (P, tiles of the chunk, k, k, c)
+        order = [0, *range(1, 3 * d, 3), *range(2, 3 * d, 3), *range(3, 3 * d + 1, 3), 3 * d + 1]
+        block = block.permute(order).reshape(p, -1, k, k, c)
+        out[:, chosen] = block[:, tiles[chosen] - start * tiles_per_row]
+    return out
+
+
+def masked_tiles(blocks: torch.Tensor, slot: torch.Tensor, position: torch.Tensor, per_pixel: int) -> torch.Tensor:
+    """Tile blocks ``(..., U, k, k)`` kept at the tiles' missing values, identity at their observed ones.
+
+    ``per_pixel`` values per pixel (``T`` for blocks over (pixel, map), 1 otherwise).
+    """
+    present = blocks.new_zeros(blocks.shape[-3], blocks.shape[-1] // per_pixel)
+    present[slot, position] = 1.0
+    present = present[:, :, None].expand(-1, -1, per_pixel).reshape(blocks.shape[-3], -1)
+    blocks = blocks * (present[:, :, None] * present[:, None, :]) + torch.diag_embed(1.0 - present)
+    return 0.5 * (blocks + blocks.transpose(-1, -2))
 
 
 class MaskedOperator:
     """``C = (Σ^{-1})_{MM}`` and its block-Jacobi preconditioner, on ``(P, R, T, m)`` vectors.
 
     The preconditioner ``J`` holds the exact blocks of ``C`` between the missing values
-    of each tile of neighbouring pixels (:func:`jacobi_tile`), ``Σ_j q_j(i) q_j(i') M_j``
-    for pixels ``i, i'`` of a tile, all built by one structured product per chunk of
-    tiles; across tiles it is zero.
+    of each tile of neighbouring pixels (:func:`jacobi_tile`); across tiles it is zero.
+    It is built and applied in whitened task coordinates: with ``D^{-1/2} B D^{-1/2} = R
+    Γ Rᵀ`` (``D`` the noise, with the blocks' jitter) and ``W = D^{-1/2} R``, every block
+    is ``M_j = (λ_j B + D)^{-1} = W diag_k(h_{jk}) Wᵀ`` with ``h_{jk} = 1 / (λ_j γ_k +
+    1)``.  All maps miss the same pixels, so ``C = (W ⊗ I) diag_k(C_k) (W ⊗ I)ᵀ`` with
+    ``C_k = (Q diag(h_k) Qᵀ)_{MM}``: ``T`` independent single-map Schur complements.  The
+    tile blocks of ``C`` are those of the ``C_k`` transformed by ``W``, so ``J = (W ⊗ I)
+    diag_k(J_k) (W ⊗ I)ᵀ`` holds the same blocks with ``T`` factorisations of ``k × k``
+    (``k`` pixels per tile) instead of one of ``kT × kT``: tiles ``T`` times larger for
+    the same cost.  Nothing here is differentiated, so repeated eigenvalues of ``B``
+    (identical maps, rank-deficient ``B``) are harmless.
 
     Parameters
     ----------
@@ -187,91 +263,47 @@ class MaskedOperator:
         The full-grid eigenbasis and ``T × T`` blocks (:func:`solve_grid_icm`).
     index
         ``(m, n_factors)`` coordinates of the missing pixels in factor layout.
+    task_covariance, noise
+        ``B`` ``(P, T, T)`` and the noise ``(P, T)`` that ``solve`` was built from.
     tile
-        Tile side; default :func:`jacobi_tile` (1 gives per-pixel ``T × T`` blocks).
+        Tile side; default :func:`jacobi_tile` (1 gives per-pixel blocks).
     regions
         Whether the mask has connected masked regions (coarse points), which lets the
         default tiles grow (see :func:`jacobi_tile`).
     """
 
-    def __init__(self, solve: GridICMSolve, index: torch.Tensor, tile: int | None = None,
-                 regions: bool = False) -> None:
+    def __init__(self, solve: GridICMSolve, index: torch.Tensor, task_covariance: torch.Tensor,
+                 noise: torch.Tensor, tile: int | None = None, regions: bool = False) -> None:
         self.solve, self.index = solve, index
         self.eigenvectors = solve.eigenvectors
         self.inverse_blocks = solve.block_inverse()  # M_j, (P, *fg, T, T)
-        _, *fg, t, _ = self.inverse_blocks.shape
-        self.tile = jacobi_tile(fg, t, index if regions else None) if tile is None else int(tile)
-        self.tile_counts = [math.ceil(n / self.tile) for n in fg]
-        self.tile_values = self.tile ** len(fg) * t
-        with torch.no_grad():
-            tile_id = torch.zeros_like(index[:, 0])
-            self.position = torch.zeros_like(index[:, 0])  # of each missing pixel in its tile
-            for axis, count in enumerate(self.tile_counts):
-                tile_id = tile_id * count + index[:, axis] // self.tile
-                self.position = self.position * self.tile + index[:, axis] % self.tile
-            # Tiles holding a missing pixel, and the slot of each missing pixel's tile.
-            self.tiles, self.slot = torch.unique(tile_id, return_inverse=True)
-            self.jacobi_cholesky, _ = safe_cholesky(self._masked_tile_blocks())
-
-    def _masked_tile_blocks(self) -> torch.Tensor:
-        """``(P, U, k, k)`` blocks of ``C`` per used tile, identity at the tile's observed values."""
-        blocks = self._tile_blocks()
-        t = self.inverse_blocks.shape[-1]
-        present = blocks.new_zeros(len(self.tiles), self.tile_values // t)
-        present[self.slot, self.position] = 1.0
-        present = present[:, :, None].expand(-1, -1, t).reshape(len(self.tiles), self.tile_values)
-        blocks = blocks * (present[:, :, None] * present[:, None, :]) + torch.diag_embed(1.0 - present)
-        return 0.5 * (blocks + blocks.transpose(-1, -2))
-
-    def _tile_blocks(self) -> torch.Tensor:
-        """``Σ_j q_j(i) q_j(i') M_j`` for all pixel pairs of each used tile, ``(P, U, k, k)``.
-
-        Per factor axis, the products ``Q_a[i, j] Q_a[i', j]`` of the rows ``i, i'`` of
-        a tile (zero rows pad the last tile) turn the sum into one :func:`kron_dot`,
-        computed over chunks of the first axis' tiles so that its output stays within
-        :data:`~hyperspy_gp.memory.CHUNK_BYTES`.
-        """
         p, *fg, t, _ = self.inverse_blocks.shape
-        tile, counts, d = self.tile, self.tile_counts, len(fg)
-        pairs = []
-        for q, n, count in zip(self.eigenvectors, fg, counts):
-            padded = q.new_zeros(p, count * tile, n)
-            padded[:, :n] = q
-            padded = padded.reshape(p, count, tile, n)
-            pairs.append((padded[:, :, :, None] * padded[:, :, None, :]).reshape(p, count, tile * tile, n))
-        flat = self.inverse_blocks.reshape(p, *fg, t * t)
-        per_tile_row = p * tile**2 * math.prod(c * tile**2 for c in counts[1:]) * t * t * flat.element_size()
-        rows = max(1, CHUNK_BYTES // per_tile_row)
-        tiles_per_row = math.prod(counts[1:])
-        first = self.tiles // tiles_per_row
-        out = flat.new_empty(p, len(self.tiles), self.tile_values, self.tile_values)
-        for start in range(0, counts[0], rows):
-            chosen = (first >= start) & (first < start + rows)
-            if not bool(chosen.any()):
-                continue
-            mats = [pairs[0][:, start : start + rows].reshape(p, -1, fg[0])]
-            mats += [pair.reshape(p, -1, n) for pair, n in zip(pairs[1:], fg[1:])]
-            block = kron_dot(flat, mats)  # (P, c_0·tile², ..., c_{d-1}·tile², T²)
-            block = block.reshape(p, *[x for c in block.shape[1 : 1 + d] for x in (c // tile**2, tile, tile)], t, t)
-            # (P, c.., i.., s, i'.., t) → (P, tiles of the chunk, k, k)
-            order = [0, *range(1, 3 * d, 3), *range(2, 3 * d, 3), 3 * d + 1, *range(3, 3 * d + 1, 3), 3 * d + 2]
-            block = block.permute(order).reshape(p, -1, self.tile_values, self.tile_values)
-            out[:, chosen] = block[:, self.tiles[chosen] - start * tiles_per_row]
-        return out
+        self.tile = jacobi_tile(fg, index if regions else None) if tile is None else int(tile)
+        with torch.no_grad():
+            self.root, gamma, self.rotation = whiten_tasks(task_covariance, noise + solve.jitter[:, None])
+            weights = 1.0 / (solve.eigenvalues_grid[..., None] * gamma.reshape(p, *[1] * len(fg), t) + 1.0)
+            self.tiles, self.slot, self.position = tile_slots(index, self.tile, fg)
+            sums = tile_pair_sums(self.eigenvectors, weights, self.tile, self.tiles)  # (P, U, k, k, T)
+            blocks = masked_tiles(sums.permute(0, 4, 1, 2, 3), self.slot, self.position, 1)
+            self.jacobi_cholesky, _ = safe_cholesky(blocks)  # chol(J_k) per tile, (P, T, U, k, k)
 
     def _to_tiles(self, v: torch.Tensor) -> torch.Tensor:
-        """``(P, R, T, m)`` → ``(P, U, k, R)``: each used tile's values, zeros at its observed pixels."""
+        """``(P, R, T, m)`` → ``(P, T, U, k, R)``: each used tile's values, zeros at its observed pixels."""
         p, r, t, _ = v.shape
-        x = v.new_zeros(p, r, len(self.tiles), self.tile_values // t, t)
-        x[:, :, self.slot, self.position] = v.permute(0, 1, 3, 2)
-        return x.reshape(p, r, len(self.tiles), self.tile_values).permute(0, 2, 3, 1)
+        x = v.new_zeros(p, r, t, len(self.tiles), self.jacobi_cholesky.shape[-1])
+        x[:, :, :, self.slot, self.position] = v
+        return x.permute(0, 2, 3, 4, 1)
 
     def _from_tiles(self, x: torch.Tensor) -> torch.Tensor:
-        """``(P, U, k, R)`` → ``(P, R, T, m)``."""
-        p, u, k, r = x.shape
-        t = self.inverse_blocks.shape[-1]
-        x = x.permute(0, 3, 1, 2).reshape(p, r, u, k // t, t)
-        return x[:, :, self.slot, self.position].permute(0, 1, 3, 2)
+        """``(P, T, U, k, R)`` → ``(P, R, T, m)``."""
+        return x[:, :, self.slot, self.position].permute(0, 3, 1, 2)
+
+    def _maps(self, v: torch.Tensor, scale: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """``diag(scale) R v`` (``transpose=False``) or ``Rᵀ diag(scale) v`` over the maps of ``(P, R, T, m)``."""
+        scale = scale[:, None, :, None]
+        if transpose:
+            return torch.einsum("pts,prtm->prsm", self.rotation, scale * v)
+        return scale * torch.einsum("pts,prsm->prtm", self.rotation, v)
 
     def grid_shape(self) -> tuple[int, ...]:
         return tuple(self.inverse_blocks.shape[1:-2])
@@ -296,27 +328,31 @@ class MaskedOperator:
         return self.gather(self.inverse_covariance(self.scatter(v)))
 
     def precondition(self, r: torch.Tensor) -> torch.Tensor:
-        """``J^{-1} r``."""
-        return self._from_tiles(torch.cholesky_solve(self._to_tiles(r), self.jacobi_cholesky))
+        """``J^{-1} r = (W^{-T} ⊗ I) diag_k(J_k^{-1}) (W^{-1} ⊗ I) r``, ``W^{-1} = Rᵀ D^{1/2}``."""
+        whitened = self._to_tiles(self._maps(r, self.root, transpose=True))
+        return self._maps(self._from_tiles(torch.cholesky_solve(whitened, self.jacobi_cholesky)), self.root, False)
 
     def jacobi(self, v: torch.Tensor) -> torch.Tensor:
         """``J v``."""
-        x = self._to_tiles(v)
-        return self._from_tiles(self.jacobi_cholesky @ (self.jacobi_cholesky.transpose(-1, -2) @ x))
+        x = self._to_tiles(self._maps(v, 1.0 / self.root, transpose=True))  # Wᵀ v
+        x = self.jacobi_cholesky @ (self.jacobi_cholesky.transpose(-1, -2) @ x)
+        return self._maps(self._from_tiles(x), 1.0 / self.root, transpose=False)  # W x
 
     def factor(self, eps: torch.Tensor) -> torch.Tensor:
-        """``chol(J) ε``: probes with covariance ``J``."""
-        return self._from_tiles(self.jacobi_cholesky @ self._to_tiles(eps))
+        """``Φ ε`` with ``Φ = (W ⊗ I) diag_k(chol(J_k))``, ``Φ Φᵀ = J``: probes with covariance ``J``."""
+        return self._maps(self._from_tiles(self.jacobi_cholesky @ self._to_tiles(eps)), 1.0 / self.root, False)
 
     def factor_inv_t(self, eps: torch.Tensor) -> torch.Tensor:
-        """``chol(J)^{-T} ε`` (``= J^{-1} chol(J) ε``)."""
+        """``Φ^{-T} ε`` (``= J^{-1} Φ ε``)."""
         upper = self.jacobi_cholesky.transpose(-1, -2)
-        return self._from_tiles(torch.linalg.solve_triangular(upper, self._to_tiles(eps), upper=True))
+        x = torch.linalg.solve_triangular(upper, self._to_tiles(eps), upper=True)
+        return self._maps(self._from_tiles(x), self.root, transpose=False)
 
     def logdet_preconditioner(self) -> torch.Tensor:
-        """``log det J`` per model, ``(P,)``."""
+        """``log det J = Σ_k log det J_k - m Σ_t log d_t`` per model, ``(P,)``."""
         diag = torch.diagonal(self.jacobi_cholesky, dim1=-2, dim2=-1)
-        return 2.0 * torch.log(diag).reshape(diag.shape[0], -1).sum(-1)
+        scale = 2.0 * self.index.shape[0] * torch.log(self.root).sum(-1)
+        return 2.0 * torch.log(diag).reshape(diag.shape[0], -1).sum(-1) - scale
 
     def cg(self, rhs: torch.Tensor, preconditioner=None, tolerances: dict | None = None) -> CGResult:
         """``C^{-1} rhs`` by preconditioned CG (``J`` by default), with a message for large masked regions.
@@ -353,7 +389,7 @@ class SchurCGSolve:
             zeroed[(slice(None), *index.T)] = 0.0
             solve = solve_grid_icm(zeroed, task_covariance, noise, factors)
             regions = coarse_index is not None and len(coarse_index) > 0
-            self.operator = op = MaskedOperator(solve, index, regions=regions)
+            self.operator = op = MaskedOperator(solve, index, task_covariance, noise, regions=regions)
             self.preconditioner = op
             if regions:
                 self.preconditioner = CoarseCorrection(op, [f.detach() for f in factors], coarse_index)

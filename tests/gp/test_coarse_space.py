@@ -75,7 +75,8 @@ def test_two_level_preconditioner_is_exact_in_dense_algebra(kind, shape, block, 
             param.add_(0.3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(4), dtype=param.dtype))
         factors = model.kernel.factors(model.lengthscale)
         targets = torch.zeros(n_models, *model.kernel.factor_shape, n_tasks, dtype=torch.float64)
-        op = MaskedOperator(solve_grid_icm(targets, model.task_covariance, model.noise, factors), model.missing_index)
+        op = MaskedOperator(solve_grid_icm(targets, model.task_covariance, model.noise, factors), model.missing_index,
+                            model.task_covariance, model.noise)
         assert model.coarse_index is not None
         coarse = CoarseCorrection(op, factors, model.coarse_index)
     m = model.missing_index.shape[0]

@@ -82,8 +82,8 @@ def test_preconditioner_holds_the_exact_blocks_of_c_within_each_tile(monkeypatch
     solve = solve_grid_icm(targets, model.task_covariance, model.noise, factors)
     missing = ~_scattered(model.kernel.factor_shape, 0.4)
     index = torch.tensor(np.argwhere(missing))
-    op = MaskedOperator(solve, index, tile=tile)
-    assert op.tile == (jacobi_tile(model.kernel.factor_shape, n_tasks) if tile is None else tile)
+    op = MaskedOperator(solve, index, model.task_covariance, model.noise, tile=tile)
+    assert op.tile == (jacobi_tile(model.kernel.factor_shape) if tile is None else tile)
     m = index.shape[0]
     c = _dense(op, m * n_tasks, (n_models, n_tasks, m))
     same_tile = (index[:, None, :] // op.tile == index[None, :, :] // op.tile).all(-1)
@@ -185,7 +185,7 @@ def test_tile_blocks_let_cg_converge_on_a_masked_region(monkeypatch):
     model, targets = _masked_disc_model(22, 3.0, 1e-3)
     with torch.no_grad():
         value = model.log_likelihood(targets)
-    monkeypatch.setattr(schur_iterative, "jacobi_tile", lambda factor_shape, n_tasks, regions=None: 1)
+    monkeypatch.setattr(schur_iterative, "jacobi_tile", lambda factor_shape, regions=None: 1)
     with pytest.raises(CGConvergenceError):
         model.log_likelihood(targets)
     monkeypatch.undo()
@@ -196,7 +196,7 @@ def test_tile_blocks_let_cg_converge_on_a_masked_region(monkeypatch):
 
 
 def test_masked_regions_get_larger_tiles_and_fewer_cg_iterations():
-    """A masked corner of 48² × 6 maps: 4 × 4 tiles instead of 3 × 3, fewer CG iterations, the same likelihood.
+    """A masked corner of 48² × 6 maps: 8 × 8 tiles instead of 5 × 5, fewer CG iterations, the same likelihood.
 
     Scattered missing pixels (as many) keep the small tiles.  The memory estimate's
     block count (``jacobi_block_values``) is the operator's own in both cases.
@@ -217,7 +217,7 @@ def test_masked_regions_get_larger_tiles_and_fewer_cg_iterations():
             model._set("raw_noise", torch.full_like(model.raw_noise, 1e-3))
         return model
 
-    small = jacobi_tile(shape, n_tasks)
+    small = jacobi_tile(shape)
     for observed, regions in ((disc, True), (scattered, False)):
         model = model_for(observed)
         assert (model.coarse_index is not None) == regions
@@ -225,7 +225,7 @@ def test_masked_regions_get_larger_tiles_and_fewer_cg_iterations():
             factors = model.kernel.factors(model.lengthscale)
             op = SchurCGSolve(model.as_factor_layout(targets), model.task_covariance, model.noise, factors,
                               model.missing_index, coarse_index=model.coarse_index).operator
-        assert op.tile == (4 if regions else small) and small == 3
+        assert op.tile == (8 if regions else small) and small == 5
         assert jacobi_block_values(observed, shape, n_tasks, regions) == op.jacobi_cholesky[0].numel()
 
     model = model_for(disc)
@@ -236,7 +236,7 @@ def test_masked_regions_get_larger_tiles_and_fewer_cg_iterations():
                           dtype=torch.float64)
         iterations = {}
         for regions in (False, True):
-            op = MaskedOperator(solve, model.missing_index, regions=regions)
+            op = MaskedOperator(solve, model.missing_index, model.task_covariance, model.noise, regions=regions)
             iterations[regions] = int(op.cg(rhs, CoarseCorrection(op, factors, model.coarse_index)).iterations.max())
         # Small grids gain least (here 181 → 167); 128² × 6 at fitted hyperparameters: 259 → 138.
         assert iterations[True] < iterations[False]
