@@ -233,10 +233,9 @@ def estimate_memory(
                             if n_jacobi_values is None else n_jacobi_values)
         fitting += (6 * columns * n_missing + 4 * columns * n_pixels + 2 * tiles) * itemsize + CHUNK_BYTES
         # The coarse space: kernel columns and their orthonormal basis (m × c), the basis
-        # rotated into the eigenbasis (n × c), and six r × r matrices (E, F, their
-        # factors, the two weights), r = c T.
-        coarse_values = n_coarse * n_tasks
-        fitting += n_models * ((2 * n_missing + n_pixels) * n_coarse + 6 * coarse_values**2) * itemsize
+        # rotated into the eigenbasis (n × c), and six matrices (E, F, their factors, the
+        # two weights) of T blocks c × c each, one per whitened map.
+        fitting += n_models * ((2 * n_missing + n_pixels) * n_coarse + 6 * n_tasks * n_coarse**2) * itemsize
         draws = n_models * VARIANCE_DRAWS * n_tasks * n_pixels
         prediction += 3 * draws * _FLOAT64 + (os.cpu_count() or 1) * CHUNK_BYTES
     elif n_observed is None and n_missing:

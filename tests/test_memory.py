@@ -166,8 +166,8 @@ def test_schur_complement_by_cg_is_linear_in_the_missing_pixels_not_in_missing_t
 def test_coarse_space_of_the_schur_complement_by_cg_is_counted():
     without = estimate_memory((256, 256), 6, 100, n_missing=8000, schur_cg=True)
     with_coarse = estimate_memory((256, 256), 6, 100, n_missing=8000, schur_cg=True, n_coarse=300)
-    # kernel columns and their basis (m × c), the basis rotated (n × c), six (c T)² matrices
-    assert with_coarse.fitting - without.fitting == ((2 * 8000 + 256 * 256) * 300 + 6 * (300 * 6) ** 2) * 8
+    # kernel columns and their basis (m × c), the basis rotated (n × c), six matrices of T blocks c × c
+    assert with_coarse.fitting - without.fitting == ((2 * 8000 + 256 * 256) * 300 + 6 * 6 * 300**2) * 8
 
 
 def test_tile_blocks_the_mask_gives_replace_the_bound():

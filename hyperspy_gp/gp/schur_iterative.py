@@ -16,8 +16,9 @@ then need three things:
 - ``log det C``, by stochastic Lanczos quadrature (as in
   :mod:`~hyperspy_gp.gp.iterative`) with the block-Jacobi preconditioner ``J`` (the
   exact blocks of ``C`` between the missing values of each tile of neighbouring pixels,
-  ``Σ_j q_j(i) q_j(i') M_j``, at most 64 values per tile, up to 216 where the mask has
-  connected masked regions, built by structured products): ``log det C = log det J +
+  ``Σ_j q_j(i) q_j(i') M_j``, built per whitened map by structured products: at most 25
+  pixels per tile, up to 100 where the mask has connected masked regions, see
+  :class:`MaskedOperator`): ``log det C = log det J +
   log det(J^{-1/2} C J^{-1/2})``, the last term estimated from fixed probes ``z_i =
   chol(J) ε_i``.  For scattered missing pixels
   ``C`` is close to block-diagonal, so CG needs tens of iterations and the estimate is
@@ -281,9 +282,10 @@ class MaskedOperator:
         self.tile = jacobi_tile(fg, index if regions else None) if tile is None else int(tile)
         with torch.no_grad():
             self.root, gamma, self.rotation = whiten_tasks(task_covariance, noise + solve.jitter[:, None])
-            weights = 1.0 / (solve.eigenvalues_grid[..., None] * gamma.reshape(p, *[1] * len(fg), t) + 1.0)
+            # h_jk, the whitened maps' weights: C_k = (Q diag(h_k) Qᵀ)_MM, (P, *fg, T)
+            self.whitened_weights = 1.0 / (solve.eigenvalues_grid[..., None] * gamma.reshape(p, *[1] * len(fg), t) + 1)
             self.tiles, self.slot, self.position = tile_slots(index, self.tile, fg)
-            sums = tile_pair_sums(self.eigenvectors, weights, self.tile, self.tiles)  # (P, U, k, k, T)
+            sums = tile_pair_sums(self.eigenvectors, self.whitened_weights, self.tile, self.tiles)  # (P, U, k, k, T)
             blocks = masked_tiles(sums.permute(0, 4, 1, 2, 3), self.slot, self.position, 1)
             self.jacobi_cholesky, _ = safe_cholesky(blocks)  # chol(J_k) per tile, (P, T, U, k, k)
 
@@ -304,6 +306,36 @@ class MaskedOperator:
         if transpose:
             return torch.einsum("pts,prtm->prsm", self.rotation, scale * v)
         return scale * torch.einsum("pts,prsm->prtm", self.rotation, v)
+
+    def whiten(self, v: torch.Tensor) -> torch.Tensor:
+        """``(W^{-1} ⊗ I) v``, ``W^{-1} = Rᵀ D^{1/2}``: into whitened map coordinates."""
+        return self._maps(v, self.root, transpose=True)
+
+    def unwhiten_t(self, y: torch.Tensor) -> torch.Tensor:
+        """``(W^{-T} ⊗ I) y = D^{1/2} R y``."""
+        return self._maps(y, self.root, transpose=False)
+
+    def unwhiten(self, y: torch.Tensor) -> torch.Tensor:
+        """``(W ⊗ I) y = D^{-1/2} R y``."""
+        return self._maps(y, 1.0 / self.root, transpose=False)
+
+    def block_solve(self, y: torch.Tensor) -> torch.Tensor:
+        """``diag_k(J_k^{-1}) y`` for whitened ``y`` ``(P, R, T, m)``."""
+        return self._from_tiles(torch.cholesky_solve(self._to_tiles(y), self.jacobi_cholesky))
+
+    def block_apply(self, y: torch.Tensor) -> torch.Tensor:
+        """``diag_k(J_k) y`` for whitened ``y``."""
+        x = self._to_tiles(y)
+        return self._from_tiles(self.jacobi_cholesky @ (self.jacobi_cholesky.transpose(-1, -2) @ x))
+
+    def block_factor(self, eps: torch.Tensor) -> torch.Tensor:
+        """``diag_k(chol(J_k)) ε``."""
+        return self._from_tiles(self.jacobi_cholesky @ self._to_tiles(eps))
+
+    def block_factor_inv_t(self, eps: torch.Tensor) -> torch.Tensor:
+        """``diag_k(chol(J_k)^{-T}) ε``."""
+        upper = self.jacobi_cholesky.transpose(-1, -2)
+        return self._from_tiles(torch.linalg.solve_triangular(upper, self._to_tiles(eps), upper=True))
 
     def grid_shape(self) -> tuple[int, ...]:
         return tuple(self.inverse_blocks.shape[1:-2])
@@ -328,25 +360,20 @@ class MaskedOperator:
         return self.gather(self.inverse_covariance(self.scatter(v)))
 
     def precondition(self, r: torch.Tensor) -> torch.Tensor:
-        """``J^{-1} r = (W^{-T} ⊗ I) diag_k(J_k^{-1}) (W^{-1} ⊗ I) r``, ``W^{-1} = Rᵀ D^{1/2}``."""
-        whitened = self._to_tiles(self._maps(r, self.root, transpose=True))
-        return self._maps(self._from_tiles(torch.cholesky_solve(whitened, self.jacobi_cholesky)), self.root, False)
+        """``J^{-1} r = (W^{-T} ⊗ I) diag_k(J_k^{-1}) (W^{-1} ⊗ I) r``."""
+        return self.unwhiten_t(self.block_solve(self.whiten(r)))
 
     def jacobi(self, v: torch.Tensor) -> torch.Tensor:
-        """``J v``."""
-        x = self._to_tiles(self._maps(v, 1.0 / self.root, transpose=True))  # Wᵀ v
-        x = self.jacobi_cholesky @ (self.jacobi_cholesky.transpose(-1, -2) @ x)
-        return self._maps(self._from_tiles(x), 1.0 / self.root, transpose=False)  # W x
+        """``J v = (W ⊗ I) diag_k(J_k) (W ⊗ I)ᵀ v``."""
+        return self.unwhiten(self.block_apply(self._maps(v, 1.0 / self.root, transpose=True)))
 
     def factor(self, eps: torch.Tensor) -> torch.Tensor:
         """``Φ ε`` with ``Φ = (W ⊗ I) diag_k(chol(J_k))``, ``Φ Φᵀ = J``: probes with covariance ``J``."""
-        return self._maps(self._from_tiles(self.jacobi_cholesky @ self._to_tiles(eps)), 1.0 / self.root, False)
+        return self.unwhiten(self.block_factor(eps))
 
     def factor_inv_t(self, eps: torch.Tensor) -> torch.Tensor:
         """``Φ^{-T} ε`` (``= J^{-1} Φ ε``)."""
-        upper = self.jacobi_cholesky.transpose(-1, -2)
-        x = torch.linalg.solve_triangular(upper, self._to_tiles(eps), upper=True)
-        return self._maps(self._from_tiles(x), self.root, transpose=False)
+        return self.unwhiten_t(self.block_factor_inv_t(eps))
 
     def logdet_preconditioner(self) -> torch.Tensor:
         """``log det J = Σ_k log det J_k - m Σ_t log d_t`` per model, ``(P,)``."""
