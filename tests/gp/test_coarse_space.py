@@ -53,9 +53,11 @@ def test_coarse_points_lie_on_a_lattice_deep_inside_masked_regions():
 def test_coarse_lattice_widens_to_fit_the_memory_cap(monkeypatch):
     observed = _block_mask((40, 40), np.s_[2:38, 2:38])
     dense_count = int(coarse_points(observed, 1, 3).sum())
-    monkeypatch.setattr(coarse_space, "COARSE_MATRIX_VALUES", (dense_count * 3) ** 2 // 4)
-    capped = coarse_points(observed, 1, 3)
-    assert 0 < capped.sum() and (capped.sum() * 3) ** 2 <= (dense_count * 3) ** 2 // 4
+    cap = 3 * dense_count**2 // 4  # the matrices are T = 3 blocks of c × c, one per whitened map
+    monkeypatch.setattr(coarse_space, "COARSE_MATRIX_VALUES", cap)
+    capped = int(coarse_points(observed, 1, 3).sum())
+    assert 0 < capped < dense_count and 3 * capped**2 <= cap
+    assert (3 * capped) ** 2 > cap  # more than one cT × cT matrix would allow
     monkeypatch.setattr(coarse_space, "COARSE_MATRIX_VALUES", 0)
     assert not coarse_points(observed, 1, 3).any()
 

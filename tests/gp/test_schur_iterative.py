@@ -176,6 +176,40 @@ def _masked_disc_model(radius, lengthscale, noise, shape=(48, 48)):
     return model, targets
 
 
+@pytest.mark.parametrize("tasks", ["general", "identical maps"])
+def test_c_splits_into_single_map_schur_complements_in_whitened_coordinates(tasks):
+    """``C = (W ⊗ I) diag_k(C_k) (W ⊗ I)ᵀ`` with ``C_k = (Q diag(h_k) Qᵀ)_{MM}``: the tiles and the coarse space rely on it.
+
+    Identical maps give a rank-one ``B``: the whitened ``B``'s eigenvalue 0 repeats.
+    """
+    shape, n_tasks = (9, 8), 3
+    model = GridICMModel(GridKernel(shape), 1, n_tasks, rank=1)
+    factors = model.kernel.factors(model.lengthscale.detach())
+    if tasks == "general":
+        a = torch.randn(1, n_tasks, n_tasks, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        b, noise = a @ a.transpose(-1, -2), torch.tensor([[0.05, 0.3, 1.0]], dtype=torch.float64)
+    else:
+        b, noise = torch.full((1, n_tasks, n_tasks), 2.0, dtype=torch.float64), torch.full((1, n_tasks), 0.1)
+        noise = noise.double()
+    targets = torch.zeros(1, *shape, n_tasks, dtype=torch.float64)
+    index = torch.tensor(np.argwhere(~_scattered(shape, 0.4)))
+    op = MaskedOperator(solve_grid_icm(targets, b, noise, factors), index, b, noise)
+    m = index.shape[0]
+    c = _dense(op, m * n_tasks, (1, n_tasks, m))  # rows and columns (pixel, map)
+    # The single-map complements from the dense eigenbasis of the kernel.
+    lam, q = torch.linalg.eigh(torch.kron(factors[0][0], factors[1][0]))
+    gamma, rotation = torch.linalg.eigh(b[0] / (noise[0].sqrt()[:, None] * noise[0].sqrt()[None, :]))
+    flat = index[:, 0] * shape[1] + index[:, 1]
+    blocks = [(q[flat] / (lam * g + 1.0)) @ q[flat].T for g in gamma]  # C_k, (m, m)
+    w = rotation / noise[0].sqrt()[:, None]  # W = D^{-1/2} R
+    expected = sum(torch.kron(c_k, torch.outer(w[:, k], w[:, k])) for k, c_k in enumerate(blocks))
+    torch.testing.assert_close(c[0], expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
+    # Whitening and unwhitening are inverse maps; J is symmetric positive definite in either.
+    v = torch.randn(1, 2, n_tasks, m, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    torch.testing.assert_close(op.unwhiten(op.whiten(v)), v)
+    torch.testing.assert_close(op.precondition(op.jacobi(v)), v)
+
+
 def test_tile_blocks_let_cg_converge_on_a_masked_region(monkeypatch):
     """600 masked pixels in one region, ℓ = 3 px, noise 1e-3: one-pixel blocks need > 1000 iterations.
 
