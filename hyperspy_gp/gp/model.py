@@ -81,7 +81,7 @@ class GridICMModel(gpytorch.Module):
         ``(lo, hi)`` in pixels of the training grid; either may be ``None``.
     observed
         Boolean grid (numpy order) of the pixels that were measured, or ``None`` for a
-        complete grid.  With it, the exact likelihood is computed by dense algebra on
+        complete grid (a mask with every pixel measured is taken as ``None``).  With it, the exact likelihood is computed by dense algebra on
         the observed pixels (:mod:`~hyperspy_gp.gp.dense`) or by the Kronecker eigenbasis
         with a Schur complement over the missing ones (:mod:`~hyperspy_gp.gp.schur`,
         :mod:`~hyperspy_gp.gp.schur_iterative`), see ``masked_solver``, or iteratively
@@ -135,6 +135,10 @@ class GridICMModel(gpytorch.Module):
             self.register_parameter("task_factor", torch.nn.Parameter(torch.zeros(n_models, n_tasks, rank, **opts)))
         self.to(**opts)  # constraint bounds follow the model's dtype and device
         self.observed = None if observed is None else np.asarray(observed, dtype=bool)
+        if self.observed is not None and self.observed.shape != kernel.grid_shape:
+            raise ValueError(f"observed mask shape {self.observed.shape} != grid {kernel.grid_shape}")
+        if self.observed is not None and self.observed.all():
+            self.observed = None  # nothing missing: the complete grid's paths
         self.iterative = bool(iterative)
         valid = (*MASKED_SOLVERS, "iterative") if self.iterative else MASKED_SOLVERS
         if masked_solver not in valid:
@@ -144,8 +148,6 @@ class GridICMModel(gpytorch.Module):
         if self.observed is not None:
             from hyperspy_gp.gp.dense import observed_index_from_mask
 
-            if self.observed.shape != kernel.grid_shape:
-                raise ValueError(f"observed mask shape {self.observed.shape} != grid {kernel.grid_shape}")
             self.observed_index = observed_index_from_mask(self.observed, kernel.factor_shape).to(kernel.device)
             self.missing_index = observed_index_from_mask(~self.observed, kernel.factor_shape).to(kernel.device)
         self.reset_parameters(initial_lengthscale(lengthscale_bounds))
