@@ -193,8 +193,8 @@ def tile_pair_sums(eigenvectors: Sequence[torch.Tensor], weights: torch.Tensor, 
                    tiles: torch.Tensor) -> torch.Tensor:
     """``Σ_j q_j(i) q_j(i') w_j`` for all pixel pairs ``i, i'`` of each used tile, ``(P, U, k, k, c)``.
 
-    ``weights`` ``(P, *grid, c)`` holds ``c`` channels per eigenvalue (``T²`` for the
-    blocks ``M_j``, ``T`` for whitened maps); ``k = tile^d`` pixels per tile in C order.
+    ``weights`` ``(P, *grid, c)`` holds ``c`` channels per eigenvalue (the ``T`` whitened
+    maps' ``h_{jk}``); ``k = tile^d`` pixels per tile in C order.
     Per factor axis, the products ``Q_a[i, j] Q_a[i', j]`` of the rows ``i, i'`` of a tile
     (zero rows pad the last tile) turn the sum into one :func:`kron_dot`, computed over
     chunks of the first axis' tiles so that its output stays within
@@ -230,14 +230,13 @@ def tile_pair_sums(eigenvectors: Sequence[torch.Tensor], weights: torch.Tensor, 
     return out
 
 
-def masked_tiles(blocks: torch.Tensor, slot: torch.Tensor, position: torch.Tensor, per_pixel: int) -> torch.Tensor:
-    """Tile blocks ``(..., U, k, k)`` kept at the tiles' missing values, identity at their observed ones.
+def masked_tiles(blocks: torch.Tensor, slot: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """Tile blocks ``(..., U, k, k)`` kept at the tiles' missing pixels, identity at their observed ones.
 
-    ``per_pixel`` values per pixel (``T`` for blocks over (pixel, map), 1 otherwise).
+    ``slot`` and ``position`` as from :func:`tile_slots`.
     """
-    present = blocks.new_zeros(blocks.shape[-3], blocks.shape[-1] // per_pixel)
+    present = blocks.new_zeros(blocks.shape[-3], blocks.shape[-1])
     present[slot, position] = 1.0
-    present = present[:, :, None].expand(-1, -1, per_pixel).reshape(blocks.shape[-3], -1)
     blocks = blocks * (present[:, :, None] * present[:, None, :]) + torch.diag_embed(1.0 - present)
     return 0.5 * (blocks + blocks.transpose(-1, -2))
 
@@ -254,8 +253,8 @@ class MaskedOperator:
     ``C_k = (Q diag(h_k) Qᵀ)_{MM}``: ``T`` independent single-map Schur complements.  The
     tile blocks of ``C`` are those of the ``C_k`` transformed by ``W``, so ``J = (W ⊗ I)
     diag_k(J_k) (W ⊗ I)ᵀ`` holds the same blocks with ``T`` factorisations of ``k × k``
-    (``k`` pixels per tile) instead of one of ``kT × kT``: tiles ``T`` times larger for
-    the same cost.  Nothing here is differentiated, so repeated eigenvalues of ``B``
+    (``k`` pixels per tile) instead of one of ``kT × kT``: ``T`` times less memory and
+    ``T²`` times less work for the same tile, so tiles need not shrink as maps are added.  Nothing here is differentiated, so repeated eigenvalues of ``B``
     (identical maps, rank-deficient ``B``) are harmless.
 
     Parameters
@@ -286,7 +285,7 @@ class MaskedOperator:
             self.whitened_weights = 1.0 / (solve.eigenvalues_grid[..., None] * gamma.reshape(p, *[1] * len(fg), t) + 1)
             self.tiles, self.slot, self.position = tile_slots(index, self.tile, fg)
             sums = tile_pair_sums(self.eigenvectors, self.whitened_weights, self.tile, self.tiles)  # (P, U, k, k, T)
-            blocks = masked_tiles(sums.permute(0, 4, 1, 2, 3), self.slot, self.position, 1)
+            blocks = masked_tiles(sums.permute(0, 4, 1, 2, 3), self.slot, self.position)
             self.jacobi_cholesky, _ = safe_cholesky(blocks)  # chol(J_k) per tile, (P, T, U, k, k)
 
     def _to_tiles(self, v: torch.Tensor) -> torch.Tensor:
