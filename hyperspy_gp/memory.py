@@ -53,10 +53,10 @@ LOGDET_PROBES = 16
 VARIANCE_DRAWS = 64
 #: Pixels of a tile, one block (per whitened map) of the Schur complement by CG's
 #: block-Jacobi preconditioner: 5 × 5 pixels.
-JACOBI_BLOCK_VALUES = 25
+JACOBI_TILE_PIXELS = 25
 #: Largest tile (pixels) of that preconditioner where the mask has connected masked
 #: regions (coarse points): 10 × 10 pixels.
-REGION_BLOCK_VALUES = 100
+REGION_TILE_PIXELS = 100
 #: Largest ``P r²`` (models × coarse values²) of the coarse-space correction of the
 #: Schur complement by CG: each of its ``r × r`` matrices stays under 32 MB.
 COARSE_MATRIX_VALUES = 2**22
@@ -199,7 +199,7 @@ def estimate_memory(
         Values of its block-Jacobi preconditioner's tile blocks per model, as the mask
         gives them (:func:`~hyperspy_gp.gp.schur_iterative.jacobi_block_values`);
         ``None``: the bound for tiles of
-        :data:`~hyperspy_gp.memory.JACOBI_BLOCK_VALUES` pixels.
+        :data:`~hyperspy_gp.memory.JACOBI_TILE_PIXELS` pixels.
 
     Returns
     -------
@@ -229,7 +229,7 @@ def estimate_memory(
         # their factors, and the chunk they are built in.  Prediction: the draws'
         # weights, their white noise, and the draws' predictions (one chunk per thread).
         columns = n_models * (1 + LOGDET_PROBES) * n_tasks
-        tiles = n_models * (n_tasks * min(n_missing * JACOBI_BLOCK_VALUES**2, n_pixels * JACOBI_BLOCK_VALUES)
+        tiles = n_models * (n_tasks * min(n_missing * JACOBI_TILE_PIXELS**2, n_pixels * JACOBI_TILE_PIXELS)
                             if n_jacobi_values is None else n_jacobi_values)
         fitting += (6 * columns * n_missing + 4 * columns * n_pixels + 2 * tiles) * itemsize + CHUNK_BYTES
         # The coarse space: kernel columns and their orthonormal basis (m × c), the basis

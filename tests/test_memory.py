@@ -7,7 +7,7 @@ import pytest
 
 from hyperspy_gp import memory
 from hyperspy_gp.memory import (
-    JACOBI_BLOCK_VALUES,
+    JACOBI_TILE_PIXELS,
     MemoryBudgetError,
     check_memory_budget,
     estimate_memory,
@@ -157,7 +157,7 @@ def test_schur_complement_by_cg_is_linear_in_the_missing_pixels_not_in_missing_t
     assert complete.fitting < few.fitting < many.fitting < 2 * 2**30  # factorised: 30000 × 65536 × 36 values
     # CG vectors over the missing values, and the preconditioner's tile blocks (their
     # factors too): per whitened map, at most k² values per missing pixel and k per pixel.
-    k = JACOBI_BLOCK_VALUES  # pixels per tile and whitened map
+    k = JACOBI_TILE_PIXELS  # pixels per tile and whitened map
     tiles = {m: 6 * min(m * k**2, 65536 * k) for m in (1000, 30000)}
     assert many.fitting - few.fitting == (6 * 17 * 6 * 29000 + 2 * (tiles[30000] - tiles[1000])) * 8
     assert few.prediction > complete.prediction  # the variance draws
@@ -176,4 +176,4 @@ def test_tile_blocks_the_mask_gives_replace_the_bound():
     given = estimate_memory((256, 256), 6, 100, n_missing=18000, schur_cg=True, n_jacobi_values=600 * 216**2)
     # the blocks and their factors; the bound: k values per pixel and whitened map (fewer than k² per missing
     # pixel)
-    assert given.fitting - bound.fitting == 2 * (600 * 216**2 - 6 * 65536 * JACOBI_BLOCK_VALUES) * 8
+    assert given.fitting - bound.fitting == 2 * (600 * 216**2 - 6 * 65536 * JACOBI_TILE_PIXELS) * 8

@@ -69,7 +69,7 @@ from hyperspy_gp.gp.likelihood import (
 from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior
 from hyperspy_gp.gp.schur import _apply_covariance
 from hyperspy_gp.gp.tensor import kron_dot
-from hyperspy_gp.memory import CHUNK_BYTES, JACOBI_BLOCK_VALUES, REGION_BLOCK_VALUES, VARIANCE_DRAWS
+from hyperspy_gp.memory import CHUNK_BYTES, JACOBI_TILE_PIXELS, REGION_TILE_PIXELS, VARIANCE_DRAWS
 
 #: Draws solved together (as many vectors as the likelihood's CG holds).
 DRAWS_PER_SOLVE = 16
@@ -90,7 +90,7 @@ MAX_JACOBI_COST = 0.25
 def jacobi_tile(factor_shape: Sequence[int], regions: torch.Tensor | None = None) -> int:
     """Side of the tiles whose missing pixels form one block of the preconditioner (per whitened map).
 
-    The largest side with at most :data:`~hyperspy_gp.memory.JACOBI_BLOCK_VALUES` pixels
+    The largest side with at most :data:`~hyperspy_gp.memory.JACOBI_TILE_PIXELS` pixels
     per tile.  A tile of neighbouring pixels holds the strongest couplings of ``C``.  The
     blocks are built per whitened map (see :class:`MaskedOperator`), so a tile's side
     does not depend on the number of maps.  Measured, one likelihood evaluation at
@@ -100,7 +100,7 @@ def jacobi_tile(factor_shape: Sequence[int], regions: torch.Tensor | None = None
 
     With ``regions`` (the missing pixels of a mask with connected masked regions, which
     the coarse space serves), tiles grow further, up to
-    :data:`~hyperspy_gp.memory.REGION_BLOCK_VALUES` pixels, while applying ``J`` costs at
+    :data:`~hyperspy_gp.memory.REGION_TILE_PIXELS` pixels, while applying ``J`` costs at
     most :data:`MAX_JACOBI_COST` of a product with ``C``.  Measured on a masked quarter
     disc of 128² × 6 maps: 10 × 10 tiles 10.3 s and 110 CG iterations, 14 × 14 tiles
     13.7 s and 116.
@@ -129,12 +129,12 @@ def jacobi_tile(factor_shape: Sequence[int], regions: torch.Tensor | None = None
     10
     """
     tile = 1
-    while _tile_fits(tile + 1, factor_shape, JACOBI_BLOCK_VALUES):
+    while _tile_fits(tile + 1, factor_shape, JACOBI_TILE_PIXELS):
         tile += 1
     if regions is None:
         return tile
     product = 2 * math.prod(factor_shape) * sum(factor_shape)  # multiply-adds of C v per column and map
-    while _tile_fits(tile + 1, factor_shape, REGION_BLOCK_VALUES):
+    while _tile_fits(tile + 1, factor_shape, REGION_TILE_PIXELS):
         if used_tiles(regions, tile + 1) * (tile + 1) ** (2 * len(factor_shape)) > MAX_JACOBI_COST * product:
             break
         tile += 1
@@ -361,10 +361,6 @@ class MaskedOperator:
     def precondition(self, r: torch.Tensor) -> torch.Tensor:
         """``J^{-1} r = (W^{-T} ⊗ I) diag_k(J_k^{-1}) (W^{-1} ⊗ I) r``."""
         return self.unwhiten_t(self.block_solve(self.whiten(r)))
-
-    def jacobi(self, v: torch.Tensor) -> torch.Tensor:
-        """``J v = (W ⊗ I) diag_k(J_k) (W ⊗ I)ᵀ v``."""
-        return self.unwhiten(self.block_apply(self._maps(v, 1.0 / self.root, transpose=True)))
 
     def factor(self, eps: torch.Tensor) -> torch.Tensor:
         """``Φ ε`` with ``Φ = (W ⊗ I) diag_k(chol(J_k))``, ``Φ Φᵀ = J``: probes with covariance ``J``."""
