@@ -71,24 +71,6 @@ def kron_rows(matrices: Sequence[torch.Tensor], index: torch.Tensor) -> torch.Te
     return out
 
 
-def blocked_gram(rows: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """``out[p, s, a, t, b] = Σ_j rows[p, j, a] blocks[p, j, s, t] rows[p, j, b]``, ``(P, T, m, T, m)``.
-
-    For ``rows`` ``(P, n, m)`` and blocks ``(P, n, T, T)`` symmetric in ``(s, t)``: the
-    ``T × T`` blocks of ``(V ⊗ I)ᵀ diag_j(M_j) (V ⊗ I)``, as ``T (T + 1) / 2`` products of
-    ``n × m`` matrices.
-    """
-    p, _, m = rows.shape
-    t = blocks.shape[-1]
-    out = rows.new_empty(p, t, m, t, m)
-    for s in range(t):
-        for u in range(s, t):
-            out[:, s, :, u] = rows.transpose(1, 2) @ (blocks[:, :, s, u, None] * rows)
-            if u != s:
-                out[:, u, :, s] = out[:, s, :, u].transpose(-1, -2)
-    return out
-
-
 def sum_except_axis(x: torch.Tensor, axis: int) -> torch.Tensor:
     """Sum a grid tensor ``(P, n_1, ..., n_d)`` over every spatial axis but ``axis``."""
     dims = [d for d in range(1, x.dim()) if d != axis + 1]
