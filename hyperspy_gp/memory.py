@@ -57,8 +57,9 @@ JACOBI_TILE_PIXELS = 25
 #: Largest tile (pixels) of that preconditioner where the mask has connected masked
 #: regions (coarse points): 10 × 10 pixels.
 REGION_TILE_PIXELS = 100
-#: Largest ``P r²`` (models × coarse values²) of the coarse-space correction of the
-#: Schur complement by CG: each of its ``r × r`` matrices stays under 32 MB.
+#: Largest ``P T c²`` (models × whitened maps × coarse points²) of the coarse-space
+#: correction of the Schur complement by CG: each of its matrices (``T`` blocks of
+#: ``c × c`` per model) stays under 32 MB.
 COARSE_MATRIX_VALUES = 2**22
 #: Largest ``P m c`` (models × missing pixels × coarse points): its basis under 64 MB.
 COARSE_BASIS_VALUES = 2**23

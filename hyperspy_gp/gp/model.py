@@ -81,9 +81,10 @@ class GridICMModel(gpytorch.Module):
         ``(lo, hi)`` in pixels of the training grid; either may be ``None``.
     observed
         Boolean grid (numpy order) of the pixels that were measured, or ``None`` for a
-        complete grid (a mask with every pixel measured is taken as ``None``).  With it, the exact likelihood is computed by dense algebra on
-        the observed pixels (:mod:`~hyperspy_gp.gp.dense`) or by the Kronecker eigenbasis
-        with a Schur complement over the missing ones (:mod:`~hyperspy_gp.gp.schur`,
+        complete grid (a mask with every pixel measured is taken as ``None``).  With it,
+        the exact likelihood is computed by dense algebra on the observed pixels
+        (:mod:`~hyperspy_gp.gp.dense`) or by the Kronecker eigenbasis with a Schur
+        complement over the missing ones (:mod:`~hyperspy_gp.gp.schur`,
         :mod:`~hyperspy_gp.gp.schur_iterative`), see ``masked_solver``, or iteratively
         (``iterative``); without, by the Kronecker eigenbasis
         (:mod:`~hyperspy_gp.gp.likelihood`) or iteratively.
