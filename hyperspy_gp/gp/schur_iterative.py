@@ -94,9 +94,11 @@ def jacobi_tile(factor_shape: Sequence[int], regions: torch.Tensor | None = None
     per tile.  A tile of neighbouring pixels holds the strongest couplings of ``C``.  The
     blocks are built per whitened map (see :class:`MaskedOperator`), so a tile's side
     does not depend on the number of maps.  Measured, one likelihood evaluation at
-    hyperparameters fitted to the complete maps, 128², tiles of 3, 5 and 8 pixels a
-    side: 5 % missing at random 0.91, 0.91 and 1.30 s; 20 %, 1.78 s with 5 and 2.46 s
-    with 8 (21 and 22 CG iterations); 50 %, 4.6 and 4.8 s (56 and 42 iterations).
+    hyperparameters fitted to the complete maps, 128² × 6 maps, tiles of 3, 5 and 8
+    pixels a side forced: 5 % missing at random 0.91, 0.91 and 1.30 s; 20 %, 1.78 s
+    with 5 and 2.46 s with 8 (21 and 22 CG iterations); 50 %, 4.6 and 4.8 s (56 and 42
+    iterations; that mask has coarse points and takes 10 × 10 tiles by the rule below,
+    5.4 s and 44 iterations).
 
     With ``regions`` (the missing pixels of a mask with connected masked regions, which
     the coarse space serves), tiles grow further, up to
