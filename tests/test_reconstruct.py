@@ -138,8 +138,11 @@ def test_components_as_list_and_independent_mode(decomposed, unchanged):
 
 def test_chunked_prediction_equals_single_chunk(decomposed, reconstruction):
     rec = gp_reconstruct(decomposed, components=3, upsampling=2, chunks=7)
-    np.testing.assert_allclose(rec.loadings.data, reconstruction.loadings.data, rtol=1e-12)
-    np.testing.assert_allclose(rec.variance.data, reconstruction.variance.data, rtol=1e-12)
+    # Equal to rounding: products of other shapes may sum in another order, so values
+    # that cancel to far below the map's scale differ in their last digits.
+    for got, expected in ((rec.loadings.data, reconstruction.loadings.data),
+                          (rec.variance.data, reconstruction.variance.data)):
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-13 * np.abs(expected).max())
 
 
 def test_lazy_output_equals_eager(decomposed, reconstruction):
@@ -458,7 +461,7 @@ def test_no_exact_refit_where_it_would_not_fit_the_memory_budget(monkeypatch):
     maps[masked] = np.nan
     s = _with_missing_pixels(maps, np.abs(np.random.default_rng(1).standard_normal((20, 2))) + 0.1)
     kwargs = dict(mode="parallel", n_missing=int(masked.sum()), lazy_output=False)
-    n_coarse = int(coarse_points(~masked, 1, 2).sum())
+    n_coarse = [int(coarse_points(~masked, 1, maps).sum()) for maps in (1, 2)]  # a lattice per coarse map count
     cg = estimate_memory((96, 96), 2, 20, schur_cg=True, n_coarse=n_coarse, **kwargs).total
     factorised = estimate_memory((96, 96), 2, 20, **kwargs).total  # the cheaper exact path here
     assert factorised > 2 * cg
