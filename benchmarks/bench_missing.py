@@ -87,7 +87,7 @@ def run_case(side: int, n_tasks: int, pattern: str, device: str = "cpu", kernel:
     from hyperspy_gp.request import Request, choose_solver
 
     if pattern == "disc, tiles only":  # block-Jacobi alone: no coarse space
-        GridICMModel.coarse_index = None
+        GridICMModel.coarse_lattice = None
     maps = synthetic_maps(side, n_tasks)
     maps[missing_mask(pattern, side)] = np.nan
     request = Request(list(range(n_tasks)), "parallel", 2, None, kernel, 1, "auto", device, "float64", None)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 #: Budget used when ``memory_budget=None``: bytes, or ``None`` for
@@ -61,8 +62,13 @@ REGION_TILE_PIXELS = 100
 #: correction of the Schur complement by CG: each of its matrices (``T`` blocks of
 #: ``c × c`` per model) stays under 32 MB.
 COARSE_MATRIX_VALUES = 2**22
-#: Largest ``P m c`` (models × missing pixels × coarse points): its basis under 64 MB.
-COARSE_BASIS_VALUES = 2**23
+#: Largest ``P m c`` (models × missing pixels × coarse points): its basis under 256 MB.
+#: Measured, one likelihood evaluation, 256² × 12 maps, a masked quarter disc (18 689
+#: pixels) with one whitened map that needs the coarse space, length scales 1.4 times
+#: those fitted to the complete maps: 2**23 (377 coarse points) 294 s, 228 CG
+#: iterations, peak RSS 2.3 GB; 2**24 (760) 261 s, 159, 2.2 GB; 2**25 (1121) 226 s,
+#: 148, 2.8 GB.
+COARSE_BASIS_VALUES = 2**25
 #: Values of one chunk of the missing pixels' temporaries (pixels × lines × ``n_b``) on the
 #: iterative path (:class:`~hyperspy_gp.gp.pixel_rows.PixelRows`): 32 MB.
 PIXEL_ROWS_CHUNK_VALUES = 2**22
@@ -168,7 +174,7 @@ def estimate_memory(
     chunks: int | None = None,
     iterative: bool = False,
     schur_cg: bool = False,
-    n_coarse: int = 0,
+    n_coarse: int | Sequence[int] = 0,
     n_jacobi_values: int | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of :func:`~hyperspy_gp.gp_reconstruct`.
@@ -195,7 +201,10 @@ def estimate_memory(
         conjugate gradients (many scattered missing pixels) rather than factorised.
     n_coarse
         Coarse points of its coarse-space correction
-        (:func:`~hyperspy_gp.gp.coarse_space.coarse_points`), 0 for none.
+        (:func:`~hyperspy_gp.gp.coarse_space.coarse_points`), 0 for none: one count per
+        number ``1 … T`` of whitened maps that get it (the lattice is sized for them,
+        :class:`~hyperspy_gp.gp.coarse_space.CoarseLattice`), the worst counted; or one
+        count for all ``T``.
     n_jacobi_values
         Values of its block-Jacobi preconditioner's tile blocks per model, as the mask
         gives them (:func:`~hyperspy_gp.gp.schur_iterative.jacobi_block_values`);
@@ -235,8 +244,10 @@ def estimate_memory(
         fitting += (6 * columns * n_missing + 4 * columns * n_pixels + 2 * tiles) * itemsize + CHUNK_BYTES
         # The coarse space: kernel columns and their orthonormal basis (m × c), the basis
         # rotated into the eigenbasis (n × c), and six matrices (E, F, their factors, the
-        # two weights) of T blocks c × c each, one per whitened map.
-        fitting += n_models * ((2 * n_missing + n_pixels) * n_coarse + 6 * n_tasks * n_coarse**2) * itemsize
+        # two weights) of T' blocks c × c each, one per whitened map that gets it.
+        counts = {n_tasks: n_coarse} if isinstance(n_coarse, int) else dict(enumerate(n_coarse, start=1))
+        fitting += n_models * max((2 * n_missing + n_pixels) * c + 6 * maps * c**2
+                                  for maps, c in counts.items()) * itemsize
         draws = n_models * VARIANCE_DRAWS * n_tasks * n_pixels
         prediction += 3 * draws * _FLOAT64 + (os.cpu_count() or 1) * CHUNK_BYTES
     elif n_observed is None and n_missing:

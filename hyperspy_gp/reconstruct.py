@@ -329,9 +329,10 @@ def _estimate_memory(maps: np.ndarray, decomposition, request: Request, lazy: bo
         from hyperspy_gp.gp.schur_iterative import jacobi_block_values
 
         n_models, n_tasks = (1, maps.shape[-1]) if request.mode == "parallel" else (maps.shape[-1], 1)
-        n_coarse = int(coarse_points(request.observed, n_models, n_tasks).sum())
+        # One lattice per number of whitened maps that get the coarse space.
+        n_coarse = [int(coarse_points(request.observed, n_models, maps).sum()) for maps in range(1, n_tasks + 1)]
         factor_shape = GridKernel(request.observed.shape, request.kernel).factor_shape
-        n_jacobi_values = jacobi_block_values(request.observed, factor_shape, n_tasks, regions=n_coarse > 0)
+        n_jacobi_values = jacobi_block_values(request.observed, factor_shape, n_tasks, regions=n_coarse[0] > 0)
     return estimate_memory(
         maps.shape[:-1], maps.shape[-1], decomposition.factors.shape[0], mode=request.mode,
         upsampling=request.upsampling, kernel=request.kernel, dtype=request.dtype, lazy_output=lazy,

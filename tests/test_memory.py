@@ -168,6 +168,12 @@ def test_coarse_space_of_the_schur_complement_by_cg_is_counted():
     with_coarse = estimate_memory((256, 256), 6, 100, n_missing=8000, schur_cg=True, n_coarse=300)
     # kernel columns and their basis (m × c), the basis rotated (n × c), six matrices of T blocks c × c
     assert with_coarse.fitting - without.fitting == ((2 * 8000 + 256 * 256) * 300 + 6 * 6 * 300**2) * 8
+    # One lattice per number of whitened maps that get the coarse space: the worst is counted.
+    per_maps = [900, 640, 520, 450, 400, 300]  # finer for fewer maps
+    worst = max((2 * 8000 + 256 * 256) * c + 6 * t * c**2 for t, c in enumerate(per_maps, start=1))
+    sized = estimate_memory((256, 256), 6, 100, n_missing=8000, schur_cg=True, n_coarse=per_maps)
+    assert sized.fitting - without.fitting == worst * 8
+    assert worst == (2 * 8000 + 256 * 256) * 900 + 6 * 900**2  # here one map's finer lattice
 
 
 def test_tile_blocks_the_mask_gives_replace_the_bound():

@@ -28,6 +28,15 @@ coordinates:
   so ``Φ ε = L ε - J Z Y Zᵀ L ε`` with ``Y = A X Aᵀ``;
 - ``Φ^{-T} ε = L^{-T} ε + Z Y' Zᵀ L ε``, ``Y' = A X' Aᵀ``, ``X' = U diag(x / √(1 - g)) Uᵀ``.
 
+Only the whitened maps that need it get the coarse space (:func:`coarse_maps`).  In
+the whitened coordinates ``C_k = (Q diag(h_k) Qᵀ)_{MM}`` is a principal block of a
+matrix with eigenvalues ``h_{jk} = 1 / (λ_j γ_k + 1)``, so its condition number is at
+most ``1 + λ_max γ_k``, the signal-to-noise ratio of the whitened map's best-determined
+eigenmode: a map with a low ratio has no smooth modes for CG to chase, and its tiles
+suffice.  The coarse lattice is sized for the maps that do (:class:`CoarseLattice`):
+where one map carries the structure (maps that share it, as EELS components often do)
+it gets ``√T`` times more coarse points for the same memory.
+
 Measured (one map, 48², a masked quarter disc of 1633 pixels, ``r`` = 374; CG
 iterations of one likelihood evaluation, tiles alone → with the coarse space): ℓ = 3 px,
 noise 1e-6: 501 → 162; ℓ = 6 px, noise 1e-4: no convergence in 1000 → 136; ℓ = 6 px,
@@ -48,6 +57,13 @@ from hyperspy_gp.memory import CHUNK_BYTES, COARSE_BASIS_VALUES, COARSE_MATRIX_V
 
 #: Smallest spacing of the coarse lattice, in pixels (every other pixel).
 MIN_COARSE_SPACING = 2
+#: Smallest signal-to-noise ratio ``λ_max γ_k`` of a whitened map for which it gets the
+#: coarse space (:func:`coarse_maps`).  Measured, one map on a masked quarter disc of
+#: 128² (4672 pixels), ℓ = 3.4 × 2.4 px, CG iterations of one evaluation with tiles
+#: alone and with the coarse space: ratio 0.46: 7 and 8; 4.6: 16 and 11; 14: 25 and 12;
+#: 46: 38 and 13; 460: 92 and 21; 4600: 201 and 40.  Below 10, tiles alone need fewer
+#: iterations than the best-determined map of a typical fit does with the coarse space.
+COARSE_MIN_SNR = 10.0
 
 
 def coarse_points(observed: np.ndarray, n_models: int, n_tasks: int) -> np.ndarray:
@@ -101,13 +117,64 @@ def coarse_points(observed: np.ndarray, n_models: int, n_tasks: int) -> np.ndarr
     return np.zeros(n_missing, dtype=bool)
 
 
+class CoarseLattice:
+    """The coarse points of one mask, for any number of whitened maps that get the coarse space.
+
+    Parameters
+    ----------
+    observed
+        Boolean mask of the measured pixels on the fitted grid.
+    n_models
+        Models ``P``.
+    missing_index
+        ``(m, n_factors)`` factor-layout coordinates of the missing pixels, in C order.
+
+    Examples
+    --------
+    >>> observed = np.ones((70, 70), dtype=bool)
+    >>> observed[5:65, 5:65] = False  # a 60 × 60 masked region
+    >>> lattice = CoarseLattice(observed, 1, torch.nonzero(torch.as_tensor(~observed)))
+    >>> len(lattice.points(1)), len(lattice.points(12))  # every 2nd pixel for one map, every 3rd for 12
+    (841, 400)
+    """
+
+    def __init__(self, observed: np.ndarray, n_models: int, missing_index: torch.Tensor) -> None:
+        self.observed = np.asarray(observed, dtype=bool)
+        self.n_models = int(n_models)
+        self.missing_index = missing_index
+        self._points: dict[int, torch.Tensor | None] = {}
+
+    def points(self, n_maps: int) -> torch.Tensor | None:
+        """``(c, n_factors)`` coarse points sized for ``n_maps`` whitened maps (cached), ``None`` if none fit."""
+        if n_maps not in self._points:
+            chosen = coarse_points(self.observed, self.n_models, n_maps)
+            index = torch.as_tensor(chosen, device=self.missing_index.device)
+            self._points[n_maps] = self.missing_index[index] if chosen.any() else None
+        return self._points[n_maps]
+
+
+def coarse_maps(operator) -> torch.Tensor:
+    """Whitened maps that get the coarse space, ``(P, T')``: those with ``λ_max γ_k`` over :data:`COARSE_MIN_SNR`.
+
+    ``T'`` is the most any model needs (others take their best-determined maps up to
+    ``T'``); ``(P, 0)`` when none does.  The ratio is ``1 / min_j h_{jk} - 1`` from the
+    operator's whitened weights.
+    """
+    weights = operator.whitened_weights  # h_jk, (P, *fg, T)
+    ratio = 1.0 / weights.flatten(1, -2).amin(1) - 1.0  # λ_max γ_k, (P, T)
+    n_maps = int((ratio > COARSE_MIN_SNR).sum(-1).max())
+    return ratio.topk(n_maps, dim=-1).indices
+
+
 class CoarseCorrection:
     """The two-level preconditioner ``P^{-1} = J^{-1} + Z E^{-1} Zᵀ`` (see the module docstring).
 
     Same interface as the block-Jacobi one of
     :class:`~hyperspy_gp.gp.schur_iterative.MaskedOperator`: ``precondition``,
     ``factor``, ``factor_inv_t`` and ``logdet_preconditioner``, on ``(P, R, T, m)``
-    vectors; inside, whitened map coordinates with ``(P, T, c, c)`` blocks.
+    vectors; inside, whitened map coordinates with ``(P, T', c, c)`` blocks for the
+    ``T'`` whitened maps that get the coarse space (``Z = basis ⊗ E_S``, ``S`` those
+    maps); the others keep ``J_k`` alone.
 
     Parameters
     ----------
@@ -117,18 +184,25 @@ class CoarseCorrection:
         The kernel factors ``(P, n_a, n_a)``.
     coarse_index
         ``(c, n_factors)`` factor-layout coordinates of the coarse points.
+    maps
+        ``(P, T')`` whitened maps that get the coarse space (:func:`coarse_maps`);
+        default all.
     """
 
-    def __init__(self, operator, factors, coarse_index: torch.Tensor) -> None:
+    def __init__(self, operator, factors, coarse_index: torch.Tensor, maps: torch.Tensor | None = None) -> None:
         self.op = operator
+        n_models, n_tasks = operator.whitened_weights.shape[0], operator.whitened_weights.shape[-1]
+        if maps is None:
+            maps = torch.arange(n_tasks, device=coarse_index.device).expand(n_models, -1)
+        self.maps = maps
+        self.n_tasks = n_tasks
         with torch.no_grad():
             columns = math.prod(  # K(x_i, x_c) for missing i and coarse c, (P, m, c)
                 f[:, operator.index[:, a]][:, :, coarse_index[:, a]] for a, f in enumerate(factors)
             )
             self.basis, _ = torch.linalg.qr(columns)  # orthonormal: the span is what counts
-            self.n_tasks = operator.inverse_blocks.shape[-1]
-            e = self._coarse_inverse_covariance()  # Zᵀ diag_k(C_k) Z, (P, T, c, c)
-            f = self._coarse_matrix(operator.block_apply)  # Zᵀ diag_k(J_k) Z
+            e = self._coarse_inverse_covariance()  # Zᵀ diag_k(C_k) Z, (P, T', c, c)
+            f = operator.block_gram(self.basis, self.maps)  # Zᵀ diag_k(J_k) Z, (P, T', c, c)
             chol_e, jitter = safe_cholesky(e)  # E + jitter I: still a valid preconditioner
             inverse = torch.cholesky_inverse(chol_e)  # a product per CG step, not two triangular solves
             self.e_inverse = 0.5 * (inverse + inverse.transpose(-1, -2))
@@ -146,66 +220,68 @@ class CoarseCorrection:
             diag = torch.diagonal
             logdet_ratio = 2.0 * (torch.log(diag(chol_e, dim1=-2, dim2=-1)).sum(-1)
                                   - torch.log(diag(chol_ef, dim1=-2, dim2=-1)).sum(-1))
-            self._logdet_ratio = logdet_ratio.sum(-1)  # over the whitened maps
+            self._logdet_ratio = logdet_ratio.sum(-1)  # over the coarse maps
+
+    @property
+    def n_maps(self) -> int:
+        """Whitened maps ``T'`` that get the coarse space."""
+        return self.maps.shape[-1]
 
     @property
     def n_values(self) -> int:
-        """Columns ``r = c T`` of the coarse space."""
-        return self.basis.shape[-1] * self.n_tasks
+        """Columns ``r = c T'`` of the coarse space."""
+        return self.basis.shape[-1] * self.n_maps
+
+    def _map_index(self, v: torch.Tensor) -> torch.Tensor:
+        """The coarse maps' indices broadcast over ``(P, R, ·, m)`` vectors like ``v``."""
+        return self.maps[:, None, :, None].expand(v.shape[0], v.shape[1], self.n_maps, v.shape[-1])
 
     def lift(self, y: torch.Tensor) -> torch.Tensor:
-        """``Z y``: ``(P, r, R)`` (rows ordered map by map) → ``(P, R, T, m)``."""
+        """``Z y``: ``(P, r, R)`` (rows ordered map by map) → whitened ``(P, R, T, m)``, zero on the other maps."""
         p, _, r = y.shape
-        return torch.einsum("pmc,ptcr->prtm", self.basis, y.reshape(p, self.n_tasks, -1, r))
+        lifted = torch.einsum("pmc,ptcr->prtm", self.basis, y.reshape(p, self.n_maps, -1, r))
+        out = lifted.new_zeros(p, r, self.n_tasks, lifted.shape[-1])
+        return out.scatter_(2, self._map_index(lifted), lifted)
 
     def project(self, v: torch.Tensor) -> torch.Tensor:
-        """``Zᵀ v``: ``(P, R, T, m)`` → ``(P, r, R)``."""
+        """``Zᵀ v``: whitened ``(P, R, T, m)`` → ``(P, r, R)``."""
         p, r = v.shape[:2]
-        return torch.einsum("pmc,prtm->ptcr", self.basis, v).reshape(p, -1, r)
+        return torch.einsum("pmc,prtm->ptcr", self.basis, v.gather(2, self._map_index(v))).reshape(p, -1, r)
 
     def _blocks(self, weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``Z diag_k(weights_k) Zᵀ v`` for ``(P, T, c, c)`` weights and whitened ``v``."""
+        """``Z diag_k(weights_k) Zᵀ v`` for ``(P, T', c, c)`` weights and whitened ``v``."""
         p, r = v.shape[:2]
-        y = weights @ self.project(v).reshape(p, self.n_tasks, -1, r)
+        y = weights @ self.project(v).reshape(p, self.n_maps, -1, r)
         return self.lift(y.reshape(p, -1, r))
 
-    def _coarse_matrix(self, apply) -> torch.Tensor:
-        """``Zᵀ A Z`` per whitened map, ``(P, T, c, c)``, for ``apply`` acting map by map on whitened ``(P, R, T, m)``.
-
-        Each batch of unit columns is lifted for every map at once.
-        """
-        p, m, c = self.basis.shape
-        t = self.n_tasks
-        grid_values = max(math.prod(self.op.grid_shape()), m) * t * p
-        batch = max(1, CHUNK_BYTES // (4 * grid_values * self.basis.element_size()))
-        out = self.basis.new_empty(p, t, c, c)
-        for start in range(0, c, batch):
-            stop = min(start + batch, c)
-            unit = self.basis.new_zeros(p, t, c, stop - start)
-            unit[:, :, start:stop] = torch.eye(stop - start, dtype=unit.dtype, device=unit.device)
-            columns = apply(self.lift(unit.reshape(p, t * c, -1)))
-            out[..., start:stop] = self.project(columns).reshape(p, t, c, -1)
-        return 0.5 * (out + out.transpose(-1, -2))
-
     def _coarse_inverse_covariance(self) -> torch.Tensor:
-        """``E_k = Zᵀ C_k Z`` per whitened map, ``(P, T, c, c)``, from the rotated basis.
+        """``E_k = Zᵀ C_k Z`` per coarse map, ``(P, T', c, c)``, from the rotated basis.
 
         With ``V = Qᵀ E_M Z_c`` (the coarse basis rotated into the eigenbasis, ``(P, n, c)``)
-        and the whitened weights ``h_{jk}``, ``E_k = Vᵀ diag(h_k) V``: ``T`` products of
-        ``n × c`` matrices (128² × 6, ``c`` = 269: 0.6 s where ``2 c T`` structured
-        products took 4.8 s).
+        and the whitened weights ``h_{jk}``, ``E_k = Vᵀ diag(h_k) V``: ``T'`` products of
+        ``n × c`` matrices (128² × 6, ``c`` = 269, all maps: 0.6 s where ``2 c T``
+        structured products took 4.8 s).
         """
         op, basis = self.op, self.basis
         p, _, c = basis.shape
-        rotated = kron_dot(op.scatter(basis.transpose(-1, -2).unsqueeze(2)),
-                           [q.transpose(-1, -2) for q in op.eigenvectors]).reshape(p, -1, c)  # (P, n, c)
+        n = math.prod(op.grid_shape())
+        rotated = basis.new_empty(p, n, c)  # (P, n, c), filled a block of columns at a time:
+        block = max(1, CHUNK_BYTES // (p * n * basis.element_size()))  # the grid temporaries stay small
+        for start in range(0, c, block):
+            columns = basis[:, :, start : start + block].transpose(-1, -2).unsqueeze(2)
+            rotated[:, :, start : start + block] = kron_dot(
+                op.scatter(columns), [q.transpose(-1, -2) for q in op.eigenvectors]).reshape(p, n, -1)
         weights = op.whitened_weights.reshape(p, -1, self.n_tasks)
+        weights = weights.gather(2, self.maps[:, None, :].expand(p, weights.shape[1], self.n_maps))
         out = torch.stack([rotated.transpose(1, 2) @ (weights[:, :, k, None] * rotated)
-                           for k in range(self.n_tasks)], 1)
+                           for k in range(self.n_maps)], 1)
         return 0.5 * (out + out.transpose(-1, -2))
 
     def precondition(self, r: torch.Tensor) -> torch.Tensor:
-        """``P^{-1} r = (W^{-T} ⊗ I) (diag_k(J_k^{-1}) + Z E^{-1} Zᵀ) (W^{-1} ⊗ I) r``."""
+        """``P^{-1} r = (W^{-T} ⊗ I) (diag_k(J_k^{-1}) + Z E^{-1} Zᵀ) (W^{-1} ⊗ I) r``.
+
+        ``E`` holds ``T'`` blocks, zero correction on the maps without a coarse space.
+        """
         y = self.op.whiten(r)
         return self.op.unwhiten_t(self.op.block_solve(y) + self._blocks(self.e_inverse, y))
 

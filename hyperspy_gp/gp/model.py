@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import gpytorch
 import numpy as np
@@ -25,6 +26,9 @@ from hyperspy_gp.gp.iterative import (
 )
 from hyperspy_gp.gp.kernels import GridKernel
 from hyperspy_gp.gp.likelihood import grid_icm_log_likelihood
+
+if TYPE_CHECKING:
+    from hyperspy_gp.gp.coarse_space import CoarseLattice
 
 #: Lower bound (pixels) of the length scale when the user gives none.  Below it,
 #: neighbouring pixels are nearly uncorrelated (k(1 px) < 0.15) and a GP can no longer
@@ -219,19 +223,20 @@ class GridICMModel(gpytorch.Module):
         return rademacher_probes(shape, self.n_probes, 0, self.kernel.dtype, targets.device)
 
     @functools.cached_property
-    def coarse_index(self) -> torch.Tensor | None:
-        """Coarse points ``(c, n_factors)`` of the Schur complement by CG, or ``None``.
+    def coarse_lattice(self) -> CoarseLattice | None:
+        """Coarse points of the Schur complement by CG, or ``None``.
 
-        Missing pixels deep inside large masked regions
-        (:func:`~hyperspy_gp.gp.coarse_space.coarse_points`), for the preconditioner's
-        coarse-space correction; ``None`` unless ``masked_solver="schur-cg"`` has some.
+        Missing pixels deep inside large masked regions, for the preconditioner's
+        coarse-space correction (:class:`~hyperspy_gp.gp.coarse_space.CoarseLattice`, a
+        lattice per number of whitened maps that need it); ``None`` unless
+        ``masked_solver="schur-cg"`` and the mask has such regions.
         """
         if self.observed is None or self.masked_solver != "schur-cg":
             return None
-        from hyperspy_gp.gp.coarse_space import coarse_points
+        from hyperspy_gp.gp.coarse_space import CoarseLattice
 
-        chosen = coarse_points(self.observed, self.n_models, self.n_tasks)
-        return self.missing_index[torch.as_tensor(chosen, device=self.missing_index.device)] if chosen.any() else None
+        lattice = CoarseLattice(self.observed, self.n_models, self.missing_index)
+        return lattice if lattice.points(1) is not None else None
 
     def log_likelihood(self, targets: torch.Tensor) -> torch.Tensor:
         """Exact log marginal likelihood of each model, ``(P,)``."""
@@ -257,7 +262,7 @@ class GridICMModel(gpytorch.Module):
         from hyperspy_gp.gp.schur_iterative import schur_cg_log_likelihood
 
         return schur_cg_log_likelihood(self.as_factor_layout(targets), *covariances, self.missing_index,
-                                       self.schur_probes(targets), self.coarse_index)
+                                       self.schur_probes(targets), self.coarse_lattice)
 
     def submodel(self, index: int) -> GridICMModel:
         """A batch of one: a copy of model ``index`` (its parameters, not shared)."""

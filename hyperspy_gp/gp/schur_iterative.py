@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from hyperspy_gp.gp.cholesky import safe_cholesky
-from hyperspy_gp.gp.coarse_space import CoarseCorrection
+from hyperspy_gp.gp.coarse_space import CoarseCorrection, CoarseLattice, coarse_maps
 from hyperspy_gp.gp.iterative import (
     CG_TOLERANCE,
     ESTIMATE_CG_TOLERANCE,
@@ -329,6 +329,29 @@ class MaskedOperator:
         x = self._to_tiles(y)
         return self._from_tiles(self.jacobi_cholesky @ (self.jacobi_cholesky.transpose(-1, -2) @ x))
 
+    def block_gram(self, columns: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """``Xᵀ J_k X`` for the whitened maps ``k`` in ``maps`` ``(P, T')``, for columns ``X`` ``(P, m, c)``: ``(P, T', c, c)``.
+
+        Tile by tile, ``Σ_u (L_{ku}ᵀ X_u)ᵀ (L_{ku}ᵀ X_u)``: products of about ``m × c`` by
+        ``c`` per map, no product of ``J`` with unit columns; tiles in chunks of
+        :data:`~hyperspy_gp.memory.CHUNK_BYTES`.
+        """
+        p, _, c = columns.shape
+        n_tiles, k, t = self.jacobi_cholesky.shape[2], self.jacobi_cholesky.shape[-1], maps.shape[-1]
+        per_tile = p * k * (c * (1 + 2 * t) + t * k)  # X_u; L_ku and L_kuᵀ X_u (and its copy) per map
+        per_chunk = max(1, CHUNK_BYTES // (per_tile * columns.element_size()))
+        models = torch.arange(p, device=maps.device)[:, None]
+        out = columns.new_zeros(p, maps.shape[-1], c, c)
+        for start in range(0, n_tiles, per_chunk):
+            stop = min(start + per_chunk, n_tiles)
+            inside = (self.slot >= start) & (self.slot < stop)
+            tiles = columns.new_zeros(p, stop - start, k, c)  # X_u, zeros at each tile's observed pixels
+            tiles[:, self.slot[inside] - start, self.position[inside]] = columns[:, inside]
+            chol = self.jacobi_cholesky[models, maps, start:stop]  # (P, T', u, k, k)
+            y = (chol.transpose(-1, -2) @ tiles[:, None]).flatten(2, 3)  # (P, T', u k, c)
+            out += y.transpose(-1, -2) @ y
+        return out
+
     def block_factor(self, eps: torch.Tensor) -> torch.Tensor:
         """``diag_k(chol(J_k)) ε``."""
         return self._from_tiles(self.jacobi_cholesky @ self._to_tiles(eps))
@@ -399,24 +422,26 @@ class MaskedOperator:
 class SchurCGSolve:
     """Completed targets ``ȳ(z*)`` and, with ``probes``, the ``log det C`` estimate and the gradient vectors.
 
-    Without ``probes`` (prediction) only ``z*`` is solved for.  With ``coarse_index``
-    (coarse points deep inside masked regions, :func:`~hyperspy_gp.gp.coarse_space.coarse_points`)
-    the block-Jacobi preconditioner gets the coarse-space correction of
-    :class:`~hyperspy_gp.gp.coarse_space.CoarseCorrection`, and larger tiles
-    (:func:`jacobi_tile`).  No autograd.
+    Without ``probes`` (prediction) only ``z*`` is solved for.  With ``coarse`` (the
+    coarse points deep inside masked regions, :class:`~hyperspy_gp.gp.coarse_space.CoarseLattice`)
+    the block-Jacobi preconditioner gets larger tiles (:func:`jacobi_tile`) and, on the
+    whitened maps that need it (:func:`~hyperspy_gp.gp.coarse_space.coarse_maps`), the
+    coarse-space correction of :class:`~hyperspy_gp.gp.coarse_space.CoarseCorrection`.
+    No autograd.
     """
 
     def __init__(self, targets, task_covariance, noise, factors, index: torch.Tensor,
-                 probes: torch.Tensor | None = None, coarse_index: torch.Tensor | None = None) -> None:
+                 probes: torch.Tensor | None = None, coarse: CoarseLattice | None = None) -> None:
         with torch.no_grad():
             zeroed = targets.clone()
             zeroed[(slice(None), *index.T)] = 0.0
             solve = solve_grid_icm(zeroed, task_covariance, noise, factors)
-            regions = coarse_index is not None and len(coarse_index) > 0
-            self.operator = op = MaskedOperator(solve, index, task_covariance, noise, regions=regions)
+            self.operator = op = MaskedOperator(solve, index, task_covariance, noise, regions=coarse is not None)
             self.preconditioner = op
-            if regions:
-                self.preconditioner = CoarseCorrection(op, [f.detach() for f in factors], coarse_index)
+            maps = coarse_maps(op) if coarse is not None else None
+            points = coarse.points(maps.shape[-1]) if maps is not None and maps.shape[-1] else None
+            if points is not None:
+                self.preconditioner = CoarseCorrection(op, [f.detach() for f in factors], points, maps)
             pre = self.preconditioner
             alpha0 = kron_dot(solve.rotated_weights, solve.eigenvectors)  # Σ⁻¹ ȳ(0), (P, *fg, T)
             u = op.gather(alpha0.unsqueeze(-1))  # (P, 1, T, m)
@@ -444,7 +469,7 @@ class SchurCGSolve:
 
 
 def schur_cg_log_likelihood(targets, task_covariance, noise, factors, index: torch.Tensor,
-                            probes: torch.Tensor, coarse_index: torch.Tensor | None = None) -> torch.Tensor:
+                            probes: torch.Tensor, coarse: CoarseLattice | None = None) -> torch.Tensor:
     """``log p(y_O)`` per model, ``(P,)``, with ``log det C`` estimated (see the module docstring).
 
     Parameters
@@ -454,16 +479,16 @@ def schur_cg_log_likelihood(targets, task_covariance, noise, factors, index: tor
     probes
         ``(P, R, T, m)`` whitened probes over the missing values, e.g. Rademacher signs
         (:func:`~hyperspy_gp.gp.iterative.rademacher_probes` with the grid ``(m,)``).
-    coarse_index
-        ``(c, n_factors)`` coarse points of the preconditioner's coarse space (see
-        :class:`SchurCGSolve`), ``None`` or empty for block-Jacobi alone.
+    coarse
+        The coarse points of the preconditioner's coarse space (see
+        :class:`SchurCGSolve`), ``None`` for block-Jacobi alone.
 
     Returns
     -------
     torch.Tensor
         Differentiable in every argument but ``targets`` and ``probes``.
     """
-    schur = SchurCGSolve(targets, task_covariance, noise, factors, index, probes, coarse_index)
+    schur = SchurCGSolve(targets, task_covariance, noise, factors, index, probes, coarse)
     full = grid_icm_log_likelihood(schur.completed, task_covariance, noise, factors)
     forms = (schur.left * _apply_covariance(schur.right, task_covariance, noise, factors)).sum(
         dim=tuple(range(1, schur.left.dim()))) / probes.shape[1]
@@ -492,7 +517,7 @@ class SchurCGPosterior(GridPosterior):
         with torch.no_grad():
             factors = model.kernel.factors(model.lengthscale)
             schur = SchurCGSolve(model.as_factor_layout(targets), model.task_covariance, model.noise, factors,
-                                 model.missing_index, coarse_index=model.coarse_index)
+                                 model.missing_index, coarse=model.coarse_lattice)
             op = schur.operator
             completed = schur.completed.reshape(targets.shape)
             # w ~ N(0, C): Σ⁻¹ = F Fᵀ with F = Q chol(S_j)⁻ᵀ, w = (F ε)_M; v = C⁻¹ w ~ N(0, C⁻¹).

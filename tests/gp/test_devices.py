@@ -80,7 +80,7 @@ def _rel(a, b):
 def test_likelihood_and_gradient_on_the_device_equal_the_dense_reference(path, device):
     model, targets, observed = _model(path, device)
     if path.endswith("coarse"):
-        assert model.coarse_index is not None
+        assert model.coarse_lattice is not None
     mll = model.log_likelihood(targets).sum()
     assert mll.device.type == device
     mll.backward()

@@ -214,7 +214,7 @@ def test_tile_blocks_let_cg_converge_on_a_masked_region(monkeypatch):
 
     Without the coarse space (tested in ``test_coarse_space.py``), to see the tiles' own effect.
     """
-    monkeypatch.setattr(GridICMModel, "coarse_index", None)
+    monkeypatch.setattr(GridICMModel, "coarse_lattice", None)
     model, targets = _masked_disc_model(22, 3.0, 1e-3)
     with torch.no_grad():
         value = model.log_likelihood(targets)
@@ -253,11 +253,11 @@ def test_masked_regions_get_larger_tiles_and_fewer_cg_iterations():
     small = jacobi_tile(shape)
     for observed, regions in ((disc, True), (scattered, False)):
         model = model_for(observed)
-        assert (model.coarse_index is not None) == regions
+        assert (model.coarse_lattice is not None) == regions
         with torch.no_grad():
             factors = model.kernel.factors(model.lengthscale)
             op = SchurCGSolve(model.as_factor_layout(targets), model.task_covariance, model.noise, factors,
-                              model.missing_index, coarse_index=model.coarse_index).operator
+                              model.missing_index, coarse=model.coarse_lattice).operator
         assert op.tile == (8 if regions else small) and small == 5
         assert jacobi_block_values(observed, shape, n_tasks, regions) == op.jacobi_cholesky[0].numel()
 
@@ -270,7 +270,7 @@ def test_masked_regions_get_larger_tiles_and_fewer_cg_iterations():
         iterations = {}
         for regions in (False, True):
             op = MaskedOperator(solve, model.missing_index, model.task_covariance, model.noise, regions=regions)
-            iterations[regions] = int(op.cg(rhs, CoarseCorrection(op, factors, model.coarse_index)).iterations.max())
+            iterations[regions] = int(op.cg(rhs, CoarseCorrection(op, factors, model.coarse_lattice.points(n_tasks))).iterations.max())
         # Small grids gain least (here 181 → 167); 128² × 6 at fitted hyperparameters: 259 → 138.
         assert iterations[True] < iterations[False]
         exact = model_for(disc, "schur").log_likelihood(targets)
