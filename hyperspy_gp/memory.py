@@ -58,16 +58,17 @@ JACOBI_TILE_PIXELS = 25
 #: Largest tile (pixels) of that preconditioner where the mask has connected masked
 #: regions (coarse points): 10 × 10 pixels.
 REGION_TILE_PIXELS = 100
-#: Largest ``P T c²`` (models × whitened maps × coarse points²) of the coarse-space
-#: correction of the Schur complement by CG: each of its matrices (``T`` blocks of
-#: ``c × c`` per model) stays under 32 MB.
+#: Largest ``P T' c²`` (models × whitened maps × coarse points²) of the coarse-space
+#: correction of the Schur complement by CG: each of its matrices (``T'`` blocks of
+#: ``c × c`` per model, one per whitened map that gets it) stays under 32 MB.
 COARSE_MATRIX_VALUES = 2**22
 #: Largest ``P m c`` (models × missing pixels × coarse points): its basis under 256 MB.
 #: Measured, one likelihood evaluation, 256² × 12 maps, a masked quarter disc (18 689
 #: pixels) with one whitened map that needs the coarse space, length scales 1.4 times
 #: those fitted to the complete maps: 2**23 (377 coarse points) 294 s, 228 CG
 #: iterations, peak RSS 2.3 GB; 2**24 (760) 261 s, 159, 2.2 GB; 2**25 (1121) 226 s,
-#: 148, 2.8 GB.
+#: 148, 2.8 GB, and 213 s, 2.35 GB once the basis was rotated into the eigenbasis a
+#: block of columns at a time.
 COARSE_BASIS_VALUES = 2**25
 #: Values of one chunk of the missing pixels' temporaries (pixels × lines × ``n_b``) on the
 #: iterative path (:class:`~hyperspy_gp.gp.pixel_rows.PixelRows`): 32 MB.

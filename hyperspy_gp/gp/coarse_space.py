@@ -81,7 +81,8 @@ def coarse_points(observed: np.ndarray, n_models: int, n_tasks: int) -> np.ndarr
     observed
         Boolean mask of the measured pixels on the fitted grid.
     n_models, n_tasks
-        Models ``P`` and maps ``T`` per model.
+        Models ``P`` and whitened maps per model that get the coarse space (``T'``,
+        :func:`coarse_maps`).
 
     Returns
     -------
@@ -111,7 +112,7 @@ def coarse_points(observed: np.ndarray, n_models: int, n_tasks: int) -> np.ndarr
             lattice &= on_axis.reshape([-1 if a == axis else 1 for a in range(deep.ndim)])
         chosen = deep & lattice
         count = int(chosen.sum())
-        fits = n_models * n_tasks * count**2 <= COARSE_MATRIX_VALUES  # T blocks of c × c
+        fits = n_models * n_tasks * count**2 <= COARSE_MATRIX_VALUES  # T' blocks of c × c
         if fits and n_models * n_missing * count <= COARSE_BASIS_VALUES:
             return chosen[missing]
     return np.zeros(n_missing, dtype=bool)
