@@ -34,8 +34,8 @@ matrix with eigenvalues ``h_{jk} = 1 / (λ_j γ_k + 1)``, so its condition numbe
 most ``1 + λ_max γ_k``, the signal-to-noise ratio of the whitened map's best-determined
 eigenmode: a map with a low ratio has no smooth modes for CG to chase, and its tiles
 suffice.  The coarse lattice is sized for the maps that do (:class:`CoarseLattice`):
-where one map carries the structure (maps that share it, as EELS components often do)
-it gets ``√T`` times more coarse points for the same memory.
+where one whitened map carries the structure (maps that share one pattern under
+different noise) it gets ``√T`` times more coarse points for the same memory.
 
 Measured (one map, 48², a masked quarter disc of 1633 pixels, ``r`` = 374; CG
 iterations of one likelihood evaluation, tiles alone → with the coarse space): ℓ = 3 px,
