@@ -484,8 +484,9 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     tasks = maps.shape[-1] if request.mode == "parallel" else 1
     dense_values = int(observed.sum()) * tasks
     if request.solver == "iterative" or (large_matern and request.solver == "auto"):
-        from hyperspy_gp.gp.iterative_missing import MAX_MISSING_COST
+        from hyperspy_gp.gp.iterative_missing import missing_cost_limit
 
+        limit = missing_cost_limit(request.device)
         cost = _iterative_missing_cost(observed, tasks, maps.shape[-1] // tasks)
         # A sparse scan (few measured values): the exact dense path unless the iterative
         # one, its missing pixels and CG over the grid, is much cheaper.
@@ -493,10 +494,10 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
                                                              * maps.shape[-1])
         dense_seconds = SECONDS_PER_UNIT["dense"] * float(dense_values) ** 3
         dense = request.solver == "auto" and dense_values <= MAX_DENSE_VALUES and \
-            (cost > MAX_MISSING_COST or dense_seconds < EXACT_PREFERENCE * iterative_seconds)
+            (cost > limit or dense_seconds < EXACT_PREFERENCE * iterative_seconds)
         if dense:
             request.solver = "dense"
-        elif cost <= MAX_MISSING_COST:
+        elif cost <= limit:
             request.solver = "iterative"
         else:
             raise ValueError(_iterative_missing_refusal(observed, cost, tasks, maps.shape[-1] // tasks, request) + (
@@ -539,20 +540,24 @@ def _iterative_missing_cost(observed: np.ndarray, tasks: int, models: int) -> in
 
 def _iterative_missing_refusal(observed: np.ndarray, cost: int, tasks: int, models: int, request: Request) -> str:
     """Why the iterative path (:mod:`~hyperspy_gp.gp.iterative_missing`) cannot serve the missing pixels."""
-    from hyperspy_gp.gp.iterative_missing import MAX_MISSING_COST, max_missing_pixels
+    from hyperspy_gp.gp.iterative_missing import MAX_MISSING_COST_GPU, max_missing_pixels, missing_cost_limit
 
     what = "solver='iterative'" if request.solver == "iterative" else \
         f"kernel='matern' on more than {MAX_DENSE_PIXELS} pixels (solved iteratively)"
     gps = f"{models} independent GPs" if models > 1 else f"a parallel GP of {tasks} maps"
     way_out = "solver='auto'" if request.kernel == "separable" else "kernel='separable'"
-    missing = max_missing_pixels(observed.shape, tasks, models)
-    measured = max_missing_pixels(observed.shape, tasks, models, side="observed")
+    on_gpu = str(request.device).startswith("cuda")
+    missing = max_missing_pixels(observed.shape, tasks, models, device=request.device)
+    measured = max_missing_pixels(observed.shape, tasks, models, side="observed", device=request.device)
+    # On the CPU, say so where a GPU would serve the mask (its limit is about 170× higher).
+    gpu = "" if on_gpu or cost > MAX_MISSING_COST_GPU else ", run it on a GPU (device='cuda'; its limit is higher)"
     return (
         f"{what} serves about {missing} missing pixels scattered at random on this {observed.size}-pixel grid "
-        f"with {gps}, or about {measured} measured ones (a sparse scan); {int((~observed).sum())} pixels on the "
-        f"measured scan lines have no finite loadings (e.g. a navigation_mask), {cost / MAX_MISSING_COST:.1f}× "
-        f"its cost limit. Use {way_out} (exact for any number of missing pixels), crop the scan with "
-        "s.inav[...], or decompose without a navigation_mask."
+        f"with {gps}{' on a GPU' if on_gpu else ''}, or about {measured} measured ones (a sparse scan); "
+        f"{int((~observed).sum())} pixels on the measured scan lines have no finite loadings (e.g. a "
+        f"navigation_mask), {cost / missing_cost_limit(request.device):.1f}× its cost limit. Use {way_out} (exact "
+        f"for any number of missing pixels){gpu}, crop the scan with s.inav[...], or decompose without a "
+        "navigation_mask."
     )
 
 

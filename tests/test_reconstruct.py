@@ -697,3 +697,33 @@ def test_the_matern_kernel_on_large_scans_takes_the_iterative_path():
         choose_solver(large, separable)
     with pytest.raises(ValueError, match=rf"about {limit} missing pixels.*at most 6000 measured values"):
         choose_solver(large, request("auto"))
+    with pytest.raises(ValueError, match=r"device='cuda'"):  # the GPU's limit serves it
+        choose_solver(large, request("auto"))
+
+
+def test_the_iterative_path_serves_more_missing_pixels_on_a_gpu():
+    from hyperspy_gp.gp.iterative_missing import max_missing_pixels, missing_cost_limit, missing_pixel_cost
+    from hyperspy_gp.request import Request, choose_solver
+
+    # choose_solver only reads the device's name: no GPU is needed to check the choice.
+    def request(device, kernel="matern", solver="auto"):
+        return Request([0, 1], "parallel", 1, None, kernel, 1, solver, device, "float64", None)
+
+    rng = np.random.default_rng(2)
+    large = rng.normal(size=(128, 128, 2))
+    large[rng.random((128, 128)) < 0.5] = np.nan  # refused on the CPU (above)
+    observed = np.isfinite(large[..., 0])
+    cost = missing_pixel_cost(observed, 2)
+    assert missing_cost_limit("cpu") < cost <= missing_cost_limit("cuda")
+    on_gpu = request("cuda")
+    assert (choose_solver(large, on_gpu) == observed).all()
+    assert on_gpu.solver == "iterative" and on_gpu.masked_solver == "iterative"
+    assert max_missing_pixels((128, 128), 2, device="cuda") > (~observed).sum() > max_missing_pixels((128, 128), 2)
+    # Beyond the GPU's limit too: refused, with the GPU's numbers and no advice to use one.
+    huge = rng.normal(size=(512, 512, 2))
+    huge[rng.random((512, 512)) < 0.5] = np.nan
+    limit = max_missing_pixels((512, 512), 2, device="cuda")
+    assert limit < np.isnan(huge[..., 0]).sum()
+    with pytest.raises(ValueError, match=rf"about {limit} missing pixels.* on a GPU, .*kernel='separable'") as error:
+        choose_solver(huge, request("cuda"))
+    assert "device='cuda'" not in str(error.value)

@@ -34,7 +34,9 @@ task covariance whitened once, ``C̃`` splits into ``T`` Gram matrices ``G_k = V
 diag(e_k) V`` of ``|M| × |M|`` (:class:`SchurPreconditioner`).  Per evaluation the
 missing pixels cost about ``T |M|³`` plus the Gram matrices (:func:`missing_pixel_cost`);
 the path serves masks within :data:`MAX_MISSING_COST`, e.g. 3536 pixels scattered at
-random on 128² × 6 maps (:func:`max_missing_pixels`).  On a sparse scan ``P`` is built
+random on 128² × 6 maps (:func:`max_missing_pixels`), and on a GPU within
+:data:`MAX_MISSING_COST_GPU` (any mask of 128² × 6 maps; at 256² × 6 up to about 20 000
+missing pixels, so a masked quarter disc of 18 689).  On a sparse scan ``P`` is built
 from the few observed pixels instead (:class:`ObservedBlockPreconditioner`, one Gram
 matrix), whichever side costs less (:func:`observed_block_preconditioner`).  Measured
 per evaluation on 2 CPU cores, 128² × 6 maps, in runs of ``bench_missing.py --kernel
@@ -61,15 +63,35 @@ from hyperspy_gp.gp.pixel_rows import PixelRows
 #: pixels (5, 10, 20 and 40 %) 2.4, 3.5, 7.9 and 26 s, of which building the
 #: preconditioner and the Schur weights 0.5, 1.3, 4.2 and 20 s.
 MAX_MISSING_COST = 3e11
+#: The same limit on a GPU (``device="cuda"``): 5e13 multiply-adds, about 10 s per
+#: evaluation on an NVIDIA H200 in float64.  Measured there on single evaluations
+#: (fitted by ``bench_missing.run_case`` with the CPU limit lifted, one run each):
+#: 128² × 6 maps with a masked quarter disc (4705 pixels, cost 6.7e11) 0.26 s, half the
+#: pixels missing at random (8227, 3.3e12) 0.87 s, a 256² × 6 quarter disc (18 689,
+#: 4.0e13) 9.2 s.  Consumer GPUs, slow in float64, take longer; the GPU memory check
+#: (:func:`~hyperspy_gp.memory.check_device_memory`) bounds the ``T m²`` blocks either way.
+MAX_MISSING_COST_GPU = 5e13
 
 
-def max_missing_pixels(grid_shape: tuple[int, ...], n_tasks: int, n_models: int = 1, side: str = "missing") -> int:
+def missing_cost_limit(device: str = "cpu") -> float:
+    """Largest :func:`missing_pixel_cost` of one evaluation, all models, on ``device``.
+
+    Examples
+    --------
+    >>> missing_cost_limit("cpu") == MAX_MISSING_COST, missing_cost_limit("cuda:0") == MAX_MISSING_COST_GPU
+    (True, True)
+    """
+    return MAX_MISSING_COST_GPU if str(device).startswith("cuda") else MAX_MISSING_COST
+
+
+def max_missing_pixels(grid_shape: tuple[int, ...], n_tasks: int, n_models: int = 1, side: str = "missing",
+                       device: str = "cpu") -> int:
     """The most pixels, scattered at random, that this path serves from one ``side`` of the mask.
 
     ``side="missing"``: the most missing pixels; ``"observed"``: the most measured ones (a
     sparse scan).  Those whose cost per likelihood evaluation (:func:`block_cost`, all
-    ``n_models`` models of ``n_tasks`` maps) stays within :data:`MAX_MISSING_COST`.
-    Pixels on fewer lines cost less.
+    ``n_models`` models of ``n_tasks`` maps) stays within the ``device``'s limit
+    (:func:`missing_cost_limit`).  Pixels on fewer lines cost less.
 
     Examples
     --------
@@ -77,11 +99,14 @@ def max_missing_pixels(grid_shape: tuple[int, ...], n_tasks: int, n_models: int 
     (3536, 2216, 3536)
     >>> max_missing_pixels((128, 128), 6, side="observed")
     3596
+    >>> max_missing_pixels((128, 128), 6, device="cuda"), max_missing_pixels((256, 256), 6, device="cuda")
+    (16384, 20038)
     """
+    limit = missing_cost_limit(device)
     low, high = 0, math.prod(grid_shape)
     while low < high:  # the cost grows with the pixels
         middle = (low + high + 1) // 2
-        if n_models * block_cost(grid_shape, middle, n_tasks, side=side) <= MAX_MISSING_COST:
+        if n_models * block_cost(grid_shape, middle, n_tasks, side=side) <= limit:
             low = middle
         else:
             high = middle - 1
