@@ -188,9 +188,10 @@ def gp_reconstruct(
         ``hyperparameters["variance_standard_error"]``).
         ``"dense"``: Cholesky on the observed pixels, limited to 6000 observed values
         (pixels × maps in a parallel GP).  ``"iterative"`` (any kernel, complete grids
-        or missing pixels up to a cost limit, e.g. about 3500 scattered on 128 × 128 × 6
-        maps, any number there on a GPU, see
-        :func:`~hyperspy_gp.gp.iterative_missing.max_missing_pixels`): FFT products,
+        or missing pixels; ``"auto"`` takes it up to a cost limit, e.g. about 3500 scattered
+        on 128 × 128 × 6 maps, any number there on a GPU, see
+        :func:`~hyperspy_gp.gp.iterative_missing.max_missing_pixels`; forced, it serves
+        any mask, with a warning of its time per evaluation): FFT products,
         preconditioned conjugate gradients and a stochastic log-determinant; the mean
         is exact, the variance a Monte-Carlo estimate whose standard error is returned
         as ``hyperparameters["variance_standard_error"]`` (see

@@ -33,6 +33,9 @@ MAX_DENSE_PIXELS = 4096
 #: its missing pixels (:func:`~hyperspy_gp.gp.iterative_missing.missing_pixel_cost`) and
 #: of its CG over the grid, taken as 6e10 for 128² × 6 maps (1.7 s measured there).
 SECONDS_PER_UNIT = {"dense": 4e-11, "schur": 8e-10, "schur-cg": 1.5e-10, "iterative": 2.8e-11}
+#: The same for the iterative path's missing pixels on a GPU: 9.2 s measured for a cost of
+#: 4.0e13 (256² × 6 maps, a masked quarter disc; NVIDIA H200, float64).
+GPU_SECONDS_PER_MISSING_UNIT = 2.3e-13
 #: Multiply-adds per pixel and map of one evaluation of the iterative path's CG.
 ITERATIVE_GRID_COST = 6e10 / (128 * 128 * 6)
 #: CG iterations assumed by the cost model (measured: 10–60 for scattered pixels).
@@ -499,10 +502,12 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
             request.solver = "dense"
         elif cost <= limit:
             request.solver = "iterative"
+        elif request.solver == "iterative":  # forced: served beyond the limit, with its cost
+            _warn_iterative_missing_cost(observed, cost, limit, request)
         else:
-            raise ValueError(_iterative_missing_refusal(observed, cost, tasks, maps.shape[-1] // tasks, request) + (
-                f" (The dense path needs at most {MAX_DENSE_VALUES} measured values, here {dense_values}.)"
-                if request.solver == "auto" else ""))
+            refusal = _iterative_missing_refusal(observed, cost, tasks, maps.shape[-1] // tasks, request)
+            raise ValueError(f"{refusal} (The dense path needs at most {MAX_DENSE_VALUES} measured values, here "
+                             f"{dense_values}.)")
         return observed
     if large_matern and request.solver == "kronecker":
         raise ValueError(
@@ -538,26 +543,55 @@ def _iterative_missing_cost(observed: np.ndarray, tasks: int, models: int) -> in
     return models * missing_pixel_cost(observed, tasks)
 
 
+def _iterative_missing_seconds(cost: float, device: str) -> float:
+    """Estimated seconds per likelihood evaluation that the iterative path spends on its missing pixels."""
+    on_gpu = str(device).startswith("cuda")
+    return cost * (GPU_SECONDS_PER_MISSING_UNIT if on_gpu else SECONDS_PER_UNIT["iterative"])
+
+
+def _duration(seconds: float) -> str:
+    """``"about 40 s"``, ``"about 12 min"`` or ``"about 3 h"``."""
+    if seconds < 120:
+        return f"about {seconds:.0f} s"
+    if seconds < 7200:
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds / 3600:.0f} h"
+
+
+def _warn_iterative_missing_cost(observed: np.ndarray, cost: float, limit: float, request: Request) -> None:
+    """``solver="iterative"`` forced beyond the cost limit: served, with a warning of what it costs."""
+    device = "GPU" if str(request.device).startswith("cuda") else "CPU"
+    faster = " and much faster" if request.kernel == "separable" else ""
+    warnings.warn(
+        f"solver='iterative' with {int((~observed).sum())} missing pixels on this {observed.size}-pixel grid: its "
+        f"preconditioner costs {_duration(_iterative_missing_seconds(cost, request.device))} per likelihood "
+        f"evaluation on the {device} ({cost / limit:.1f}× the limit that solver='auto' keeps), and a fit takes tens "
+        "of evaluations. Interrupting the fit (Ctrl-C, or Jupyter's stop button) keeps its best hyperparameters so "
+        f"far. kernel='separable' with solver='auto' is exact for any number of missing pixels{faster}.",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 def _iterative_missing_refusal(observed: np.ndarray, cost: int, tasks: int, models: int, request: Request) -> str:
-    """Why the iterative path (:mod:`~hyperspy_gp.gp.iterative_missing`) cannot serve the missing pixels."""
+    """Why ``solver="auto"`` keeps off the iterative path (:mod:`~hyperspy_gp.gp.iterative_missing`) for the mask."""
     from hyperspy_gp.gp.iterative_missing import MAX_MISSING_COST_GPU, max_missing_pixels, missing_cost_limit
 
-    what = "solver='iterative'" if request.solver == "iterative" else \
-        f"kernel='matern' on more than {MAX_DENSE_PIXELS} pixels (solved iteratively)"
     gps = f"{models} independent GPs" if models > 1 else f"a parallel GP of {tasks} maps"
-    way_out = "solver='auto'" if request.kernel == "separable" else "kernel='separable'"
     on_gpu = str(request.device).startswith("cuda")
     missing = max_missing_pixels(observed.shape, tasks, models, device=request.device)
     measured = max_missing_pixels(observed.shape, tasks, models, side="observed", device=request.device)
     # On the CPU, say so where a GPU would serve the mask (its limit is about 170× higher).
     gpu = "" if on_gpu or cost > MAX_MISSING_COST_GPU else ", run it on a GPU (device='cuda'; its limit is higher)"
     return (
-        f"{what} serves about {missing} missing pixels scattered at random on this {observed.size}-pixel grid "
+        f"kernel='matern' on more than {MAX_DENSE_PIXELS} pixels (solved iteratively) serves about {missing} "
+        f"missing pixels scattered at random on this {observed.size}-pixel grid "
         f"with {gps}{' on a GPU' if on_gpu else ''}, or about {measured} measured ones (a sparse scan); "
         f"{int((~observed).sum())} pixels on the measured scan lines have no finite loadings (e.g. a "
-        f"navigation_mask), {cost / missing_cost_limit(request.device):.1f}× its cost limit. Use {way_out} (exact "
-        f"for any number of missing pixels){gpu}, crop the scan with s.inav[...], or decompose without a "
-        "navigation_mask."
+        f"navigation_mask), {cost / missing_cost_limit(request.device):.1f}× its cost limit. Use "
+        f"kernel='separable' (exact for any number of missing pixels){gpu}, crop the scan with s.inav[...], "
+        "decompose without a navigation_mask, or force solver='iterative' "
+        f"({_duration(_iterative_missing_seconds(cost, request.device))} per likelihood evaluation)."
     )
 
 

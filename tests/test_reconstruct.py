@@ -690,15 +690,37 @@ def test_the_matern_kernel_on_large_scans_takes_the_iterative_path():
     large[np.random.default_rng(3).random((128, 128)) < 0.5] = np.nan
     limit = max_missing_pixels((128, 128), 2)
     assert limit < np.isnan(large[..., 0]).sum()
-    with pytest.raises(ValueError, match=rf"about {limit} missing pixels.*kernel='separable'"):
-        choose_solver(large, request("iterative"))
-    separable = Request([0, 1], "parallel", 1, None, "separable", 1, "iterative", "cpu", "float64", None)
-    with pytest.raises(ValueError, match=rf"about {limit} missing pixels.*Use solver='auto'"):
-        choose_solver(large, separable)
     with pytest.raises(ValueError, match=rf"about {limit} missing pixels.*at most 6000 measured values"):
         choose_solver(large, request("auto"))
-    with pytest.raises(ValueError, match=r"device='cuda'"):  # the GPU's limit serves it
-        choose_solver(large, request("auto"))
+    with pytest.raises(ValueError, match=r"device='cuda'.*force solver='iterative' \(about \d+ s per"):
+        choose_solver(large, request("auto"))  # the GPU's limit serves it; forcing it does too
+    # Forced, it is served beyond the limit, with a warning of its cost (either kernel).
+    n_missing = int(np.isnan(large[..., 0]).sum())
+    for kernel in ("matern", "separable"):
+        forced = Request([0, 1], "parallel", 1, None, kernel, 1, "iterative", "cpu", "float64", None)
+        with pytest.warns(UserWarning, match=rf"{n_missing} missing pixels.*about \d+ s per likelihood evaluation on"):
+            observed = choose_solver(large, forced)
+        assert (observed == np.isfinite(large[..., 0])).all() and forced.masked_solver == "iterative"
+
+
+def test_forcing_the_iterative_path_beyond_its_cost_limit_warns_and_fits(unchanged, monkeypatch):
+    from hyperspy_gp.gp import iterative_missing
+
+    rng = np.random.default_rng(8)
+    yy, xx = np.mgrid[:40, :36]
+    truth = np.stack([np.sin(xx / 4.0) * np.cos(yy / 5.0), np.cos(xx / 6.0 + yy / 7.0)], -1)
+    maps = truth + 0.05 * rng.standard_normal(truth.shape)
+    missing = rng.random((40, 36)) < 0.25
+    maps[missing] = np.nan
+    s = _with_missing_pixels(maps, np.abs(rng.standard_normal((16, 2))) + 0.1)
+    monkeypatch.setattr(iterative_missing, "MAX_MISSING_COST", 1.0)  # every mask beyond the limit
+    with unchanged(s), pytest.warns(UserWarning, match=rf"{int(missing.sum())} missing pixels.*the limit"):
+        rec = gp_reconstruct(s, components=2, kernel="matern", solver="iterative")
+    settings = rec.signal.metadata.GP_reconstruction.settings
+    assert settings.solver == "iterative" and settings.masked_solver == "iterative"
+    loadings = np.moveaxis(rec.loadings.data, 0, -1)
+    error = np.abs(loadings[missing] - truth[missing])
+    assert (np.sqrt((error**2).mean(0)) < 0.05).all()  # the unmeasured pixels, predicted (noise 0.05)
 
 
 def test_the_iterative_path_serves_more_missing_pixels_on_a_gpu():
@@ -726,4 +748,4 @@ def test_the_iterative_path_serves_more_missing_pixels_on_a_gpu():
     assert limit < np.isnan(huge[..., 0]).sum()
     with pytest.raises(ValueError, match=rf"about {limit} missing pixels.* on a GPU, .*kernel='separable'") as error:
         choose_solver(huge, request("cuda"))
-    assert "device='cuda'" not in str(error.value)
+    assert "device='cuda'" not in str(error.value) and "force solver='iterative'" in str(error.value)
