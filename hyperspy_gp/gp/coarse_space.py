@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from hyperspy_gp.gp.cholesky import safe_cholesky
+from hyperspy_gp.gp.iterative import active_maps
 from hyperspy_gp.gp.tensor import kron_dot
 from hyperspy_gp.memory import CHUNK_BYTES, COARSE_BASIS_VALUES, COARSE_MATRIX_VALUES
 
@@ -173,7 +174,8 @@ class CoarseCorrection:
     Same interface as the block-Jacobi one of
     :class:`~hyperspy_gp.gp.schur_iterative.MaskedOperator`: ``precondition``,
     ``factor``, ``factor_inv_t`` and ``logdet_preconditioner``, on ``(P, R, T, m)``
-    vectors; inside, whitened map coordinates with ``(P, T', c, c)`` blocks for the
+    vectors, and ``whitened_precondition`` and ``whitened_factor``, their whitened
+    parts, which the CG per whitened map uses; inside, whitened map coordinates with ``(P, T', c, c)`` blocks for the
     ``T'`` whitened maps that get the coarse space (``Z = basis ⊗ E_S``, ``S`` those
     maps); the others keep ``J_k`` alone.
 
@@ -278,18 +280,26 @@ class CoarseCorrection:
                            for k in range(self.n_maps)], 1)
         return 0.5 * (out + out.transpose(-1, -2))
 
-    def precondition(self, r: torch.Tensor) -> torch.Tensor:
-        """``P^{-1} r = (W^{-T} ⊗ I) (diag_k(J_k^{-1}) + Z E^{-1} Zᵀ) (W^{-1} ⊗ I) r``.
+    def whitened_precondition(self, y: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """``(diag_k(J_k^{-1}) + Z E^{-1} Zᵀ) y`` for whitened ``y``.
 
         ``E`` holds ``T'`` blocks, zero correction on the maps without a coarse space.
+        With ``active`` ``(P, R, T)``, the tiles only on the maps that have an active column.
         """
-        y = self.op.whiten(r)
-        return self.op.unwhiten_t(self.op.block_solve(y) + self._blocks(self.e_inverse, y))
+        return self.op.block_solve(y, active_maps(active)) + self._blocks(self.e_inverse, y)
+
+    def whitened_factor(self, eps: torch.Tensor) -> torch.Tensor:
+        """``Φ``'s whitened part: ``Φ ε`` is its ``unwhiten``."""
+        le = self.op.block_factor(eps)
+        return le - self.op.block_apply(self._blocks(self.factor_weights, le))
+
+    def precondition(self, r: torch.Tensor) -> torch.Tensor:
+        """``P^{-1} r = (W^{-T} ⊗ I) (diag_k(J_k^{-1}) + Z E^{-1} Zᵀ) (W^{-1} ⊗ I) r``."""
+        return self.op.unwhiten_t(self.whitened_precondition(self.op.whiten(r)))
 
     def factor(self, eps: torch.Tensor) -> torch.Tensor:
         """``Φ ε`` with ``Φ Φᵀ = P``: probes with covariance ``P``."""
-        le = self.op.block_factor(eps)
-        return self.op.unwhiten(le - self.op.block_apply(self._blocks(self.factor_weights, le)))
+        return self.op.unwhiten(self.whitened_factor(eps))
 
     def factor_inv_t(self, eps: torch.Tensor) -> torch.Tensor:
         """``Φ^{-T} ε`` (``= P^{-1} Φ ε``)."""

@@ -233,22 +233,28 @@ class CGResult:
     """Solutions and the Lanczos coefficients of every column."""
 
     solution: torch.Tensor  # (P, R, T, *grid)
-    alphas: torch.Tensor  # (I, P, R)
+    alphas: torch.Tensor  # (I, P, R) (or (I, P, R, T) for columns per map)
     betas: torch.Tensor  # (I, P, R)
     iterations: torch.Tensor  # (P, R) iterations each column took
 
 
-def preconditioned_cg(operator, preconditioner, rhs: torch.Tensor, tol: float, max_iter: int) -> CGResult:
-    """Solve ``Σ x = rhs`` for every column ``(p, r)`` of channel-first ``rhs`` at once.
+def preconditioned_cg(operator, preconditioner, rhs: torch.Tensor, tol: float, max_iter: int,
+                      column_dims: int = 2, skip_converged: bool = False) -> CGResult:
+    """Solve ``Σ x = rhs`` for every column of channel-first ``rhs`` at once.
 
-    Columns stop updating once their relative residual is below ``tol``.
+    A column is one index of the first ``column_dims`` dimensions (``(p, r)`` by default,
+    ``(p, r, k)`` for independent systems per map); the rest is its vector.  Columns stop
+    updating once their relative residual is below ``tol``.  With ``skip_converged`` the
+    operator and the preconditioner are called as ``operator(x, active)`` with the boolean
+    ``active`` columns, and may return zeros for the others: when the columns are
+    independent systems, the work goes to the unconverged ones only.
 
     Raises
     ------
     CGConvergenceError
         Some column did not converge in ``max_iter`` iterations.
     """
-    spatial = tuple(range(2, rhs.dim()))
+    spatial = tuple(range(column_dims, rhs.dim()))
 
     def dot(a, b):
         return (a * b).sum(dim=spatial)
@@ -256,13 +262,16 @@ def preconditioned_cg(operator, preconditioner, rhs: torch.Tensor, tol: float, m
     def per_column(v):
         return v.reshape(*v.shape, *([1] * len(spatial)))
 
+    def precondition(r, active):
+        return preconditioner(r, active) if skip_converged else preconditioner(r)
+
     x = torch.zeros_like(rhs)
     residual = rhs.clone()
-    z = preconditioner(residual)
-    direction = z.clone()  # updated in place below; z may be the residual itself
-    rz = dot(residual, z)
     target = tol * dot(rhs, rhs).sqrt()
     active = dot(residual, residual).sqrt() > target
+    z = precondition(residual, active)
+    direction = z.clone()  # updated in place below; z may be the residual itself
+    rz = dot(residual, z)
     iterations = torch.zeros_like(rz, dtype=torch.long)
     # Preallocated: small tensors allocated between the large temporaries of each
     # iteration would pin the heap and let the process's memory grow every iteration.
@@ -271,12 +280,13 @@ def preconditioned_cg(operator, preconditioner, rhs: torch.Tensor, tol: float, m
     for _ in range(max_iter):
         if not active.any():
             break
-        ap = operator(direction)
-        alpha = torch.where(active, rz / dot(direction, ap), torch.zeros_like(rz))
+        ap = operator(direction, active) if skip_converged else operator(direction)
+        alpha = torch.where(active, rz / torch.where(active, dot(direction, ap), torch.ones_like(rz)),
+                            torch.zeros_like(rz))
         # In place: fewer large temporaries per iteration keep the process's memory flat.
         x.addcmul_(per_column(alpha), direction)
         residual.addcmul_(per_column(alpha), ap, value=-1.0)
-        z = preconditioner(residual)
+        z = precondition(residual, active)
         rz_new = dot(residual, z)
         beta = torch.where(active, rz_new / torch.where(active, rz, torch.ones_like(rz)), torch.zeros_like(rz))
         direction = direction.mul_(per_column(beta)).add_(z)
@@ -296,17 +306,25 @@ def preconditioned_cg(operator, preconditioner, rhs: torch.Tensor, tol: float, m
     return CGResult(x, coefficients[0, :n_done].clone(), coefficients[1, :n_done].clone(), iterations)
 
 
+def active_maps(active: torch.Tensor | None) -> torch.Tensor | None:
+    """Indices of the maps with an active column in a ``(P, R, T)`` mask of CG columns, ``None`` for all."""
+    return None if active is None else torch.nonzero(active.any(dim=1).any(dim=0)).squeeze(-1)
+
+
 def lanczos_logdet_quadrature(cg: CGResult, probe_norms: torch.Tensor) -> torch.Tensor:
     """``Σ_i ‖ε_i‖² e_1ᵀ log(T_i) e_1`` per model from the CG coefficients, ``(P,)``.
 
-    ``cg`` holds probe columns only; ``probe_norms`` is ``‖ε_i‖²`` ``(P, R)``.
+    ``cg`` holds probe columns only; ``probe_norms`` is ``‖ε_i‖²`` ``(P, R)``, or ``(P, R,
+    T)`` for columns per map (a block-diagonal matrix: the sum over its blocks).
     """
-    alphas, betas = cg.alphas.cpu(), cg.betas.cpu()
-    n_models, n_probes = cg.iterations.shape
+    n_models = cg.iterations.shape[0]
+    alphas, betas = cg.alphas.flatten(2).cpu(), cg.betas.flatten(2).cpu()
+    iterations, probe_norms = cg.iterations.reshape(n_models, -1), probe_norms.reshape(n_models, -1)
+    n_probes = iterations.shape[1]
     out = torch.zeros(n_models, dtype=alphas.dtype)
     for p in range(n_models):
         for r in range(n_probes):
-            k = int(cg.iterations[p, r])
+            k = int(iterations[p, r])
             if k == 0:
                 continue
             a, b = alphas[:k, p, r], betas[:k, p, r]

@@ -25,9 +25,13 @@ then need three things:
   accurate.  Deep inside large masked regions ``C`` also has smooth modes that ``J``
   does not see; there ``J`` gets the coarse-space correction of
   :mod:`~hyperspy_gp.gp.coarse_space` (``P^{-1} = J^{-1} + Z E^{-1} Zᵀ``, with ``log det
-  P`` and a factor ``Φ`` in place of ``chol(J)``, all exact).  The largest regions with
-  long length scales and very low noise still leave ``C`` too ill-conditioned: CG then
-  stops with a message.
+  P`` and a factor ``Φ`` in place of ``chol(J)``, all exact).  CG runs in whitened map
+  coordinates, where ``C``, ``J`` and the coarse space are block-diagonal over the maps
+  (:class:`MaskedOperator`): one system per map and probe, each with its own Lanczos
+  quadrature, so the well-determined maps take the iterations they need while the
+  others stop after a few and cost nothing more (:meth:`MaskedOperator.whitened_cg`).
+  The largest regions with long length scales and very low noise still leave ``C`` too
+  ill-conditioned: CG then stops with a message.
 - its gradient ``∂(-½ log det C) = ½ tr(C^{-1} (Σ^{-1} ∂Σ Σ^{-1})_{MM})``, estimated by
   ``½ (1/m) Σ_i u_iᵀ ∂Σ w_i`` with ``u_i = Σ^{-1} E_M C^{-1} z_i`` and ``w_i = Σ^{-1} E_M
   J^{-1} z_i`` (``P^{-1} z_i`` with the coarse space): bilinear forms in ``Σ``,
@@ -43,6 +47,7 @@ reported per pixel.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -57,6 +62,7 @@ from hyperspy_gp.gp.iterative import (
     MAX_CG_ITERATIONS,
     CGConvergenceError,
     CGResult,
+    active_maps,
     lanczos_logdet_quadrature,
     preconditioned_cg,
 )
@@ -320,9 +326,14 @@ class MaskedOperator:
         """``(W ⊗ I) y = D^{-1/2} R y``."""
         return self._maps(y, 1.0 / self.root, transpose=False)
 
-    def block_solve(self, y: torch.Tensor) -> torch.Tensor:
-        """``diag_k(J_k^{-1}) y`` for whitened ``y`` ``(P, R, T, m)``."""
-        return self._from_tiles(torch.cholesky_solve(self._to_tiles(y), self.jacobi_cholesky))
+    def block_solve(self, y: torch.Tensor, maps: torch.Tensor | None = None) -> torch.Tensor:
+        """``diag_k(J_k^{-1}) y`` for whitened ``y`` ``(P, R, T, m)``; only on the whitened ``maps`` (zeros elsewhere)."""
+        if maps is None:
+            return self._from_tiles(torch.cholesky_solve(self._to_tiles(y), self.jacobi_cholesky))
+        out = torch.zeros_like(y)
+        out[:, :, maps] = self._from_tiles(torch.cholesky_solve(self._to_tiles(y[:, :, maps]),
+                                                                self.jacobi_cholesky[:, maps]))
+        return out
 
     def block_apply(self, y: torch.Tensor) -> torch.Tensor:
         """``diag_k(J_k) y`` for whitened ``y``."""
@@ -383,13 +394,45 @@ class MaskedOperator:
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         return self.gather(self.inverse_covariance(self.scatter(v)))
 
+    def whitened_apply(self, y: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """``diag_k(C_k) y`` for whitened ``y`` ``(P, R, T, m)``, only on the ``active`` ``(P, R, T)`` columns.
+
+        ``C_k y_k = (Q diag(h_k) Qᵀ E_M y_k)_M``: each column is one map's system, with no
+        ``T × T`` mixing, so a converged column costs nothing (zeros are returned there).
+        """
+        out = torch.zeros_like(y)
+        active = torch.ones(y.shape[:3], dtype=torch.bool, device=y.device) if active is None else active
+        weights = self.whitened_weights.movedim(-1, 1)  # h_k, (P, T, *fg)
+        for p in range(y.shape[0]):  # the models have their own eigenbases
+            rows, maps = torch.nonzero(active[p], as_tuple=True)
+            if rows.numel() == 0:
+                continue
+            grid = y.new_zeros(1, *self.grid_shape(), rows.numel())
+            grid[(0, *self.index.T)] = y[p, rows, maps].T  # E_M y, one column per (r, k)
+            eigenvectors = [q[p : p + 1] for q in self.eigenvectors]
+            rotated = kron_dot(grid, [q.transpose(-1, -2) for q in eigenvectors])
+            rotated = rotated * weights[p, maps].movedim(0, -1)
+            out[p, rows, maps] = kron_dot(rotated, eigenvectors)[(0, *self.index.T)].T
+        return out
+
+    def whitened_precondition(self, y: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """``diag_k(J_k^{-1}) y`` for whitened ``y``: ``J``'s inverse in whitened coordinates.
+
+        With ``active`` ``(P, R, T)``, only on the maps that have an active column.
+        """
+        return self.block_solve(y, active_maps(active))
+
+    def whitened_factor(self, eps: torch.Tensor) -> torch.Tensor:
+        """``diag_k(chol(J_k)) ε``: ``Φ`` in whitened coordinates (``Φ ε`` is its :meth:`unwhiten`)."""
+        return self.block_factor(eps)
+
     def precondition(self, r: torch.Tensor) -> torch.Tensor:
         """``J^{-1} r = (W^{-T} ⊗ I) diag_k(J_k^{-1}) (W^{-1} ⊗ I) r``."""
-        return self.unwhiten_t(self.block_solve(self.whiten(r)))
+        return self.unwhiten_t(self.whitened_precondition(self.whiten(r)))
 
     def factor(self, eps: torch.Tensor) -> torch.Tensor:
         """``Φ ε`` with ``Φ = (W ⊗ I) diag_k(chol(J_k))``, ``Φ Φᵀ = J``: probes with covariance ``J``."""
-        return self.unwhiten(self.block_factor(eps))
+        return self.unwhiten(self.whitened_factor(eps))
 
     def factor_inv_t(self, eps: torch.Tensor) -> torch.Tensor:
         """``Φ^{-T} ε`` (``= J^{-1} Φ ε``)."""
@@ -401,15 +444,31 @@ class MaskedOperator:
         scale = 2.0 * self.index.shape[0] * torch.log(self.root).sum(-1)
         return 2.0 * torch.log(diag).reshape(diag.shape[0], -1).sum(-1) - scale
 
-    def cg(self, rhs: torch.Tensor, preconditioner=None, tolerances: dict | None = None) -> CGResult:
-        """``C^{-1} rhs`` by preconditioned CG (``J`` by default), with a message for large masked regions.
+    def whitened_cg(self, rhs: torch.Tensor, preconditioner=None, tolerances: dict | None = None) -> CGResult:
+        """``diag_k(C_k)^{-1} rhs`` for whitened ``rhs`` ``(P, R, T, m)``: one CG per map and column.
 
-        ``tolerances`` maps dtypes to the relative residual (``CG_TOLERANCE`` by default).
+        Preconditioned by ``J`` (default) or its coarse-space correction; ``tolerances`` maps
+        dtypes to the relative residual (``CG_TOLERANCE`` by default); a failure says what
+        to do about large masked regions.  ``C^{-1} b`` is the :meth:`unwhiten_t` of this
+        solve for ``whiten(b)``.  In whitened
+        coordinates ``C`` and the preconditioner (``J``, and the coarse space) are
+        block-diagonal over the maps, so each map's systems converge on their own: maps
+        with a low signal-to-noise ratio stop after a few iterations, and their columns
+        cost nothing after (:meth:`whitened_apply`), where one CG over all maps applied
+        ``C`` to every map until the slowest converged.
         """
-        precondition = (preconditioner or self).precondition
+        precondition = (preconditioner or self).whitened_precondition
         tol = (tolerances or CG_TOLERANCE).get(rhs.dtype, 1e-5)
+        with self._cg_message():
+            return preconditioned_cg(self.whitened_apply, precondition, rhs, tol, MAX_CG_ITERATIONS,
+                                     column_dims=3, skip_converged=True)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _cg_message():
+        """CG's :class:`CGConvergenceError` with what to do about large masked regions."""
         try:
-            return preconditioned_cg(self, precondition, rhs, tol, MAX_CG_ITERATIONS)
+            yield
         except CGConvergenceError as exc:
             raise CGConvergenceError(
                 f"{exc} The iterative Schur complement suits scattered missing pixels (sparse scans, dead "
@@ -444,11 +503,14 @@ class SchurCGSolve:
                 self.preconditioner = CoarseCorrection(op, [f.detach() for f in factors], points, maps)
             pre = self.preconditioner
             alpha0 = kron_dot(solve.rotated_weights, solve.eigenvectors)  # Σ⁻¹ ȳ(0), (P, *fg, T)
-            u = op.gather(alpha0.unsqueeze(-1))  # (P, 1, T, m)
+            u = op.whiten(op.gather(alpha0.unsqueeze(-1)))  # (P, 1, T, m), whitened
+            # Whitened coordinates: one CG per map (MaskedOperator.whitened_cg); the probes
+            # z = Φ ε are Φ's whitened part, W⁻¹ z.
             if probes is None:  # the posterior mean: to CG_TOLERANCE
-                cg = op.cg(u, pre)
+                cg = op.whitened_cg(u, pre)
             else:
-                cg = op.cg(torch.cat([u, pre.factor(probes)], dim=1), pre, ESTIMATE_CG_TOLERANCE)
+                cg = op.whitened_cg(torch.cat([u, pre.whitened_factor(probes)], dim=1), pre, ESTIMATE_CG_TOLERANCE)
+            cg.solution = op.unwhiten_t(cg.solution)  # C⁻¹ b = (W^{-T} ⊗ I) diag_k(C_k)⁻¹ (W⁻¹ ⊗ I) b
             self.completed = zeroed
             self.completed[(slice(None), *index.T)] = -cg.solution[:, 0].transpose(-1, -2)
             self.n_missing_values = index.shape[0] * targets.shape[-1]
@@ -462,7 +524,7 @@ class SchurCGSolve:
         with torch.no_grad():
             n_probes = probes.shape[1]
             probe_cg = CGResult(cg.solution[:, 1:], cg.alphas[:, :, 1:], cg.betas[:, :, 1:], cg.iterations[:, 1:])
-            norms = probes.pow(2).sum(dim=(2, 3))
+            norms = probes.pow(2).sum(dim=3)  # per probe and map: one Lanczos quadrature per map
             self.logdet_c = pre.logdet_preconditioner() + lanczos_logdet_quadrature(probe_cg, norms) / n_probes
             self.left = op.inverse_covariance(op.scatter(probe_cg.solution))  # Σ⁻¹ E_M C⁻¹ z_i
             self.right = op.inverse_covariance(op.scatter(pre.factor_inv_t(probes)))  # Σ⁻¹ E_M P⁻¹ z_i
@@ -529,7 +591,8 @@ class SchurCGPosterior(GridPosterior):
             # A batch of draws at a time: CG's vectors and the grid temporaries of each
             # product stay the size of the likelihood's.
             batch = DRAWS_PER_SOLVE
-            v = torch.cat([op.cg(w[:, i : i + batch], schur.preconditioner, ESTIMATE_CG_TOLERANCE).solution
+            v = torch.cat([op.unwhiten_t(op.whitened_cg(op.whiten(w[:, i : i + batch]), schur.preconditioner,
+                                                        ESTIMATE_CG_TOLERANCE).solution)
                            for i in range(0, self.n_samples, batch)], 1)
             # Weights of the structured "mean" of each draw: B M_j Qᵀ E_M v, (P, *fg, T, S).
             rotated = kron_dot(op.scatter(v), [q.transpose(-1, -2) for q in op.eigenvectors])

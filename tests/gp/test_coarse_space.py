@@ -122,12 +122,15 @@ def test_one_well_determined_map_gets_a_finer_lattice_and_fewer_iterations(monke
     assert maps.tolist() == [[2]] and len(lattice.points(1)) > len(lattice.points(3))
     rhs = torch.randn(1, 4, 3, op.index.shape[0], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     with torch.no_grad():
-        iterations = {name: int(op.cg(rhs, pre).iterations.max()) for name, pre in (
+        iterations = {name: op.whitened_cg(rhs, pre).iterations.amax(dim=(0, 1)) for name, pre in (
             ("tiles", op),
             ("all maps", CoarseCorrection(op, factors, lattice.points(3))),
             ("one map", CoarseCorrection(op, factors, lattice.points(1), maps)),
         )}
-    assert iterations["one map"] < iterations["all maps"] < iterations["tiles"], iterations
+    worst = {name: int(its.max()) for name, its in iterations.items()}  # the map that needs the coarse space
+    assert worst["one map"] < worst["all maps"] < worst["tiles"], iterations
+    # Each whitened map converges on its own: the others, with low ratios, in a few iterations.
+    assert (iterations["one map"][:2] < iterations["one map"][2] / 4).all(), iterations
 
 
 @pytest.mark.parametrize("kind,shape,block,n_models,n_tasks,maps", [

@@ -207,6 +207,41 @@ def test_c_splits_into_single_map_schur_complements_in_whitened_coordinates(task
     # Whitening and unwhitening are inverse maps.
     v = torch.randn(1, 2, n_tasks, m, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     torch.testing.assert_close(op.unwhiten(op.whiten(v)), v)
+    # In whitened coordinates, the product applies diag_k(C_k), and only on the active columns.
+    whitened = _dense(op.whitened_apply, m * n_tasks, (1, n_tasks, m))
+    eye = torch.eye(n_tasks, dtype=torch.float64)
+    expected = sum(torch.kron(c_k, torch.outer(eye[k], eye[k])) for k, c_k in enumerate(blocks))
+    torch.testing.assert_close(whitened[0], expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
+    active = torch.tensor([[[True, False, True], [False, False, True]]])
+    partial = op.whitened_apply(v, active)
+    torch.testing.assert_close(partial[active], op.whitened_apply(v)[active])
+    assert (partial[~active] == 0).all()
+
+
+def test_cg_solves_each_whitened_map_on_its_own():
+    """``C^{-1} b`` from one CG per whitened map equals the dense solve; converged maps cost no products."""
+    shape, n_tasks = (12, 11), 3
+    model = GridICMModel(GridKernel(shape), 1, n_tasks, rank=1)
+    factors = model.kernel.factors(model.lengthscale.detach())
+    a = torch.randn(1, n_tasks, n_tasks, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    b, noise = 10.0 * a @ a.transpose(-1, -2), torch.tensor([[1e-3, 0.3, 1.0]], dtype=torch.float64)
+    index = torch.tensor(np.argwhere(~_scattered(shape, 0.4)))
+    op = MaskedOperator(solve_grid_icm(torch.zeros(1, *shape, n_tasks, dtype=torch.float64), b, noise, factors),
+                        index, b, noise)
+    m = index.shape[0]
+    rhs = torch.randn(1, 2, n_tasks, m, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    products = []
+    apply = op.whitened_apply
+    op.whitened_apply = lambda y, active=None: products.append(int(active.sum())) or apply(y, active)
+    cg = op.whitened_cg(op.whiten(rhs))
+    solution = op.unwhiten_t(cg.solution)
+    c = _dense(op, m * n_tasks, (1, n_tasks, m))[0]  # C, values ordered (pixel, map)
+    expected = torch.linalg.solve(c, rhs[0].transpose(-1, -2).reshape(2, -1).T).T.reshape(2, m, n_tasks)
+    torch.testing.assert_close(solution[0].transpose(-1, -2), expected, rtol=1e-8, atol=1e-8 * float(expected.abs().max()))
+    per_map = cg.iterations.amax(dim=1)[0]  # (T,): the maps' conditioning differs, so do their iterations
+    assert int(per_map.min()) < int(per_map.max()), per_map
+    # Each column took part in exactly the products of its own iterations.
+    assert sum(products) == int(cg.iterations.sum()) < len(products) * rhs.shape[1] * n_tasks
 
 
 def test_tile_blocks_let_cg_converge_on_a_masked_region(monkeypatch):
@@ -270,7 +305,8 @@ def test_masked_regions_get_larger_tiles_and_fewer_cg_iterations():
         iterations = {}
         for regions in (False, True):
             op = MaskedOperator(solve, model.missing_index, model.task_covariance, model.noise, regions=regions)
-            iterations[regions] = int(op.cg(rhs, CoarseCorrection(op, factors, model.coarse_lattice.points(n_tasks))).iterations.max())
+            pre = CoarseCorrection(op, factors, model.coarse_lattice.points(n_tasks))
+            iterations[regions] = int(op.whitened_cg(op.whiten(rhs), pre).iterations.max())
         # Small grids gain least (here 181 → 167); 128² × 6 at fitted hyperparameters: 259 → 138.
         assert iterations[True] < iterations[False]
         exact = model_for(disc, "schur").log_likelihood(targets)
