@@ -175,9 +175,9 @@ class CoarseCorrection:
     :class:`~hyperspy_gp.gp.schur_iterative.MaskedOperator`: ``precondition``,
     ``factor``, ``factor_inv_t`` and ``logdet_preconditioner``, on ``(P, R, T, m)``
     vectors, and ``whitened_precondition`` and ``whitened_factor``, their whitened
-    parts, which the CG per whitened map uses; inside, whitened map coordinates with ``(P, T', c, c)`` blocks for the
-    ``T'`` whitened maps that get the coarse space (``Z = basis ⊗ E_S``, ``S`` those
-    maps); the others keep ``J_k`` alone.
+    parts, which the CG per whitened map uses.  Inside, whitened map coordinates with
+    ``(P, T', c, c)`` blocks for the ``T'`` whitened maps that get the coarse space (``Z =
+    basis ⊗ E_S``, ``S`` those maps); the others keep ``J_k`` alone.
 
     Parameters
     ----------

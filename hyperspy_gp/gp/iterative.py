@@ -233,9 +233,9 @@ class CGResult:
     """Solutions and the Lanczos coefficients of every column."""
 
     solution: torch.Tensor  # (P, R, T, *grid)
-    alphas: torch.Tensor  # (I, P, R) (or (I, P, R, T) for columns per map)
-    betas: torch.Tensor  # (I, P, R)
-    iterations: torch.Tensor  # (P, R) iterations each column took
+    alphas: torch.Tensor  # (I, *columns): columns (P, R), or (P, R, T) for one CG per map
+    betas: torch.Tensor  # (I, *columns)
+    iterations: torch.Tensor  # (*columns) iterations each column took
 
 
 def preconditioned_cg(operator, preconditioner, rhs: torch.Tensor, tol: float, max_iter: int,

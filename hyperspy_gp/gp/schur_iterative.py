@@ -47,7 +47,6 @@ reported per pixel.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
@@ -327,7 +326,7 @@ class MaskedOperator:
         return self._maps(y, 1.0 / self.root, transpose=False)
 
     def block_solve(self, y: torch.Tensor, maps: torch.Tensor | None = None) -> torch.Tensor:
-        """``diag_k(J_k^{-1}) y`` for whitened ``y`` ``(P, R, T, m)``; only on the whitened ``maps`` (zeros elsewhere)."""
+        """``diag_k(J_k^{-1}) y`` for whitened ``y`` ``(P, R, T, m)``; with ``maps``, on those alone (zeros else)."""
         if maps is None:
             return self._from_tiles(torch.cholesky_solve(self._to_tiles(y), self.jacobi_cholesky))
         out = torch.zeros_like(y)
@@ -395,7 +394,7 @@ class MaskedOperator:
         return self.gather(self.inverse_covariance(self.scatter(v)))
 
     def whitened_apply(self, y: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
-        """``diag_k(C_k) y`` for whitened ``y`` ``(P, R, T, m)``, only on the ``active`` ``(P, R, T)`` columns.
+        """``diag_k(C_k) y`` for whitened ``y`` ``(P, R, T, m)``, on the ``active`` ``(P, R, T)`` columns alone.
 
         ``C_k y_k = (Q diag(h_k) Qᵀ E_M y_k)_M``: each column is one map's system, with no
         ``T × T`` mixing, so a converged column costs nothing (zeros are returned there).
@@ -447,28 +446,20 @@ class MaskedOperator:
     def whitened_cg(self, rhs: torch.Tensor, preconditioner=None, tolerances: dict | None = None) -> CGResult:
         """``diag_k(C_k)^{-1} rhs`` for whitened ``rhs`` ``(P, R, T, m)``: one CG per map and column.
 
-        Preconditioned by ``J`` (default) or its coarse-space correction; ``tolerances`` maps
+        ``C^{-1} b`` is the :meth:`unwhiten_t` of this solve for ``whiten(b)``.  In whitened
+        coordinates ``C`` and the preconditioner (``J`` by default, or its coarse-space
+        correction) are block-diagonal over the maps, so each map's systems converge on
+        their own: maps with a low signal-to-noise ratio stop after a few iterations, and
+        their columns cost nothing after (:meth:`whitened_apply`), where one CG over all
+        maps applied ``C`` to every map until the slowest converged.  ``tolerances`` maps
         dtypes to the relative residual (``CG_TOLERANCE`` by default); a failure says what
-        to do about large masked regions.  ``C^{-1} b`` is the :meth:`unwhiten_t` of this
-        solve for ``whiten(b)``.  In whitened
-        coordinates ``C`` and the preconditioner (``J``, and the coarse space) are
-        block-diagonal over the maps, so each map's systems converge on their own: maps
-        with a low signal-to-noise ratio stop after a few iterations, and their columns
-        cost nothing after (:meth:`whitened_apply`), where one CG over all maps applied
-        ``C`` to every map until the slowest converged.
+        to do about large masked regions.
         """
         precondition = (preconditioner or self).whitened_precondition
         tol = (tolerances or CG_TOLERANCE).get(rhs.dtype, 1e-5)
-        with self._cg_message():
+        try:
             return preconditioned_cg(self.whitened_apply, precondition, rhs, tol, MAX_CG_ITERATIONS,
                                      column_dims=3, skip_converged=True)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _cg_message():
-        """CG's :class:`CGConvergenceError` with what to do about large masked regions."""
-        try:
-            yield
         except CGConvergenceError as exc:
             raise CGConvergenceError(
                 f"{exc} The iterative Schur complement suits scattered missing pixels (sparse scans, dead "

@@ -237,7 +237,8 @@ def test_cg_solves_each_whitened_map_on_its_own():
     solution = op.unwhiten_t(cg.solution)
     c = _dense(op, m * n_tasks, (1, n_tasks, m))[0]  # C, values ordered (pixel, map)
     expected = torch.linalg.solve(c, rhs[0].transpose(-1, -2).reshape(2, -1).T).T.reshape(2, m, n_tasks)
-    torch.testing.assert_close(solution[0].transpose(-1, -2), expected, rtol=1e-8, atol=1e-8 * float(expected.abs().max()))
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(solution[0].transpose(-1, -2), expected, rtol=1e-8, atol=1e-8 * scale)
     per_map = cg.iterations.amax(dim=1)[0]  # (T,): the maps' conditioning differs, so do their iterations
     assert int(per_map.min()) < int(per_map.max()), per_map
     # Each column took part in exactly the products of its own iterations.
