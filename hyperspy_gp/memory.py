@@ -73,9 +73,9 @@ COARSE_BASIS_VALUES = 2**25
 #: Values of one chunk of the missing pixels' temporaries (pixels × lines × ``n_b``) on the
 #: iterative path (:class:`~hyperspy_gp.gp.pixel_rows.PixelRows`): 32 MB.
 PIXEL_ROWS_CHUNK_VALUES = 2**22
-#: Largest ``|M| · n · T`` (missing values × grid values) for the factorised Schur
-#: complement (:mod:`~hyperspy_gp.gp.schur`): its columns ``H`` take this many float64
-#: values (32 million: 256 MB).
+#: Largest ``|M| · n · T`` (missing pixels × grid pixels × maps) for the factorised Schur
+#: complement (:mod:`~hyperspy_gp.gp.schur`): its columns ``H_k``, one field per missing
+#: pixel and whitened map, take this many float64 values (32 million: 256 MB).
 MAX_SCHUR_ENTRIES = 32 * 2**20
 _FLOAT64 = 8
 
@@ -252,7 +252,7 @@ def estimate_memory(
         draws = n_models * VARIANCE_DRAWS * n_tasks * n_pixels
         prediction += 3 * draws * _FLOAT64 + (os.cpu_count() or 1) * CHUNK_BYTES
     elif n_observed is None and n_missing:
-        # Schur columns Σ⁻¹E_M, H = Σ⁻¹E_M L⁻ᵀ and ΣH with its autograd copy: |M|·n·T each.
+        # Schur columns G_k = Σ_k⁻¹E_M, H_k = G_k L_k⁻ᵀ, K H_k and a transposed copy: |M|·n·T each.
         fitting += 4 * n_models * schur_entries(n_pixels, n_missing, n_tasks) * itemsize
     if iterative:
         fitting, prediction = _iterative_bytes(grid_shape, upsampling, n_models, n_tasks, itemsize, n_missing)
@@ -260,8 +260,8 @@ def estimate_memory(
 
 
 def schur_entries(n_pixels: int, n_missing: int, n_tasks: int) -> int:
-    """Values ``|M| T · n T`` of the factorised Schur complement's columns, per model (:data:`MAX_SCHUR_ENTRIES`)."""
-    return n_missing * n_tasks * n_pixels * n_tasks
+    """Values ``|M| · n · T`` of the factorised Schur complement's columns, per model (:data:`MAX_SCHUR_ENTRIES`)."""
+    return n_missing * n_pixels * n_tasks
 
 
 def schur_twin_fits(n_pixels: int, n_missing: int, n_tasks: int, n_models: int) -> bool:
@@ -292,7 +292,7 @@ def _iterative_bytes(grid_shape, upsampling, n_models, n_tasks, itemsize, n_miss
     # holding those pixels (r² (n_1 + n / n_1)), the rows by pixel and by line
     # (:class:`~hyperspy_gp.gp.pixel_rows.PixelRows`) and a chunk of temporaries.
     # Prediction keeps two such preconditioners and the separable twin's Schur columns
-    # (|M|T · nT values) where they fit.
+    # (|M| · n · T values) where they fit.
     fits = schur_twin_fits(n_pixels, n_missing, n_tasks, n_models)
     twin = 2 * schur_entries(n_pixels, n_missing, n_tasks) if fits else 0
     block = min(n_missing, n_pixels - n_missing)

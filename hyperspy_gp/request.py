@@ -9,7 +9,6 @@ module level.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -27,19 +26,24 @@ MAX_DEFAULT_COMPONENTS = 10
 MAX_DENSE_PIXELS = 4096
 #: Seconds per unit of work of each path for missing pixels (measured on 2 CPU cores,
 #: float64, likelihood + gradient), to choose the cheapest: dense Cholesky per
-#: (observed values)³; factorised Schur complement per missing value × T × grid values
-#: × Σ factor sizes; Schur complement by CG per CG iteration × right-hand side × grid
-#: values × Σ factor sizes; the iterative path (non-separable kernel) per multiply-add of
+#: (observed values)³; factorised Schur complement per missing pixel × T × grid values ×
+#: (Σ factor sizes + missing pixels) (measured: 2.83 s for 164 pixels at 128² × 6, one BLAS
+#: thread); Schur complement by CG per CG iteration × right-hand side × grid values ×
+#: (Σ factor sizes + T); the iterative path (non-separable kernel) per multiply-add of
 #: its missing pixels (:func:`~hyperspy_gp.gp.iterative_missing.missing_pixel_cost`) and
 #: of its CG over the grid, taken as 6e10 for 128² × 6 maps (1.7 s measured there).
-SECONDS_PER_UNIT = {"dense": 4e-11, "schur": 8e-10, "schur-cg": 1.5e-10, "iterative": 2.8e-11}
+SECONDS_PER_UNIT = {"dense": 4e-11, "schur": 4.2e-10, "schur-cg": 1.5e-10, "iterative": 2.8e-11}
 #: The same for the iterative path's missing pixels on a GPU: 9.2 s measured for a cost of
 #: 4.0e13 (256² × 6 maps, a masked quarter disc; NVIDIA H200, float64).
 GPU_SECONDS_PER_MISSING_UNIT = 2.3e-13
 #: Multiply-adds per pixel and map of one evaluation of the iterative path's CG.
 ITERATIVE_GRID_COST = 6e10 / (128 * 128 * 6)
-#: CG iterations assumed by the cost model (measured: 10–60 for scattered pixels).
-EXPECTED_CG_ITERATIONS = 50
+#: CG iterations assumed by the cost model for scattered missing pixels (measured: 7–12
+#: with 1 % missing at 128² × 6, 12–16 with 5 % at 64² × 6, one CG per whitened map) and
+#: for masks with masked regions, where the count also stands for the coarse space's
+#: construction and projection: 50–150 iterations, but whole runs took 7, 4 and 2.5 times
+#: the cost of 50 per fit iteration (a quarter disc at 32² × 2, 48² × 3 and 128² × 6).
+EXPECTED_CG_ITERATIONS = {"scattered": 15, "regions": 200}
 #: An exact deterministic path is preferred unless the Schur complement by CG is
 #: estimated to be this many times cheaper.
 EXACT_PREFERENCE = 4.0
@@ -518,7 +522,7 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     fits = {"dense": dense_values <= MAX_DENSE_VALUES,
             "kronecker": schur_entries(observed.size, n_missing, tasks) <= MAX_SCHUR_ENTRIES}
     if request.solver == "auto":
-        cost = _missing_pixel_costs(observed.shape, request.kernel, n_missing, dense_values, tasks)
+        cost = _missing_pixel_costs(observed, request.kernel, dense_values, tasks)
         exact = [name for name in ("kronecker", "dense") if fits[name]]
         best = min(exact, key=cost.__getitem__) if exact else None
         # Many scattered missing pixels: the Schur complement by conjugate gradients.
@@ -595,15 +599,22 @@ def _iterative_missing_refusal(observed: np.ndarray, cost: int, tasks: int, mode
     )
 
 
-def _missing_pixel_costs(grid_shape, kernel: str, n_missing: int, dense_values: int, tasks: int) -> dict:
-    """Estimated seconds per likelihood evaluation of each path for missing pixels (:data:`SECONDS_PER_UNIT`)."""
-    n = math.prod(grid_shape)
-    factors = sum(grid_shape) if kernel == "separable" else n  # one dense factor for the Matérn kernel
+def _missing_pixel_costs(observed: np.ndarray, kernel: str, dense_values: int, tasks: int) -> dict:
+    """Estimated seconds per likelihood evaluation of each path for the missing pixels of ``observed``.
+
+    From :data:`SECONDS_PER_UNIT`, with :data:`EXPECTED_CG_ITERATIONS` for scattered
+    pixels or for masked regions (:func:`~hyperspy_gp.gp.coarse_space.masked_interior`).
+    """
+    from hyperspy_gp.gp.coarse_space import masked_interior
+
+    n, n_missing = observed.size, int((~observed).sum())
+    factors = sum(observed.shape) if kernel == "separable" else n  # one dense factor for the Matérn kernel
     rhs = (1 + LOGDET_PROBES) * tasks
+    iterations = EXPECTED_CG_ITERATIONS["regions" if masked_interior(observed).any() else "scattered"]
     return {
         "dense": SECONDS_PER_UNIT["dense"] * float(dense_values) ** 3,
-        "kronecker": SECONDS_PER_UNIT["schur"] * n_missing * tasks * tasks * n * factors,
-        "schur-cg": SECONDS_PER_UNIT["schur-cg"] * EXPECTED_CG_ITERATIONS * rhs * n * (factors + tasks),
+        "kronecker": SECONDS_PER_UNIT["schur"] * n_missing * tasks * n * (factors + n_missing),
+        "schur-cg": SECONDS_PER_UNIT["schur-cg"] * iterations * rhs * n * (factors + tasks),
     }
 
 

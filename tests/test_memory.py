@@ -147,14 +147,14 @@ def test_lazy_request_is_not_told_to_go_lazy():
 def test_schur_columns_are_counted_for_missing_pixels_on_the_kronecker_path():
     complete = estimate_memory((256, 256), 6, 100)
     holes = estimate_memory((256, 256), 6, 100, n_missing=10)
-    assert holes.fitting - complete.fitting == 4 * 10 * 6 * 256 * 256 * 6 * 8
+    assert holes.fitting - complete.fitting == 4 * 10 * 256 * 256 * 6 * 8  # |M| n T values, four times
 
 
 def test_schur_complement_by_cg_is_linear_in_the_missing_pixels_not_in_missing_times_grid():
     complete = estimate_memory((256, 256), 6, 100)
     few = estimate_memory((256, 256), 6, 100, n_missing=1000, schur_cg=True)
     many = estimate_memory((256, 256), 6, 100, n_missing=30000, schur_cg=True)
-    assert complete.fitting < few.fitting < many.fitting < 2 * 2**30  # factorised: 30000 × 65536 × 36 values
+    assert complete.fitting < few.fitting < many.fitting < 2 * 2**30  # factorised: 30000 × 65536 × 6 values
     # CG vectors over the missing values, and the preconditioner's tile blocks (their
     # factors too): per whitened map, at most k² values per missing pixel and k per pixel.
     k = JACOBI_TILE_PIXELS  # pixels per tile and whitened map

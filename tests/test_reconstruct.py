@@ -457,7 +457,7 @@ def test_no_exact_refit_where_it_would_not_fit_the_memory_budget(monkeypatch):
     yy, xx = np.mgrid[:96, :96]
     maps = np.stack([np.sin(xx / 2.5) * np.cos(yy / 3.0), np.cos(yy / 4.0) + 0.3 * np.sin(xx / 3.0)], -1)
     maps = maps + 0.01 * np.random.default_rng(0).standard_normal(maps.shape)
-    masked = (yy - 95) ** 2 + (xx - 95) ** 2 <= 22**2
+    masked = (yy - 95) ** 2 + (xx - 95) ** 2 <= 30**2  # 736 pixels
     maps[masked] = np.nan
     s = _with_missing_pixels(maps, np.abs(np.random.default_rng(1).standard_normal((20, 2))) + 0.1)
     kwargs = dict(mode="parallel", n_missing=int(masked.sum()), lazy_output=False)

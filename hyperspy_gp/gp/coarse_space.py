@@ -67,6 +67,25 @@ MIN_COARSE_SPACING = 2
 COARSE_MIN_SNR = 10.0
 
 
+def masked_interior(observed: np.ndarray) -> np.ndarray:
+    """Missing pixels whose neighbours (diagonals included) are all missing: the inside of masked regions.
+
+    Scattered missing pixels (dead pixels, a random sparse scan) have none; a masked
+    region has them, and needs the coarse space (and more CG iterations).
+
+    Examples
+    --------
+    >>> observed = np.ones((6, 6), dtype=bool)
+    >>> observed[1:5, 1:4] = False  # a 4 × 3 region: its two middle pixels
+    >>> np.argwhere(masked_interior(observed)).tolist()
+    [[2, 2], [3, 2]]
+    """
+    from scipy.ndimage import binary_erosion
+
+    missing = ~np.asarray(observed, dtype=bool)
+    return binary_erosion(missing, structure=np.ones((3,) * missing.ndim, dtype=bool), border_value=1)
+
+
 def coarse_points(observed: np.ndarray, n_models: int, n_tasks: int) -> np.ndarray:
     """Which missing pixels are coarse points: a lattice deep inside the masked regions.
 
@@ -101,10 +120,8 @@ def coarse_points(observed: np.ndarray, n_models: int, n_tasks: int) -> np.ndarr
     >>> int(coarse_points(observed, 1, 1).sum())
     0
     """
-    from scipy.ndimage import binary_erosion
-
     missing = ~np.asarray(observed, dtype=bool)
-    deep = binary_erosion(missing, structure=np.ones((3,) * missing.ndim, dtype=bool), border_value=1)
+    deep = masked_interior(observed)
     n_missing = int(missing.sum())
     for spacing in range(MIN_COARSE_SPACING, max(deep.shape) + 1):
         lattice = np.ones_like(deep)

@@ -16,16 +16,39 @@ values.  Hence
 .. math::  \log p(y_O) = \log p_{grid}(ȳ(z*)) - ½ \log\det C + ½ |M| \log 2π,
 
 with ``log p_grid`` the structured likelihood of :mod:`~hyperspy_gp.gp.likelihood`.
-Gradients need no new algebra: ``z*`` is a minimiser, so the grid likelihood is
-differentiated with ``ȳ(z*)`` held fixed (envelope theorem), and with ``C^{-1} = L^{-T}
-L^{-1}`` and ``H = Σ^{-1} E_M L^{-T}``, ``∂(-½ \log\det C) = ½ Σ_k h_kᵀ ∂Σ h_k``, the
-derivative of quadratic forms in ``Σ`` itself (mode products with the kernel factors,
-no eigendecomposition).  The posterior is the full-grid one for ``ȳ(z*)`` plus the
-variance correction ``Σ_k (k*ᵀ h_k)²``.
 
-Cost per evaluation: one structured solve per missing value, ``O(|M| n Σ_a n_a)``, and
-``|M| · n · T`` values of memory, so this path is for a few missing pixels on a large
-grid (:data:`~hyperspy_gp.memory.MAX_SCHUR_ENTRIES`); :mod:`~hyperspy_gp.gp.dense` serves small grids.
+**One complement per whitened map.**  With ``D^{-1/2} B D^{-1/2} = R Γ Rᵀ`` and
+``W = D^{-1/2} R`` (:func:`~hyperspy_gp.gp.likelihood.whiten_tasks`), ``Σ^{-1} = (W ⊗ I)
+diag_k(Σ_k^{-1}) (Wᵀ ⊗ I)`` with ``Σ_k = γ_k K + I``.  Every map misses the same pixels,
+so with ``G_k = Σ_k^{-1} E_M`` (``n × m``) and ``C_k = E_Mᵀ G_k``,
+
+.. math::
+
+    Σ^{-1} E_M = (W ⊗ I) \operatorname{diag}_k(G_k) (Wᵀ ⊗ I), \qquad
+    C = (W ⊗ I) \operatorname{diag}_k(C_k) (Wᵀ ⊗ I), \qquad
+    \log\det C = Σ_k \log\det C_k - m Σ_t \log D_t :
+
+``T`` factorisations of ``m × m`` instead of one of ``mT × mT``, and ``m T`` column
+fields on the grid instead of ``m T²``.  Gradients need no new algebra: ``z*`` is a
+minimiser, so the grid likelihood is differentiated with ``ȳ(z*)`` held fixed (envelope
+theorem).  With ``C_k = L_k L_kᵀ``, ``L = (W ⊗ I) diag_k(L_k)`` is a factor of ``C`` and
+``H = Σ^{-1} E_M L^{-T} = (W ⊗ I) diag_k(H_k)``, ``H_k = G_k L_k^{-T}``, so
+
+.. math::
+
+    ∂(-½ \log\det C) = ½ Σ_{k, j} (w_kᵀ ∂B w_k)\, h_{kj}ᵀ ∂K h_{kj}
+        + (w_kᵀ ∂D w_k)\, h_{kj}ᵀ h_{kj}
+
+(``w_k`` the columns of ``W``, held fixed): quadratic forms in the kernel factors
+themselves (mode products, no eigendecomposition, no derivative through ``R``).  The
+posterior is the full-grid one for ``ȳ(z*)`` plus the variance increase ``Σ_k (B
+w_k)_t² Σ_j (k*ᵀ h_{kj})²`` of map ``t``.
+
+Cost per evaluation: one structured solve per missing pixel and whitened map,
+``O(|M| T n Σ_a n_a)``, the triangular solves ``O(|M|² T n)``, and ``|M| · n · T``
+values of memory, so this path is for a few missing pixels on a large grid
+(:data:`~hyperspy_gp.memory.MAX_SCHUR_ENTRIES`); :mod:`~hyperspy_gp.gp.dense` serves
+small grids.
 """
 
 from __future__ import annotations
@@ -36,7 +59,7 @@ from collections.abc import Sequence
 import torch
 
 from hyperspy_gp.gp.cholesky import safe_cholesky
-from hyperspy_gp.gp.likelihood import GridICMSolve, grid_icm_log_likelihood, solve_grid_icm
+from hyperspy_gp.gp.likelihood import GridICMSolve, grid_icm_log_likelihood, solve_grid_icm, whiten_tasks
 from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior
 from hyperspy_gp.gp.tensor import kron_dot, kron_rows
 
@@ -46,48 +69,74 @@ def _gather(grid: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return grid[(slice(None), *index.T)]
 
 
-def _missing_columns(solve: GridICMSolve, index: torch.Tensor) -> torch.Tensor:
-    """``G = Σ^{-1} E_M`` in grid layout ``(P, *fg, T, m·T)`` (column ``i·T + t``)."""
+def _whitened_columns(solve: GridICMSolve, gamma: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``G_k = Σ_k^{-1} E_M`` for every whitened map ``k``, ``(P, *fg, T, m)``."""
     rotated = kron_rows(solve.eigenvectors, index).movedim(1, -1)  # Qᵀ e_i in the eigenbasis, (P, *fg, m)
-    inv_blocks = solve.block_inverse()  # (P, *fg, T, T)
-    weights = rotated[..., None, :, None] * inv_blocks[..., :, None, :]  # (P, *fg, T, m, T)
-    p, *fg, t, m, _ = weights.shape
-    columns = kron_dot(weights.reshape(p, *fg, t * m * t), solve.eigenvectors)
-    return columns.reshape(p, *fg, t, m * t)
+    lam = solve.eigenvalues_grid
+    gains = 1.0 / (lam[..., None] * gamma.reshape(gamma.shape[0], *([1] * (lam.dim() - 1)), -1) + 1.0)
+    weights = gains[..., :, None] * rotated[..., None, :]  # (P, *fg, T, m)
+    p, *fg, t, m = weights.shape
+    return kron_dot(weights.reshape(p, *fg, t * m), solve.eigenvectors).reshape(p, *fg, t, m)
 
 
-def _apply_covariance(h: torch.Tensor, task_covariance, noise, factors) -> torch.Tensor:
-    """``Σ h`` for columns ``h`` ``(P, *fg, T, K)``; differentiable in ``B``, ``σ²``, ``K_a``."""
-    p, *fg, t, k = h.shape
-    kh = kron_dot(h.reshape(p, *fg, t * k), factors).reshape(p, *fg, t, k)
-    b = task_covariance.reshape(p, *([1] * len(fg)), t, t)
-    return b @ kh + noise.reshape(p, *([1] * len(fg)), t, 1) * h
+def _per_map(columns: torch.Tensor) -> torch.Tensor:
+    """``(P, *fg, T, m)`` → ``(P, T, n, m)``: the fields of each whitened map as one matrix."""
+    p, t, m = columns.shape[0], columns.shape[-2], columns.shape[-1]
+    return columns.reshape(p, -1, t, m).transpose(1, 2)
 
 
 class SchurSolve:
-    """Completed targets ``ȳ(z*)``, ``log det C`` and the columns ``H`` (no autograd)."""
+    """Completed targets ``ȳ(z*)``, ``log det C``, the columns ``H_k`` and ``W`` (no autograd).
+
+    Attributes
+    ----------
+    completed : torch.Tensor
+        ``(P, *fg, T)`` targets with the conditional mean ``z*`` at the missing pixels.
+    logdet_c : torch.Tensor
+        ``(P,)`` ``log det C``.
+    columns : torch.Tensor
+        ``(P, *fg, T, m)``: ``H_k``'s ``m`` fields for each whitened map ``k``.
+    task_weights : torch.Tensor
+        ``(P, T, T)`` ``W``; column ``k`` is the task vector of map ``k``'s columns.
+    """
 
     def __init__(self, targets, task_covariance, noise, factors, index: torch.Tensor) -> None:
         with torch.no_grad():
             zeroed = targets.clone()
             zeroed[(slice(None), *index.T)] = 0.0
             solve = self.grid_solve = solve_grid_icm(zeroed, task_covariance, noise, factors)
-            columns = _missing_columns(solve, index)  # (P, *fg, T, mT)
-            p, t = columns.shape[0], columns.shape[-2]
-            c = _gather(columns, index).reshape(p, -1, columns.shape[-1])  # rows i·T + s
-            # A principal submatrix of Σ⁻¹: positive definite, its condition number at most
-            # Σ's, whose own jitter (if any) the grid solve reports.
+            # The grid solve's blocks are λ B + D + εI: whiten with that diagonal.
+            diagonal = noise + solve.jitter[:, None]
+            root, gamma, rotation = whiten_tasks(task_covariance, diagonal)
+            columns = _whitened_columns(solve, gamma, index)  # G_k, (P, *fg, T, m)
+            c = _gather(columns, index).permute(0, 2, 1, 3)  # C_k, (P, T, m, m)
+            # C_k is a principal submatrix of Σ_k⁻¹: eigenvalues in [1 / (γ_k λ_max + 1), 1].
             chol, _ = safe_cholesky(0.5 * (c + c.transpose(-1, -2)))
-            alpha0 = kron_dot(solve.rotated_weights, solve.eigenvectors)
-            u = _gather(alpha0, index).reshape(p, -1, 1)
-            z = -torch.cholesky_solve(u, chol).reshape(p, -1, t)
+            m = index.shape[0]
+            self.logdet_c = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum((-2, -1)) \
+                - m * torch.log(diagonal).sum(-1)
+            # z* = -C⁻¹ u: u ↦ u W^{-T} = (u √D) R whitens, C_k⁻¹ per map, x ↦ x W⁻¹ = (x Rᵀ) √D.
+            u = _gather(kron_dot(solve.rotated_weights, solve.eigenvectors), index)  # (P, m, T)
+            whitened = ((u * root[:, None, :]) @ rotation).transpose(1, 2).unsqueeze(-1)  # (P, T, m, 1)
+            x = torch.cholesky_solve(whitened, chol).squeeze(-1).transpose(1, 2)  # (P, m, T)
             self.completed = zeroed
-            self.completed[(slice(None), *index.T)] = z
-            self.logdet_c = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-            flat = columns.reshape(p, -1, columns.shape[-1])  # (P, n·T, mT)
-            h = torch.linalg.solve_triangular(chol, flat.transpose(-1, -2), upper=False)  # Hᵀ
-            self.columns = h.transpose(-1, -2).reshape(columns.shape)
-            self.n_missing_values = columns.shape[-1]
+            self.completed[(slice(None), *index.T)] = -(x @ rotation.transpose(1, 2)) * root[:, None, :]
+            h = torch.linalg.solve_triangular(chol, _per_map(columns).transpose(-1, -2), upper=False)  # H_kᵀ
+            self.columns = h.transpose(-1, -2).transpose(1, 2).reshape(columns.shape)
+            self.task_weights = rotation / root[:, :, None]
+            self.n_missing_values = m * columns.shape[-2]
+
+
+def _column_forms(schur: SchurSolve, task_covariance, noise, factors) -> torch.Tensor:
+    """``Σ_{k,j} h_{kj}ᵀ Σ h_{kj}`` per model, differentiable in ``B``, ``σ²`` and ``K_a`` (``H``, ``W`` fixed)."""
+    h, w = schur.columns, schur.task_weights
+    p, *fg, t, m = h.shape
+    kh = kron_dot(h.reshape(p, *fg, t * m), factors).reshape(h.shape)
+    spatial = (h * kh).reshape(p, -1, t, m).sum((1, 3))  # Σ_j h_kjᵀ K h_kj, (P, T)
+    squares = h.pow(2).reshape(p, -1, t, m).sum((1, 3))  # Σ_j h_kjᵀ h_kj
+    task = torch.einsum("psk,pst,ptk->pk", w, task_covariance, w)  # w_kᵀ B w_k
+    diagonal = torch.einsum("ptk,pt->pk", w * w, noise)  # w_kᵀ D w_k
+    return (task * spatial + diagonal * squares).sum(-1)
 
 
 def schur_log_likelihood(targets, task_covariance, noise, factors, index: torch.Tensor) -> torch.Tensor:
@@ -109,17 +158,17 @@ def schur_log_likelihood(targets, task_covariance, noise, factors, index: torch.
     """
     schur = SchurSolve(targets, task_covariance, noise, factors, index)
     full = grid_icm_log_likelihood(schur.completed, task_covariance, noise, factors)
-    h = schur.columns
-    quad = (h * _apply_covariance(h, task_covariance, noise, factors)).sum(dim=tuple(range(1, h.dim())))
+    forms = _column_forms(schur, task_covariance, noise, factors)
     correction = -0.5 * schur.logdet_c + 0.5 * schur.n_missing_values * math.log(2.0 * math.pi)
-    return full + correction + 0.5 * (quad - quad.detach())
+    return full + correction + 0.5 * (forms - forms.detach())
 
 
 class SchurPosterior(GridPosterior):
     """Posterior of a model fitted to a grid with a few missing pixels (exact).
 
     The mean is the full-grid posterior mean for the completed maps ``ȳ(z*)``; the
-    variance adds back ``Σ_k (k*ᵀ h_k)²`` for what the missing pixels do not tell.
+    variance adds back ``Σ_k (B w_k)_t² Σ_j (k*ᵀ h_kj)²`` for what the missing pixels
+    do not tell.
 
     Parameters
     ----------
@@ -135,9 +184,10 @@ class SchurPosterior(GridPosterior):
             schur = SchurSolve(model.as_factor_layout(targets), model.task_covariance, model.noise, factors,
                                model.missing_index)
             completed = schur.completed.reshape(targets.shape)
-            self.task_covariance = model.task_covariance
+            # (B w_k)_t², (P, T, T): how much of whitened map k's increase map t gets.
+            self.task_gains = (model.task_covariance @ schur.task_weights).pow(2)
         super().__init__(model, completed, solve=schur.grid_solve.with_targets(schur.completed))
-        self.columns = schur.columns  # (P, *fg, T, mT)
+        self.columns = schur.columns  # (P, *fg, T, m)
 
     def predict(self, test_coords: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent mean and variance ``(P, m_1, ..., m_d, T)`` on the grid of ``test_coords``."""
@@ -145,15 +195,14 @@ class SchurPosterior(GridPosterior):
         with torch.no_grad():
             cross = self.model.kernel.cross_factors(self.lengthscale, test_coords)
             h = self.columns
-            p, *fg, t, k = h.shape
-            kh = kron_dot(h.reshape(p, *fg, t * k), cross).reshape(p, -1, t, k)  # (P, m*, T, mT)
-            # cov(f_t(x*), y) = (B ⊗ k*ᵀ) applied to each column h_k.
-            increase = (self.task_covariance[:, None] @ kh).pow(2).sum(-1).reshape(variance.shape)
-        return mean, variance + increase
+            p, *fg, t, m = h.shape
+            kh = kron_dot(h.reshape(p, *fg, t * m), cross).reshape(p, -1, t, m)  # k*ᵀ h_kj, (P, m*, T, m)
+            increase = kh.pow(2).sum(-1) @ self.task_gains.transpose(-1, -2)  # Σ_k (B w_k)_t² Σ_j (k*ᵀ h_kj)²
+        return mean, variance + increase.reshape(variance.shape)
 
     def default_chunk_rows(self, test_coords: Sequence[torch.Tensor]) -> int:
         """Rows per chunk keeping the ``k*ᵀ H`` temporaries under :data:`~hyperspy_gp.gp.prediction.DEFAULT_CHUNK_BYTES`."""
         rows = super().default_chunk_rows(test_coords)
-        per_row = math.prod(len(c) for c in test_coords[1:]) * self.columns.shape[0] * self.columns.shape[-1] \
-            * self.columns.shape[-2] * 8 * 3
+        p, t, m = self.columns.shape[0], self.columns.shape[-2], self.columns.shape[-1]
+        per_row = math.prod(len(c) for c in test_coords[1:]) * p * t * m * 8 * 3
         return max(1, min(rows, DEFAULT_CHUNK_BYTES // max(per_row, 1)))

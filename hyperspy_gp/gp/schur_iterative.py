@@ -72,7 +72,6 @@ from hyperspy_gp.gp.likelihood import (
     whiten_tasks,
 )
 from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior
-from hyperspy_gp.gp.schur import _apply_covariance
 from hyperspy_gp.gp.tensor import kron_dot
 from hyperspy_gp.memory import CHUNK_BYTES, JACOBI_TILE_PIXELS, REGION_TILE_PIXELS, VARIANCE_DRAWS
 
@@ -81,8 +80,6 @@ DRAWS_PER_SOLVE = 16
 #: Draws of the Monte-Carlo variance increase at the missing pixels (the memory
 #: estimate of :mod:`hyperspy_gp.memory` assumes the same).
 DEFAULT_VARIANCE_SAMPLES = VARIANCE_DRAWS
-
-
 #: Largest pair-product matrix (``n_a² × tile`` elements) per factor axis when building
 #: the tile blocks: a non-separable kernel's single factor over all pixels keeps tiles
 #: of one pixel.
@@ -519,6 +516,14 @@ class SchurCGSolve:
             self.logdet_c = pre.logdet_preconditioner() + lanczos_logdet_quadrature(probe_cg, norms) / n_probes
             self.left = op.inverse_covariance(op.scatter(probe_cg.solution))  # Σ⁻¹ E_M C⁻¹ z_i
             self.right = op.inverse_covariance(op.scatter(pre.factor_inv_t(probes)))  # Σ⁻¹ E_M P⁻¹ z_i
+
+
+def _apply_covariance(h: torch.Tensor, task_covariance, noise, factors) -> torch.Tensor:
+    """``Σ h`` for columns ``h`` ``(P, *fg, T, K)``; differentiable in ``B``, ``σ²``, ``K_a``."""
+    p, *fg, t, k = h.shape
+    kh = kron_dot(h.reshape(p, *fg, t * k), factors).reshape(p, *fg, t, k)
+    b = task_covariance.reshape(p, *([1] * len(fg)), t, t)
+    return b @ kh + noise.reshape(p, *([1] * len(fg)), t, 1) * h
 
 
 def schur_cg_log_likelihood(targets, task_covariance, noise, factors, index: torch.Tensor,

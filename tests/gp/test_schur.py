@@ -98,3 +98,39 @@ def test_fits_of_both_paths_agree():
         states.append(model.state())
     for name in states[0]:
         np.testing.assert_allclose(states[1][name], states[0][name], rtol=1e-4, err_msg=name)
+
+
+def test_identical_maps_and_repeated_eigenvalues_keep_it_exact():
+    # Square grid, equal length scales (every spatial eigenvalue repeated), identical
+    # maps and B of rank one: the whitened B's eigenvalue 0 is repeated, Σ_k = I there.
+    shape = (8, 8)
+    (dense, schur), targets = _pair("separable", shape, 1, 3, 1, _holes(shape, 6, seed=4), seed=5)
+    targets = targets[..., :1].expand(*targets.shape[:-1], 3).contiguous()
+    with torch.no_grad():
+        for model in (dense, schur):
+            model.raw_lengthscale.fill_(0.3)
+            model.raw_task_variance.fill_(-20.0)  # v at its floor: B ≈ W Wᵀ
+    grads, mlls = [], []
+    for model in (dense, schur):
+        mll = model.log_likelihood(targets)
+        mll.sum().backward()
+        mlls.append(mll.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert _rel(mlls[1], mlls[0]) < RTOL
+    for name in grads[0]:
+        assert torch.isfinite(grads[1][name]).all(), name
+        assert _rel(grads[1][name], grads[0][name]) < 1e-7, name
+    coords = [schur.kernel.axis_coordinates(n, 2) for n in shape]
+    mean, var = make_posterior(schur, targets).predict(coords)
+    ref_mean, ref_var = make_posterior(dense, targets).predict(coords)
+    assert _rel(mean, ref_mean) < RTOL
+    assert _rel(var, ref_var) < RTOL
+
+
+def test_columns_are_one_field_per_missing_pixel_and_whitened_map():
+    # One complement per whitened map: H has m fields per map (|M| n T values), not the
+    # m T fields per map (|M| n T²) of one complement over all maps.
+    shape, n_tasks, n_missing = (9, 10), 4, 5
+    (_, schur), targets = _pair("separable", shape, 2, n_tasks, 2, _holes(shape, n_missing))
+    posterior = make_posterior(schur, targets)
+    assert posterior.columns.shape == (2, *shape, n_tasks, n_missing)
