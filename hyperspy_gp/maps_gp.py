@@ -108,7 +108,7 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
             model, result = _fit_with_exact_fallback(model, build_model, targets_t, request, max_iter, tol,
                                                      show_progressbar)
 
-    posterior = make_posterior(model, targets_t, domain=(origin, grid))
+    posterior = make_posterior(model, targets_t, domain=(origin, grid), exact_variance=request.exact_posterior)
     # The whole scan, in pixels of the fitted box (negative before it).
     test_coords = [kernel.axis_coordinates(n, request.upsampling) - start for n, start in zip(grid, origin)]
     with hsglue.dask_progressbar(show_progressbar):

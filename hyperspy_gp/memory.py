@@ -177,6 +177,7 @@ def estimate_memory(
     schur_cg: bool = False,
     n_coarse: int | Sequence[int] = 0,
     n_jacobi_values: int | None = None,
+    exact_posterior: bool = True,
 ) -> MemoryEstimate:
     """Estimate the peak memory of :func:`~hyperspy_gp.gp_reconstruct`.
 
@@ -211,6 +212,9 @@ def estimate_memory(
         gives them (:func:`~hyperspy_gp.gp.schur_iterative.jacobi_block_values`);
         ``None``: the bound for tiles of
         :data:`~hyperspy_gp.memory.JACOBI_TILE_PIXELS` pixels.
+    exact_posterior
+        With ``schur_cg``: whether the prediction takes the exact factorised posterior
+        where its columns fit (:func:`schur_columns_fit`) rather than the Monte-Carlo one.
 
     Returns
     -------
@@ -237,8 +241,9 @@ def estimate_memory(
         # CG vectors over the missing values; probe vectors on the grid, Σ of one of them
         # and its autograd copy; the preconditioner's tile blocks (k² values for the
         # k pixels of each tile that holds a missing pixel, per whitened map) with
-        # their factors, and the chunk they are built in.  Prediction: the draws'
-        # weights, their white noise, and the draws' predictions (one chunk per thread).
+        # their factors, and the chunk they are built in.  Prediction: the factorised
+        # posterior's columns where they fit, else the draws' weights, their white noise
+        # and the draws' predictions (one chunk per thread).
         columns = n_models * (1 + LOGDET_PROBES) * n_tasks
         tiles = n_models * (n_tasks * min(n_missing * JACOBI_TILE_PIXELS**2, n_pixels * JACOBI_TILE_PIXELS)
                             if n_jacobi_values is None else n_jacobi_values)
@@ -249,8 +254,11 @@ def estimate_memory(
         counts = {n_tasks: n_coarse} if isinstance(n_coarse, int) else dict(enumerate(n_coarse, start=1))
         fitting += n_models * max((2 * n_missing + n_pixels) * c + 6 * maps * c**2
                                   for maps, c in counts.items()) * itemsize
-        draws = n_models * VARIANCE_DRAWS * n_tasks * n_pixels
-        prediction += 3 * draws * _FLOAT64 + (os.cpu_count() or 1) * CHUNK_BYTES
+        if exact_posterior and schur_columns_fit(n_pixels, n_missing, n_tasks, n_models):  # the factorised posterior
+            prediction += 4 * n_models * schur_entries(n_pixels, n_missing, n_tasks) * _FLOAT64
+        else:
+            draws = n_models * VARIANCE_DRAWS * n_tasks * n_pixels
+            prediction += 3 * draws * _FLOAT64 + (os.cpu_count() or 1) * CHUNK_BYTES
     elif n_observed is None and n_missing:
         # Schur columns G_k = Σ_k⁻¹E_M, H_k = G_k L_k⁻ᵀ, K H_k and a transposed copy: |M|·n·T each.
         fitting += 4 * n_models * schur_entries(n_pixels, n_missing, n_tasks) * itemsize
@@ -264,8 +272,13 @@ def schur_entries(n_pixels: int, n_missing: int, n_tasks: int) -> int:
     return n_missing * n_pixels * n_tasks
 
 
-def schur_twin_fits(n_pixels: int, n_missing: int, n_tasks: int, n_models: int) -> bool:
-    """Whether the iterative posterior's separable twin keeps its Schur columns (all models within :data:`MAX_SCHUR_ENTRIES`)."""
+def schur_columns_fit(n_pixels: int, n_missing: int, n_tasks: int, n_models: int) -> bool:
+    """Whether the factorised Schur complement's columns of all models fit :data:`MAX_SCHUR_ENTRIES`.
+
+    Then the exact factorised posterior also serves a fit by CG (exact variance instead
+    of a Monte-Carlo estimate), and the iterative posterior's separable twin keeps its
+    Schur columns.
+    """
     return n_models * schur_entries(n_pixels, n_missing, n_tasks) <= MAX_SCHUR_ENTRIES
 
 
@@ -293,7 +306,7 @@ def _iterative_bytes(grid_shape, upsampling, n_models, n_tasks, itemsize, n_miss
     # (:class:`~hyperspy_gp.gp.pixel_rows.PixelRows`) and a chunk of temporaries.
     # Prediction keeps two such preconditioners and the separable twin's Schur columns
     # (|M| · n · T values) where they fit.
-    fits = schur_twin_fits(n_pixels, n_missing, n_tasks, n_models)
+    fits = schur_columns_fit(n_pixels, n_missing, n_tasks, n_models)
     twin = 2 * schur_entries(n_pixels, n_missing, n_tasks) if fits else 0
     block = min(n_missing, n_pixels - n_missing)
     lines, rest = min(block, grid_shape[0]), n_pixels // grid_shape[0]

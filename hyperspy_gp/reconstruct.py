@@ -182,9 +182,10 @@ def gp_reconstruct(
         Exact inference path.  ``"kronecker"``: the spatial eigenbasis of the full grid,
         fast at any size; with missing pixels (NaN loadings, e.g. from a
         decomposition's ``navigation_mask``) plus a Schur complement over them,
-        factorised for a few missing pixels (missing values × grid values ≤ 32
-        million), by conjugate gradients with a stochastic log-determinant beyond (the
-        variance then a Monte-Carlo estimate, its standard error in
+        factorised for a few missing pixels (missing pixels × grid pixels × maps ≤ 32
+        million), by conjugate gradients with a stochastic log-determinant beyond or
+        where that is much faster (the variance exact where the factorised complement
+        fits, else a Monte-Carlo estimate, its standard error in
         ``hyperparameters["variance_standard_error"]``).
         ``"dense"``: Cholesky on the observed pixels, limited to 6000 observed values
         (pixels × maps in a parallel GP).  ``"iterative"`` (any kernel, complete grids
@@ -304,20 +305,33 @@ def _choose_lengthscale_bounds(maps, request: Request, isotropic: bool, signal, 
 
 
 def _check_memory(maps: np.ndarray, decomposition, request: Request, lazy: bool, memory_budget) -> None:
-    from hyperspy_gp.memory import MemoryBudgetError, check_device_memory, check_memory_budget
+    from hyperspy_gp.memory import check_device_memory, check_memory_budget
 
     estimate = _estimate_memory(maps, decomposition, request, lazy, request.masked_solver)
+    if request.masked_solver == "schur-cg" and not _within_budget(estimate, request.device, memory_budget):
+        # The exact factorised posterior after a fit by CG is optional: the Monte-Carlo one needs less.
+        request.exact_posterior = False
+        estimate = _estimate_memory(maps, decomposition, request, lazy, request.masked_solver)
     _logger.info("Estimated memory: %s", estimate.describe())
     check_memory_budget(estimate, memory_budget)
     check_device_memory(estimate, request.device, memory_budget)
     if request.exact_fallback is not None:  # the refit if CG fails: only where it fits too
         fallback = _estimate_memory(maps, decomposition, request, lazy, request.exact_fallback)
-        try:
-            check_memory_budget(fallback, memory_budget)
-            check_device_memory(fallback, request.device, memory_budget)
-        except MemoryBudgetError:
+        if not _within_budget(fallback, request.device, memory_budget):
             _logger.info("No exact fallback for the Schur complement by CG: %s", fallback.describe())
             request.exact_fallback = None
+
+
+def _within_budget(estimate, device: str, memory_budget) -> bool:
+    """Whether ``estimate`` passes the memory checks of :func:`_check_memory`."""
+    from hyperspy_gp.memory import MemoryBudgetError, check_device_memory, check_memory_budget
+
+    try:
+        check_memory_budget(estimate, memory_budget)
+        check_device_memory(estimate, device, memory_budget)
+    except MemoryBudgetError:
+        return False
+    return True
 
 
 def _estimate_memory(maps: np.ndarray, decomposition, request: Request, lazy: bool, masked_solver: str):
@@ -341,5 +355,5 @@ def _estimate_memory(maps: np.ndarray, decomposition, request: Request, lazy: bo
         n_observed=int(request.observed.sum()) if request.observed is not None and masked_solver == "dense" else None,
         n_missing=0 if request.observed is None else int((~request.observed).sum()), chunks=request.chunks,
         iterative=request.iterative, schur_cg=masked_solver == "schur-cg", n_coarse=n_coarse,
-        n_jacobi_values=n_jacobi_values,
+        n_jacobi_values=n_jacobi_values, exact_posterior=request.exact_posterior,
     )

@@ -103,6 +103,7 @@ class Request:
     lines: tuple[np.ndarray, ...] | None = None  # scan lines with a measured pixel, None for all
     schur_cg: bool = False  # the Schur complement by CG (many scattered missing pixels)
     exact_fallback: str | None = None  # factorised masked solver to refit with if CG fails ("auto" only)
+    exact_posterior: bool = True  # after a fit by CG, the factorised posterior where it fits (memory budget)
     n_missing: int = 0
     lengthscale_scan: object | None = None  # the LengthscaleScan behind lengthscale_bounds="auto"
 

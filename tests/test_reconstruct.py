@@ -387,6 +387,8 @@ def test_a_large_masked_region_is_fitted_with_the_coarse_space(unchanged):
     settings = rec.signal.metadata.GP_reconstruction.settings
     assert settings.masked_solver == "schur-cg" and settings.missing_pixels == int(missing.sum())
     assert coarse_points(~missing, 1, 3).sum() > 100  # the coarse space is in use
+    # Fitted by CG, predicted by the factorised posterior (its columns fit): exact variance.
+    assert "variance_standard_error" not in rec.hyperparameters
     loadings, variance = np.moveaxis(rec.loadings.data, 0, -1), np.moveaxis(rec.variance.data, 0, -1)
     assert np.isfinite(loadings).all() and np.isfinite(variance).all()
     assert np.abs(loadings[~missing] - truth[~missing]).max() < 0.3  # denoised where measured
@@ -462,7 +464,8 @@ def test_no_exact_refit_where_it_would_not_fit_the_memory_budget(monkeypatch):
     s = _with_missing_pixels(maps, np.abs(np.random.default_rng(1).standard_normal((20, 2))) + 0.1)
     kwargs = dict(mode="parallel", n_missing=int(masked.sum()), lazy_output=False)
     n_coarse = [int(coarse_points(~masked, 1, maps).sum()) for maps in (1, 2)]  # a lattice per coarse map count
-    cg = estimate_memory((96, 96), 2, 20, schur_cg=True, n_coarse=n_coarse, **kwargs).total
+    # CG with the Monte-Carlo posterior: the exact factorised one would not fit either.
+    cg = estimate_memory((96, 96), 2, 20, schur_cg=True, n_coarse=n_coarse, exact_posterior=False, **kwargs).total
     factorised = estimate_memory((96, 96), 2, 20, **kwargs).total  # the cheaper exact path here
     assert factorised > 2 * cg
     monkeypatch.setattr(request_module, "EXACT_PREFERENCE", 0.0)  # take CG where an exact path fits
@@ -471,6 +474,7 @@ def test_no_exact_refit_where_it_would_not_fit_the_memory_budget(monkeypatch):
         rec = gp_reconstruct(s, components=2, memory_budget=1.5 * cg)
     assert not rec.hyperparameters["converged"]
     assert rec.signal.metadata.GP_reconstruction.settings.masked_solver == "schur-cg"
+    assert rec.hyperparameters["variance_samples"] > 0  # the Monte-Carlo posterior, within the budget
 
 
 def test_a_scan_of_every_other_line_is_fitted_exactly_on_its_lines(unchanged):

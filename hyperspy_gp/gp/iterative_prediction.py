@@ -44,6 +44,7 @@ from hyperspy_gp.gp.iterative import (
 from hyperspy_gp.gp.iterative_missing import observed_block_preconditioner
 from hyperspy_gp.gp.kernels import GridKernel
 from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior, Posterior
+from hyperspy_gp.gp.schur import columns_fit
 from hyperspy_gp.gp.toeplitz import ToeplitzKernel
 
 #: Joint prior draws of the variance estimate.
@@ -166,7 +167,7 @@ class IterativePosterior(Posterior):
             # else the complete grid's (a weaker control variate near missing pixels).
             separable = KroneckerPreconditioner.build(model.kernel, self.lengthscale, self.task_covariance,
                                                       self.noise)
-            masked_twin = observed is not None and _schur_twin_fits(model)
+            masked_twin = observed is not None and columns_fit(model)
             self._twin_mask = self.mask if masked_twin else torch.ones_like(self.mask)
             self._separable_inverse = observed_block_preconditioner(separable, observed).solve if masked_twin \
                 else separable.solve
@@ -316,11 +317,6 @@ def _joint_draws(spectra, embedding: ToeplitzKernel, fine_shape, shape, generato
             batched = spectrum.reshape(p, 1, *spectrum.shape[1:])
             draw[:, :, task] = torch.fft.irfftn(f_white * batched, s=embedding.fft_shape, dim=embedding.grid_dims)[crop]
     return draws
-
-
-def _schur_twin_fits(model) -> bool:
-    """Whether the separable twin's Schur columns fit (:func:`~hyperspy_gp.memory.schur_twin_fits`)."""
-    return memory.schur_twin_fits(model.observed.size, int((~model.observed).sum()), model.n_tasks, model.n_models)
 
 
 def _separable_twin(model, targets: torch.Tensor, masked: bool) -> Posterior:

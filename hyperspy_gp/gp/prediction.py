@@ -176,8 +176,13 @@ def _predict_rows(state: tuple[Posterior, list[torch.Tensor]], start: int, stop:
         ) from exc
 
 
-def make_posterior(model: GridICMModel, targets: torch.Tensor, domain=None) -> Posterior:
+def make_posterior(model: GridICMModel, targets: torch.Tensor, domain=None, exact_variance: bool = True) -> Posterior:
     """The structured posterior on a full grid; with missing pixels the Schur or dense one.
+
+    A fit by the Schur complement by CG gets the exact factorised Schur posterior where
+    its columns fit (:func:`~hyperspy_gp.memory.schur_columns_fit`) unless
+    ``exact_variance`` is false (a memory budget), else the one with a Monte-Carlo
+    variance increase.
 
     ``domain`` is ``(origin, shape)``: the pixel grid predictions will cover, ``shape``
     pixels per axis starting ``origin`` pixels before the training grid (by default
@@ -190,14 +195,15 @@ def make_posterior(model: GridICMModel, targets: torch.Tensor, domain=None) -> P
         return IterativePosterior(model, targets, domain=domain)
     if model.observed is None:
         return GridPosterior(model, targets)
-    if model.masked_solver == "schur-cg":
+    if model.masked_solver in ("schur", "schur-cg"):
+        from hyperspy_gp.gp.schur import SchurPosterior, columns_fit
+
+        # A fit by CG still gets the exact factorised posterior where its columns fit.
+        if model.masked_solver == "schur" or (exact_variance and columns_fit(model)):
+            return SchurPosterior(model, targets)
         from hyperspy_gp.gp.schur_iterative import SchurCGPosterior
 
         return SchurCGPosterior(model, targets)
-    if model.masked_solver == "schur":
-        from hyperspy_gp.gp.schur import SchurPosterior
-
-        return SchurPosterior(model, targets)
     from hyperspy_gp.gp.dense import MaskedPosterior
 
     return MaskedPosterior(model, targets)

@@ -58,10 +58,16 @@ from collections.abc import Sequence
 
 import torch
 
+from hyperspy_gp import memory
 from hyperspy_gp.gp.cholesky import safe_cholesky
 from hyperspy_gp.gp.likelihood import GridICMSolve, grid_icm_log_likelihood, solve_grid_icm, whiten_tasks
 from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior
 from hyperspy_gp.gp.tensor import kron_dot, kron_rows
+
+
+def columns_fit(model) -> bool:
+    """Whether the columns of ``model`` (``observed`` set) fit :data:`~hyperspy_gp.memory.MAX_SCHUR_ENTRIES`."""
+    return memory.schur_columns_fit(model.observed.size, int((~model.observed).sum()), model.n_tasks, model.n_models)
 
 
 def _gather(grid: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -134,3 +134,23 @@ def test_columns_are_one_field_per_missing_pixel_and_whitened_map():
     (_, schur), targets = _pair("separable", shape, 2, n_tasks, 2, _holes(shape, n_missing))
     posterior = make_posterior(schur, targets)
     assert posterior.columns.shape == (2, *shape, n_tasks, n_missing)
+
+
+def test_a_fit_by_cg_gets_the_exact_posterior_where_its_columns_fit(monkeypatch):
+    from hyperspy_gp import memory
+    from hyperspy_gp.gp.schur_iterative import SchurCGPosterior
+
+    shape = (10, 9)
+    (dense, _), targets = _pair("separable", shape, 1, 3, 1, _holes(shape, 7, seed=6), seed=6)
+    cg = GridICMModel(GridKernel(shape), 1, 3, rank=1, observed=dense.observed, masked_solver="schur-cg")
+    cg.load_state_dict(dense.state_dict())
+    coords = [dense.kernel.axis_coordinates(n, 2) for n in shape]
+    posterior = make_posterior(cg, targets)
+    assert isinstance(posterior, SchurPosterior) and posterior.variance_is_exact
+    mean, var = posterior.predict(coords)
+    ref_mean, ref_var = make_posterior(dense, targets).predict(coords)
+    assert _rel(mean, ref_mean) < RTOL
+    assert _rel(var, ref_var) < RTOL
+    monkeypatch.setattr(memory, "MAX_SCHUR_ENTRIES", 7 * 90 * 3 - 1)  # one value short
+    posterior = make_posterior(cg, targets)
+    assert isinstance(posterior, SchurCGPosterior) and not posterior.variance_is_exact
