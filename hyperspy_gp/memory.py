@@ -255,12 +255,14 @@ def estimate_memory(
         fitting += n_models * max((2 * n_missing + n_pixels) * c + 6 * maps * c**2
                                   for maps, c in counts.items()) * itemsize
         if exact_posterior and schur_columns_fit(n_pixels, n_missing, n_tasks, n_models):  # the factorised posterior
-            prediction += 4 * n_models * schur_entries(n_pixels, n_missing, n_tasks) * _FLOAT64
+            # Its columns, and as much again for C_k, their factors and the chunks' products.
+            prediction += 2 * n_models * schur_entries(n_pixels, n_missing, n_tasks) * _FLOAT64
         else:
             draws = n_models * VARIANCE_DRAWS * n_tasks * n_pixels
             prediction += 3 * draws * _FLOAT64 + (os.cpu_count() or 1) * CHUNK_BYTES
     elif n_observed is None and n_missing:
-        # Schur columns G_k = Σ_k⁻¹E_M, H_k = G_k L_k⁻ᵀ, K H_k and a transposed copy: |M|·n·T each.
+        # Schur columns G_k = Σ_k⁻¹E_M (H_k = G_k L_k⁻ᵀ in place), K H_k, their mode products'
+        # temporaries and autograd's copies: |M|·n·T each.
         fitting += 4 * n_models * schur_entries(n_pixels, n_missing, n_tasks) * itemsize
     if iterative:
         fitting, prediction = _iterative_bytes(grid_shape, upsampling, n_models, n_tasks, itemsize, n_missing)

@@ -309,9 +309,14 @@ def _check_memory(maps: np.ndarray, decomposition, request: Request, lazy: bool,
 
     estimate = _estimate_memory(maps, decomposition, request, lazy, request.masked_solver)
     if request.masked_solver == "schur-cg" and not _within_budget(estimate, request.device, memory_budget):
-        # The exact factorised posterior after a fit by CG is optional: the Monte-Carlo one needs less.
+        # The exact factorised posterior after a fit by CG is optional: the Monte-Carlo one
+        # may need less (or, with few missing pixels, more: then the exact one is reported).
         request.exact_posterior = False
-        estimate = _estimate_memory(maps, decomposition, request, lazy, request.masked_solver)
+        monte_carlo = _estimate_memory(maps, decomposition, request, lazy, request.masked_solver)
+        if _within_budget(monte_carlo, request.device, memory_budget):
+            estimate = monte_carlo
+        else:
+            request.exact_posterior = True
     _logger.info("Estimated memory: %s", estimate.describe())
     check_memory_budget(estimate, memory_budget)
     check_device_memory(estimate, request.device, memory_budget)

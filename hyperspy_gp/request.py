@@ -27,12 +27,12 @@ MAX_DENSE_PIXELS = 4096
 #: Seconds per unit of work of each path for missing pixels (measured on 2 CPU cores,
 #: float64, likelihood + gradient), to choose the cheapest: dense Cholesky per
 #: (observed values)³; factorised Schur complement per missing pixel × T × grid values ×
-#: (Σ factor sizes + missing pixels) (measured: 2.83 s for 164 pixels at 128² × 6, one BLAS
+#: (Σ factor sizes + missing pixels) (measured: 1.93 s for 164 pixels at 128² × 6, one BLAS
 #: thread); Schur complement by CG per CG iteration × right-hand side × grid values ×
 #: (Σ factor sizes + T); the iterative path (non-separable kernel) per multiply-add of
 #: its missing pixels (:func:`~hyperspy_gp.gp.iterative_missing.missing_pixel_cost`) and
 #: of its CG over the grid, taken as 6e10 for 128² × 6 maps (1.7 s measured there).
-SECONDS_PER_UNIT = {"dense": 4e-11, "schur": 4.2e-10, "schur-cg": 1.5e-10, "iterative": 2.8e-11}
+SECONDS_PER_UNIT = {"dense": 4e-11, "schur": 2.9e-10, "schur-cg": 1.5e-10, "iterative": 2.8e-11}
 #: The same for the iterative path's missing pixels on a GPU: 9.2 s measured for a cost of
 #: 4.0e13 (256² × 6 maps, a masked quarter disc; NVIDIA H200, float64).
 GPU_SECONDS_PER_MISSING_UNIT = 2.3e-13

@@ -474,7 +474,36 @@ def test_no_exact_refit_where_it_would_not_fit_the_memory_budget(monkeypatch):
         rec = gp_reconstruct(s, components=2, memory_budget=1.5 * cg)
     assert not rec.hyperparameters["converged"]
     assert rec.signal.metadata.GP_reconstruction.settings.masked_solver == "schur-cg"
-    assert rec.hyperparameters["variance_samples"] > 0  # the Monte-Carlo posterior, within the budget
+
+
+def test_a_memory_budget_between_the_two_posteriors_keeps_the_monte_carlo_one():
+    # After a fit by CG the exact factorised posterior is taken where its columns fit, and
+    # the Monte-Carlo one where only that fits the memory budget.
+    from types import SimpleNamespace
+
+    from hyperspy_gp.memory import MemoryBudgetError
+    from hyperspy_gp.reconstruct import _check_memory, _estimate_memory
+    from hyperspy_gp.request import Request, choose_solver
+
+    yy, xx = np.mgrid[:64, :64]
+    maps = np.random.default_rng(6).standard_normal((64, 64, 3))
+    maps[(yy - 63) ** 2 + (xx - 63) ** 2 < 38**2] = np.nan  # a masked corner: CG, columns that fit
+    request = Request([0, 1, 2], "parallel", 1, None, "separable", 1, "auto", "cpu", "float64", None)
+    request.observed = choose_solver(maps, request)
+    assert request.masked_solver == "schur-cg"
+    decomposition = SimpleNamespace(factors=np.zeros((16, 3)))
+    exact = _estimate_memory(maps, decomposition, request, False, "schur-cg").total
+    request.exact_posterior = False
+    monte_carlo = _estimate_memory(maps, decomposition, request, False, "schur-cg").total
+    assert exact > monte_carlo
+    for budget, expected in ((exact + 1, True), ((exact + monte_carlo) // 2, False)):
+        request.exact_posterior = True
+        _check_memory(maps, decomposition, request, False, budget)
+        assert request.exact_posterior is expected
+    request.exact_posterior = True
+    with pytest.raises(MemoryBudgetError):
+        _check_memory(maps, decomposition, request, False, monte_carlo // 2)
+    assert request.exact_posterior  # neither fits: the error reports the exact posterior's estimate
 
 
 def test_a_scan_of_every_other_line_is_fitted_exactly_on_its_lines(unchanged):

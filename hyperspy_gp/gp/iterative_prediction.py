@@ -32,7 +32,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from hyperspy_gp import memory
 from hyperspy_gp.gp.iterative import (
     CG_TOLERANCE,
     ESTIMATE_CG_TOLERANCE,

@@ -76,19 +76,14 @@ def _gather(grid: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _whitened_columns(solve: GridICMSolve, gamma: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``G_k = Σ_k^{-1} E_M`` for every whitened map ``k``, ``(P, *fg, T, m)``."""
+    """``G_k = Σ_k^{-1} E_M`` for every whitened map ``k``, ``(P, *fg, T, m)`` (one map at a time)."""
     rotated = kron_rows(solve.eigenvectors, index).movedim(1, -1)  # Qᵀ e_i in the eigenbasis, (P, *fg, m)
     lam = solve.eigenvalues_grid
-    gains = 1.0 / (lam[..., None] * gamma.reshape(gamma.shape[0], *([1] * (lam.dim() - 1)), -1) + 1.0)
-    weights = gains[..., :, None] * rotated[..., None, :]  # (P, *fg, T, m)
-    p, *fg, t, m = weights.shape
-    return kron_dot(weights.reshape(p, *fg, t * m), solve.eigenvectors).reshape(p, *fg, t, m)
-
-
-def _per_map(columns: torch.Tensor) -> torch.Tensor:
-    """``(P, *fg, T, m)`` → ``(P, T, n, m)``: the fields of each whitened map as one matrix."""
-    p, t, m = columns.shape[0], columns.shape[-2], columns.shape[-1]
-    return columns.reshape(p, -1, t, m).transpose(1, 2)
+    columns = rotated.new_empty(*rotated.shape[:-1], gamma.shape[-1], rotated.shape[-1])
+    for k in range(gamma.shape[-1]):
+        gains = 1.0 / (lam * gamma[:, k].reshape(-1, *([1] * (lam.dim() - 1))) + 1.0)  # 1 / (γ_k λ_j + 1)
+        columns[..., k, :] = kron_dot(gains[..., None] * rotated, solve.eigenvectors)
+    return columns
 
 
 class SchurSolve:
@@ -127,8 +122,12 @@ class SchurSolve:
             x = torch.cholesky_solve(whitened, chol).squeeze(-1).transpose(1, 2)  # (P, m, T)
             self.completed = zeroed
             self.completed[(slice(None), *index.T)] = -(x @ rotation.transpose(1, 2)) * root[:, None, :]
-            h = torch.linalg.solve_triangular(chol, _per_map(columns).transpose(-1, -2), upper=False)  # H_kᵀ
-            self.columns = h.transpose(-1, -2).transpose(1, 2).reshape(columns.shape)
+            # H_k = G_k L_k⁻ᵀ, one map at a time and in place: the peak stays near |M| n T values.
+            fields = columns.view(columns.shape[0], -1, *columns.shape[-2:])  # (P, n, T, m), the same memory
+            for k in range(fields.shape[2]):
+                fields[:, :, k] = torch.linalg.solve_triangular(chol[:, k].transpose(-1, -2), fields[:, :, k],
+                                                                upper=True, left=False)
+            self.columns = columns
             self.task_weights = rotation / root[:, :, None]
             self.n_missing_values = m * columns.shape[-2]
 

@@ -151,6 +151,7 @@ def test_a_fit_by_cg_gets_the_exact_posterior_where_its_columns_fit(monkeypatch)
     ref_mean, ref_var = make_posterior(dense, targets).predict(coords)
     assert _rel(mean, ref_mean) < RTOL
     assert _rel(var, ref_var) < RTOL
+    assert isinstance(make_posterior(cg, targets, exact_variance=False), SchurCGPosterior)  # a memory budget
     monkeypatch.setattr(memory, "MAX_SCHUR_ENTRIES", 7 * 90 * 3 - 1)  # one value short
     posterior = make_posterior(cg, targets)
     assert isinstance(posterior, SchurCGPosterior) and not posterior.variance_is_exact
