@@ -108,9 +108,10 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
             model, result = _fit_with_exact_fallback(model, build_model, targets_t, request, max_iter, tol,
                                                      show_progressbar)
 
-    posterior = make_posterior(model, targets_t, domain=(origin, grid), exact_variance=request.exact_posterior)
     # The whole scan, in pixels of the fitted box (negative before it).
     test_coords = [kernel.axis_coordinates(n, request.upsampling) - start for n, start in zip(grid, origin)]
+    posterior = make_posterior(model, targets_t, domain=(origin, grid), exact_variance=request.exact_posterior,
+                               test_coords=test_coords)
     with hsglue.dask_progressbar(show_progressbar):
         mean, variance = dask.compute(*posterior.predict_dask(test_coords, chunk_rows=request.chunks))
     mean, variance = _per_map(mean, request.mode), _per_map(variance, request.mode)

@@ -77,6 +77,14 @@ PIXEL_ROWS_CHUNK_VALUES = 2**22
 #: complement (:mod:`~hyperspy_gp.gp.schur`): its columns ``H_k``, one field per missing
 #: pixel and whitened map, take this many float64 values (32 million: 256 MB).
 MAX_SCHUR_ENTRIES = 32 * 2**20
+#: Missing pixels per block of columns of the streamed exact variance increase after a
+#: fit by CG (:func:`~hyperspy_gp.gp.schur.streamed_increase`).
+STREAM_BLOCK = 256
+#: Largest ``|M|²`` of that streamed increase: ``C_k`` and its factor, 256 MB each.
+MAX_STREAMED_MISSING_SQUARED = 2**25
+#: Largest cost (multiply-adds, :func:`streamed_increase_cost`) of that streamed increase:
+#: a few minutes on 2 CPU cores.
+MAX_STREAMED_INCREASE_COST = 4e12
 _FLOAT64 = 8
 
 
@@ -242,8 +250,9 @@ def estimate_memory(
         # and its autograd copy; the preconditioner's tile blocks (k² values for the
         # k pixels of each tile that holds a missing pixel, per whitened map) with
         # their factors, and the chunk they are built in.  Prediction: the factorised
-        # posterior's columns where they fit, else the draws' weights, their white noise
-        # and the draws' predictions (one chunk per thread).
+        # posterior's columns where they fit, else the streamed exact increase where it
+        # is affordable, else the draws' weights, their white noise and the draws'
+        # predictions (one chunk per thread).
         columns = n_models * (1 + LOGDET_PROBES) * n_tasks
         tiles = n_models * (n_tasks * min(n_missing * JACOBI_TILE_PIXELS**2, n_pixels * JACOBI_TILE_PIXELS)
                             if n_jacobi_values is None else n_jacobi_values)
@@ -254,9 +263,15 @@ def estimate_memory(
         counts = {n_tasks: n_coarse} if isinstance(n_coarse, int) else dict(enumerate(n_coarse, start=1))
         fitting += n_models * max((2 * n_missing + n_pixels) * c + 6 * maps * c**2
                                   for maps, c in counts.items()) * itemsize
+        factor_shape = tuple(grid_shape) if kernel == "separable" else (n_pixels,)
         if exact_posterior and schur_columns_fit(n_pixels, n_missing, n_tasks, n_models):  # the factorised posterior
             # Its columns, and as much again for C_k, their factors and the chunks' products.
             prediction += 2 * n_models * schur_entries(n_pixels, n_missing, n_tasks) * _FLOAT64
+        elif exact_posterior and streamed_increase_fits(factor_shape, n_missing, n_tasks, n_models, n_out):
+            # The streamed exact increase: C_k and its factor, a block of fields on the grid
+            # and on the test grid (three of each), and the increase on the test grid.
+            per_model = 2 * n_missing**2 + 3 * STREAM_BLOCK * (n_pixels + n_out) + n_tasks * n_out
+            prediction += n_models * per_model * _FLOAT64
         else:
             draws = n_models * VARIANCE_DRAWS * n_tasks * n_pixels
             prediction += 3 * draws * _FLOAT64 + (os.cpu_count() or 1) * CHUNK_BYTES
@@ -282,6 +297,30 @@ def schur_columns_fit(n_pixels: int, n_missing: int, n_tasks: int, n_models: int
     Schur columns.
     """
     return n_models * schur_entries(n_pixels, n_missing, n_tasks) <= MAX_SCHUR_ENTRIES
+
+
+def streamed_increase_cost(factor_shape: Sequence[int], n_missing: int, n_tasks: int, n_models: int,
+                           n_test: int) -> float:
+    """Multiply-adds of the streamed exact variance increase on ``n_test`` test points.
+
+    Per model and whitened map: ``C_k``'s columns and the blocks of ``L_k^{-T}`` on the
+    grid (``2 |M| n Σ_a n_a``), its factor and triangular solves (``|M|³ / 3`` each), and
+    the products with the test grid (``|M| n_test Σ_a n_a``).
+    """
+    n, sizes = math.prod(factor_shape), sum(factor_shape)
+    return float(n_models * n_tasks) * (float(n_missing) ** 3 * 2 / 3 + 2.0 * n_missing * n * sizes
+                                        + float(n_missing) * n_test * sizes)
+
+
+def streamed_increase_fits(factor_shape: Sequence[int], n_missing: int, n_tasks: int, n_models: int,
+                           n_test: int) -> bool:
+    """Whether a fit by CG gets the streamed exact variance.
+
+    Its ``|M|²`` at most :data:`MAX_STREAMED_MISSING_SQUARED` and its cost
+    (:func:`streamed_increase_cost`) at most :data:`MAX_STREAMED_INCREASE_COST`.
+    """
+    return n_missing**2 <= MAX_STREAMED_MISSING_SQUARED and \
+        streamed_increase_cost(factor_shape, n_missing, n_tasks, n_models, n_test) <= MAX_STREAMED_INCREASE_COST
 
 
 def _fitting_bytes(grid_shape, n_models, n_tasks, kernel, n_observed, itemsize) -> int:

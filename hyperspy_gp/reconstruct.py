@@ -185,8 +185,9 @@ def gp_reconstruct(
         factorised for a few missing pixels (missing pixels × grid pixels × maps ≤ 32
         million), by conjugate gradients with a stochastic log-determinant beyond or
         where that is much faster (the variance exact where the factorised complement
-        fits, else a Monte-Carlo estimate, its standard error in
-        ``hyperparameters["variance_standard_error"]``).
+        fits or streaming it over the output grid is affordable, see
+        :func:`~hyperspy_gp.memory.streamed_increase_fits`, else a Monte-Carlo
+        estimate, its standard error in ``hyperparameters["variance_standard_error"]``).
         ``"dense"``: Cholesky on the observed pixels, limited to 6000 observed values
         (pixels × maps in a parallel GP).  ``"iterative"`` (any kernel, complete grids
         or missing pixels; ``"auto"`` takes it up to a cost limit, e.g. about 3500 scattered
@@ -309,8 +310,9 @@ def _check_memory(maps: np.ndarray, decomposition, request: Request, lazy: bool,
 
     estimate = _estimate_memory(maps, decomposition, request, lazy, request.masked_solver)
     if request.masked_solver == "schur-cg" and not _within_budget(estimate, request.device, memory_budget):
-        # The exact factorised posterior after a fit by CG is optional: the Monte-Carlo one
-        # may need less (or, with few missing pixels, more: then the exact one is reported).
+        # The exact posterior after a fit by CG (factorised or streamed) is optional: the
+        # Monte-Carlo one may need less (or, with few missing pixels, more: then the exact
+        # one is reported).
         request.exact_posterior = False
         monte_carlo = _estimate_memory(maps, decomposition, request, lazy, request.masked_solver)
         if _within_budget(monte_carlo, request.device, memory_budget):

@@ -1,5 +1,6 @@
 """The memory estimate and the budget check run before any fitting."""
 
+import os
 import subprocess
 import sys
 
@@ -160,7 +161,23 @@ def test_schur_complement_by_cg_is_linear_in_the_missing_pixels_not_in_missing_t
     k = JACOBI_TILE_PIXELS  # pixels per tile and whitened map
     tiles = {m: 6 * min(m * k**2, 65536 * k) for m in (1000, 30000)}
     assert many.fitting - few.fitting == (6 * 17 * 6 * 29000 + 2 * (tiles[30000] - tiles[1000])) * 8
-    assert few.prediction > complete.prediction  # the variance draws
+    assert few.prediction > complete.prediction  # the streamed exact variance increase
+
+
+def test_the_streamed_exact_variance_is_counted_where_affordable_else_the_draws():
+    m, n, n_out = 4705, 128 * 128, 256 * 256  # the benchmark's 128² quarter disc, 2× upsampled
+    streamed = estimate_memory((128, 128), 6, 100, n_missing=m, schur_cg=True, upsampling=2)
+    drawn = estimate_memory((128, 128), 6, 100, n_missing=m, schur_cg=True, upsampling=2, exact_posterior=False)
+    assert memory.streamed_increase_fits((128, 128), m, 6, 1, n_out)
+    # C_k and its factor, a block of fields on both grids (three of each), the increase
+    per_model = 2 * m**2 + 3 * memory.STREAM_BLOCK * (n + n_out) + 6 * n_out
+    draws = 3 * memory.VARIANCE_DRAWS * 6 * n * 8 + (os.cpu_count() or 1) * memory.CHUNK_BYTES
+    assert streamed.prediction - drawn.prediction == per_model * 8 - draws
+    # The 256² × 12 quarter disc is beyond the streamed increase: the draws are counted.
+    assert not memory.streamed_increase_fits((256, 256), 18689, 12, 1, 512 * 512)
+    large = dict(n_missing=18689, schur_cg=True, upsampling=2)
+    assert estimate_memory((256, 256), 12, 100, **large).prediction == \
+        estimate_memory((256, 256), 12, 100, exact_posterior=False, **large).prediction
 
 
 def test_coarse_space_of_the_schur_complement_by_cg_is_counted():

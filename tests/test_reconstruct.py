@@ -345,9 +345,12 @@ def test_a_few_masked_pixels_on_a_scan_too_large_for_the_dense_path():
         gp_reconstruct(s, components=3, solver="dense")
 
 
-def test_a_random_sparse_scan_is_fitted_by_the_schur_complement_with_cg(unchanged):
+def test_a_random_sparse_scan_is_fitted_by_the_schur_complement_with_cg(unchanged, monkeypatch):
     # Half the pixels at random: too many measured values for the dense path, too many
     # missing ones to factorise the Schur complement; CG solves it.
+    from hyperspy_gp import memory
+
+    monkeypatch.setattr(memory, "MAX_STREAMED_INCREASE_COST", 0.0)  # the Monte-Carlo variance (streamed below)
     rng = np.random.default_rng(4)
     yy, xx = np.mgrid[:80, :72]
     truth = np.stack([np.sin(xx / 4.0) * np.cos(yy / 5.0), np.cos(xx / 6.0 + yy / 9.0), np.sin(yy / 7.0)], -1)
@@ -368,6 +371,28 @@ def test_a_random_sparse_scan_is_fitted_by_the_schur_complement_with_cg(unchange
     variance = np.moveaxis(rec.variance.data, 0, -1)
     assert (variance[missing].mean(0) > variance[~missing].mean(0)).all()
     assert np.median(hyper["variance_standard_error"][missing] / variance[missing]) < 0.2
+
+
+def test_after_a_fit_by_cg_the_variance_is_streamed_exactly_where_affordable(unchanged, monkeypatch):
+    # Half of a 40 × 36 scan at random, the Schur complement by CG; its columns taken as
+    # too large, the exact variance increase is streamed on the upsampled grid.
+    from hyperspy_gp import memory
+
+    monkeypatch.setattr(memory, "MAX_SCHUR_ENTRIES", 0)
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[:40, :36]
+    truth = np.stack([np.sin(xx / 4.0) * np.cos(yy / 5.0), np.cos(xx / 6.0 + yy / 9.0)], -1)
+    maps = truth + 0.05 * rng.standard_normal(truth.shape)
+    missing = rng.random((40, 36)) < 0.5
+    maps[missing] = np.nan
+    s = _with_missing_pixels(maps, np.abs(rng.standard_normal((16, 2))) + 0.1)
+    with unchanged(s):
+        rec = gp_reconstruct(s, components=2, upsampling=2, solver="kronecker")
+    assert rec.signal.metadata.GP_reconstruction.settings.masked_solver == "schur-cg"
+    assert "variance_standard_error" not in rec.hyperparameters  # exact, not a Monte-Carlo estimate
+    variance = np.moveaxis(rec.variance.data, 0, -1)[::2, ::2]  # at the scan's pixels
+    assert np.isfinite(variance).all()
+    assert (variance[missing].mean(0) > variance[~missing].mean(0)).all()
 
 
 def test_a_large_masked_region_is_fitted_with_the_coarse_space(unchanged):

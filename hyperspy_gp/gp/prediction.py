@@ -176,13 +176,16 @@ def _predict_rows(state: tuple[Posterior, list[torch.Tensor]], start: int, stop:
         ) from exc
 
 
-def make_posterior(model: GridICMModel, targets: torch.Tensor, domain=None, exact_variance: bool = True) -> Posterior:
+def make_posterior(model: GridICMModel, targets: torch.Tensor, domain=None, exact_variance: bool = True,
+                   test_coords: Sequence[torch.Tensor] | None = None) -> Posterior:
     """The structured posterior on a full grid; with missing pixels the Schur or dense one.
 
     A fit by the Schur complement by CG gets the exact factorised Schur posterior where
     its columns fit (:func:`~hyperspy_gp.memory.schur_columns_fit`) unless
-    ``exact_variance`` is false (a memory budget), else the one with a Monte-Carlo
-    variance increase.
+    ``exact_variance`` is false (a memory budget), else
+    :class:`~hyperspy_gp.gp.schur_iterative.SchurCGPosterior`: exact on ``test_coords``
+    (the test grid, given) where streaming its variance is affordable, otherwise with
+    a Monte-Carlo variance increase.
 
     ``domain`` is ``(origin, shape)``: the pixel grid predictions will cover, ``shape``
     pixels per axis starting ``origin`` pixels before the training grid (by default
@@ -203,7 +206,7 @@ def make_posterior(model: GridICMModel, targets: torch.Tensor, domain=None, exac
             return SchurPosterior(model, targets)
         from hyperspy_gp.gp.schur_iterative import SchurCGPosterior
 
-        return SchurCGPosterior(model, targets)
+        return SchurCGPosterior(model, targets, test_coords=test_coords if exact_variance else None)
     from hyperspy_gp.gp.dense import MaskedPosterior
 
     return MaskedPosterior(model, targets)

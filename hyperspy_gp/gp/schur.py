@@ -211,3 +211,62 @@ class SchurPosterior(GridPosterior):
         p, t, m = self.columns.shape[0], self.columns.shape[-2], self.columns.shape[-1]
         per_row = math.prod(len(c) for c in test_coords[1:]) * p * t * m * 8 * 3
         return max(1, min(rows, DEFAULT_CHUNK_BYTES // max(per_row, 1)))
+
+
+def streamed_increase(solve: GridICMSolve, task_covariance: torch.Tensor, noise: torch.Tensor,
+                      index: torch.Tensor, rotated_cross: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The exact variance increase of :class:`SchurPosterior` on a whole test grid, without its columns.
+
+    For each whitened map ``k`` in turn, ``C_k`` is built a block of columns at a time
+    (:data:`~hyperspy_gp.memory.STREAM_BLOCK` missing pixels), factorised, and ``k*ᵀ H_k = (Qᵀ k*)ᵀ diag(g_k) Qᵀ
+    E_M L_k^{-T}`` is formed for a block of columns of ``L_k^{-T}`` at a time, so the
+    memory is ``|M|²`` plus a block of fields, not the ``|M| n T`` of the columns ``H``.
+
+    Parameters
+    ----------
+    solve
+        The model's grid solve (eigenbasis, its jitter).
+    task_covariance, noise
+        ``B`` ``(P, T, T)`` and ``σ²`` ``(P, T)``.
+    index
+        ``(m, n_factors)`` factor-layout coordinates of the missing pixels.
+    rotated_cross
+        The test grid's cross-covariance factors times the eigenvectors, ``k_a Q_a``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(P, *test, T)`` in factor layout: ``Σ_k (B w_k)_t² Σ_j (k*ᵀ h_kj)²``.
+    """
+    with torch.no_grad():
+        q, lam = solve.eigenvectors, solve.eigenvalues_grid
+        root, gamma, rotation = whiten_tasks(task_covariance, noise + solve.jitter[:, None])
+        task_gains = (task_covariance @ (rotation / root[:, :, None])).pow(2)  # (B w_k)_t², (P, T, T)
+        m, block = index.shape[0], memory.STREAM_BLOCK
+        blocks = range(0, m, block)
+        increase = None
+        for k in range(gamma.shape[-1]):
+            gains = 1.0 / (lam * gamma[:, k].reshape(-1, *([1] * (lam.dim() - 1))) + 1.0)  # (P, *fg)
+            c = lam.new_empty(lam.shape[0], m, m)
+            for start in blocks:
+                rotated = kron_rows(q, index[start : start + block]).movedim(1, -1)  # Qᵀ e_i, (P, *fg, b)
+                c[..., start : start + block] = _gather(kron_dot(gains[..., None] * rotated, q), index)
+            chol, _ = safe_cholesky(0.5 * (c + c.transpose(-1, -2)))
+            del c
+            squares = None
+            for start in blocks:
+                # Columns J of L_k⁻ᵀ (upper triangular): zero below row max J, so only the
+                # leading block of L_k is solved (Σ_J (max J)² |J| ≈ |M|³ / 3 in all).
+                stop = min(start + block, m)
+                unit = lam.new_zeros(lam.shape[0], stop, stop - start)
+                unit[:, torch.arange(start, stop), torch.arange(stop - start)] = 1.0  # columns J of the identity
+                y = torch.linalg.solve_triangular(chol[:, :stop, :stop].transpose(-1, -2), unit, upper=True)
+                fields = y.new_zeros(*lam.shape, y.shape[-1])
+                fields[(slice(None), *index[:stop].T)] = y
+                weights = kron_dot(fields, [a.transpose(-1, -2) for a in q]) * gains[..., None]
+                part = kron_dot(weights, rotated_cross).pow(2).sum(-1)  # Σ_{j∈J} (k*ᵀ h_kj)², (P, *test)
+                squares = part if squares is None else squares + part
+            term = squares[..., None] * task_gains[:, :, k].reshape(-1, *([1] * (squares.dim() - 1)),
+                                                                     task_gains.shape[1])
+            increase = term if increase is None else increase + term
+    return increase

@@ -518,6 +518,18 @@ class SchurCGSolve:
             self.right = op.inverse_covariance(op.scatter(pre.factor_inv_t(probes)))  # Σ⁻¹ E_M P⁻¹ z_i
 
 
+def _streams(model, test_coords: Sequence[torch.Tensor]) -> bool:
+    """Whether the exact variance increase on ``test_coords`` is affordable.
+
+    See :func:`~hyperspy_gp.memory.streamed_increase_fits`.
+    """
+    from hyperspy_gp.memory import streamed_increase_fits
+
+    n_missing = int((~model.observed).sum())
+    return streamed_increase_fits(model.kernel.factor_shape, n_missing, model.n_tasks, model.n_models,
+                                  math.prod(len(c) for c in test_coords))
+
+
 def _apply_covariance(h: torch.Tensor, task_covariance, noise, factors) -> torch.Tensor:
     """``Σ h`` for columns ``h`` ``(P, *fg, T, K)``; differentiable in ``B``, ``σ²``, ``K_a``."""
     p, *fg, t, k = h.shape
@@ -555,7 +567,13 @@ def schur_cg_log_likelihood(targets, task_covariance, noise, factors, index: tor
 
 
 class SchurCGPosterior(GridPosterior):
-    """Posterior of a model fitted with many missing pixels: exact mean, Monte-Carlo variance increase.
+    """Posterior of a model fitted with many missing pixels: exact mean, exact or Monte-Carlo variance increase.
+
+    Given the test grid it will predict, and where that is affordable
+    (:func:`~hyperspy_gp.memory.streamed_increase_fits`), the variance increase is the
+    exact one, streamed over the whitened maps and blocks of columns of the factorised
+    complement (:func:`~hyperspy_gp.gp.schur.streamed_increase`); otherwise it is the
+    mean of ``n_samples`` draws, with a standard error.
 
     Parameters
     ----------
@@ -565,19 +583,29 @@ class SchurCGPosterior(GridPosterior):
         Draws of the variance increase.
     seed
         Seed of the draws (predictions are deterministic).
+    test_coords
+        The test grid of the exact variance (one 1-D tensor per axis); such a posterior
+        predicts on that grid only (any chunk of its rows).
     """
 
     variance_is_exact = False
 
     def __init__(self, model, targets: torch.Tensor, n_samples: int = DEFAULT_VARIANCE_SAMPLES,
-                 seed: int = 0) -> None:
+                 seed: int = 0, test_coords: Sequence[torch.Tensor] | None = None) -> None:
         self.n_samples = int(n_samples)
+        self.exact_grid = None  # (test coordinates, exact increase (P, *test, T)) on a given test grid
         with torch.no_grad():
             factors = model.kernel.factors(model.lengthscale)
             schur = SchurCGSolve(model.as_factor_layout(targets), model.task_covariance, model.noise, factors,
                                  model.missing_index, coarse=model.coarse_lattice)
             op = schur.operator
             completed = schur.completed.reshape(targets.shape)
+        if test_coords is not None and _streams(model, test_coords):
+            self._stream_increase(model, op, test_coords)
+            super().__init__(model, completed, solve=op.solve.with_targets(schur.completed))
+            self.jitter = torch.maximum(self.jitter, schur.jitter)
+            return
+        with torch.no_grad():
             # w ~ N(0, C): Σ⁻¹ = F Fᵀ with F = Q chol(S_j)⁻ᵀ, w = (F ε)_M; v = C⁻¹ w ~ N(0, C⁻¹).
             generator = torch.Generator().manual_seed(seed)
             chol = op.solve.cholesky  # (P, *fg, T, T)
@@ -597,6 +625,30 @@ class SchurCGPosterior(GridPosterior):
         super().__init__(model, completed, solve=op.solve.with_targets(schur.completed))
         self.jitter = torch.maximum(self.jitter, schur.jitter)
 
+    def _stream_increase(self, model, op: MaskedOperator, test_coords: Sequence[torch.Tensor]) -> None:
+        """The exact variance increase on ``test_coords`` (:func:`~hyperspy_gp.gp.schur.streamed_increase`)."""
+        from hyperspy_gp.gp.schur import streamed_increase
+
+        with torch.no_grad():
+            cross = model.kernel.cross_factors(model.lengthscale, test_coords)
+            rotated = [k @ q for k, q in zip(cross, op.eigenvectors)]
+            increase = streamed_increase(op.solve, model.task_covariance, model.noise, model.missing_index, rotated)
+        shape = (increase.shape[0], *(len(c) for c in test_coords), increase.shape[-1])
+        self.exact_grid = ([c.detach().cpu() for c in test_coords], increase.reshape(shape))
+        self.variance_is_exact, self.n_samples, self.draw_weights = True, 0, None
+
+    def _exact_rows(self, test_coords: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The exact increase at ``test_coords``: a chunk of rows of the test grid given at construction."""
+        grid, increase = self.exact_grid
+        rows = test_coords[0].detach().cpu()
+        start = int(torch.searchsorted(grid[0], rows[:1])) if len(rows) else 0
+        same = start + len(rows) <= len(grid[0]) and torch.equal(grid[0][start : start + len(rows)], rows) and \
+            all(torch.equal(c.detach().cpu(), g) for c, g in zip(test_coords[1:], grid[1:]))
+        if not same:
+            raise ValueError("This posterior's exact variance covers the test grid it was built for (test_coords of "
+                             "make_posterior); predict chunks of that grid's rows, or build it for the new grid.")
+        return increase[:, start : start + len(rows)]
+
     def _increase_draws(self, test_coords: Sequence[torch.Tensor]) -> torch.Tensor:
         """``g(x*)ᵀ v_s`` for every test point and draw, ``(P, *test, T, S)``."""
         cross = self.model.kernel.cross_factors(self.lengthscale, test_coords)
@@ -608,6 +660,8 @@ class SchurCGPosterior(GridPosterior):
     def predict(self, test_coords: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent mean and variance ``(P, m_1, ..., m_d, T)`` on the grid of ``test_coords``."""
         mean, variance = super().predict(test_coords)
+        if self.exact_grid is not None:
+            return mean, variance + self._exact_rows(test_coords).to(variance.device)
         with torch.no_grad():
             increase = self._increase_draws(test_coords).pow(2).mean(-1)
         return mean, variance + increase
@@ -625,6 +679,8 @@ class SchurCGPosterior(GridPosterior):
     def default_chunk_rows(self, test_coords: Sequence[torch.Tensor]) -> int:
         """Rows per chunk keeping the draws' predictions under :data:`~hyperspy_gp.gp.prediction.DEFAULT_CHUNK_BYTES`."""
         rows = super().default_chunk_rows(test_coords)
+        if self.draw_weights is None:  # the exact increase, computed already
+            return rows
         p, *fg, t, s = self.draw_weights.shape
         per_row = max(math.prod(len(c) for c in test_coords[1:]), math.prod(fg[1:])) * p * t * s * 8 * 3
         return max(1, min(rows, DEFAULT_CHUNK_BYTES // max(per_row, 1)))

@@ -168,6 +168,29 @@ def test_posterior_mean_is_exact_and_variance_within_its_standard_error(monkeypa
     torch.testing.assert_close(chunked, variance)  # the same draws in every chunk
 
 
+@pytest.mark.parametrize("n_models,n_tasks", [(2, 1), (1, 3)])
+def test_the_posterior_streams_the_exact_variance_on_its_test_grid(monkeypatch, n_models, n_tasks):
+    from hyperspy_gp import memory
+
+    monkeypatch.setattr(memory, "MAX_SCHUR_ENTRIES", 0)  # no factorised posterior: the streamed increase
+    monkeypatch.setattr(memory, "STREAM_BLOCK", 4)  # several blocks of columns
+    shape = (9, 8)
+    (cg, dense), targets = _pair("separable", shape, n_models, n_tasks, _scattered(shape, 0.35, seed=5), seed=5)
+    coords = [torch.arange(n * 2, dtype=torch.float64) / 2 for n in shape]
+    posterior = make_posterior(cg, targets, test_coords=coords)
+    assert isinstance(posterior, SchurCGPosterior) and posterior.variance_is_exact
+    mean, variance = posterior.predict(coords)
+    mean_ref, var_ref = make_posterior(dense, targets).predict(coords)
+    assert _rel(mean, mean_ref) < 1e-8
+    assert _rel(variance, var_ref) < 1e-8
+    chunked = torch.cat([v for _, _, v in posterior.predict_in_chunks(coords, chunk_rows=5)], dim=1)
+    torch.testing.assert_close(chunked, variance)
+    with pytest.raises(ValueError, match="test grid it was built for"):
+        posterior.predict([coords[0] + 0.25, coords[1]])
+    monkeypatch.setattr(memory, "MAX_STREAMED_INCREASE_COST", 0.0)  # not affordable: Monte-Carlo
+    assert not make_posterior(cg, targets, test_coords=coords).variance_is_exact
+
+
 def _masked_disc_model(radius, lengthscale, noise, shape=(48, 48)):
     yy, xx = np.mgrid[: shape[0], : shape[1]]
     observed = (yy - 43) ** 2 + (xx - 43) ** 2 > radius**2  # a quarter disc of vacuum
