@@ -80,11 +80,21 @@ MAX_SCHUR_ENTRIES = 32 * 2**20
 #: Missing pixels per block of columns of the streamed exact variance increase after a
 #: fit by CG (:func:`~hyperspy_gp.gp.schur.streamed_increase`).
 STREAM_BLOCK = 256
-#: Largest ``|M|²`` of that streamed increase: ``C_k`` and its factor, 256 MB each.
+#: Largest ``|M|²`` of that streamed increase: ``C_k``, its factor and a copy of the
+#: factor's leading block in the triangular solves, 256 MB each.
 MAX_STREAMED_MISSING_SQUARED = 2**25
 #: Largest cost (multiply-adds, :func:`streamed_increase_cost`) of that streamed increase:
-#: a few minutes on 2 CPU cores.
+#: a few minutes on 2 CPU cores (measured: 1.1e12 for a 128² × 6 quarter disc, 4705
+#: missing pixels, 2× upsampled, 93 s).
 MAX_STREAMED_INCREASE_COST = 4e12
+#: The same limits on a GPU (``device="cuda"``): ``|M|²`` up to ``2**30`` (8 GB per copy;
+#: the GPU memory check, :func:`check_device_memory`, bounds it further), and a cost
+#: limit as many times the CPU's as the iterative path's missing-pixel limit
+#: (:data:`~hyperspy_gp.gp.iterative_missing.MAX_MISSING_COST_GPU`, measured on an H200).
+#: Not measured for this computation itself; the 256² × 12 quarter disc (18 689 missing
+#: pixels, 2× upsampled) costs 9.7e13.
+MAX_STREAMED_MISSING_SQUARED_GPU = 2**30
+MAX_STREAMED_INCREASE_COST_GPU = 5e14
 _FLOAT64 = 8
 
 
@@ -186,6 +196,7 @@ def estimate_memory(
     n_coarse: int | Sequence[int] = 0,
     n_jacobi_values: int | None = None,
     exact_posterior: bool = True,
+    device: str = "cpu",
 ) -> MemoryEstimate:
     """Estimate the peak memory of :func:`~hyperspy_gp.gp_reconstruct`.
 
@@ -222,7 +233,11 @@ def estimate_memory(
         :data:`~hyperspy_gp.memory.JACOBI_TILE_PIXELS` pixels.
     exact_posterior
         With ``schur_cg``: whether the prediction takes the exact factorised posterior
-        where its columns fit (:func:`schur_columns_fit`) rather than the Monte-Carlo one.
+        where its columns fit (:func:`schur_columns_fit`), or streams the exact variance
+        where that is affordable (:func:`streamed_increase_fits`), rather than the
+        Monte-Carlo one.
+    device
+        The torch device of the GP: the streamed variance's limits depend on it.
 
     Returns
     -------
@@ -267,10 +282,11 @@ def estimate_memory(
         if exact_posterior and schur_columns_fit(n_pixels, n_missing, n_tasks, n_models):  # the factorised posterior
             # Its columns, and as much again for C_k, their factors and the chunks' products.
             prediction += 2 * n_models * schur_entries(n_pixels, n_missing, n_tasks) * _FLOAT64
-        elif exact_posterior and streamed_increase_fits(factor_shape, n_missing, n_tasks, n_models, n_out):
-            # The streamed exact increase: C_k and its factor, a block of fields on the grid
-            # and on the test grid (three of each), and the increase on the test grid.
-            per_model = 2 * n_missing**2 + 3 * STREAM_BLOCK * (n_pixels + n_out) + n_tasks * n_out
+        elif exact_posterior and streamed_increase_fits(factor_shape, n_missing, n_tasks, n_models, n_out, device):
+            # The streamed exact increase: C_k, its factor and a copy of its leading block,
+            # a block of fields on the grid and on the test grid (three of each), and the
+            # increase on the test grid.
+            per_model = 3 * n_missing**2 + 3 * STREAM_BLOCK * (n_pixels + n_out) + n_tasks * n_out
             prediction += n_models * per_model * _FLOAT64
         else:
             draws = n_models * VARIANCE_DRAWS * n_tasks * n_pixels
@@ -313,14 +329,26 @@ def streamed_increase_cost(factor_shape: Sequence[int], n_missing: int, n_tasks:
 
 
 def streamed_increase_fits(factor_shape: Sequence[int], n_missing: int, n_tasks: int, n_models: int,
-                           n_test: int) -> bool:
-    """Whether a fit by CG gets the streamed exact variance.
+                           n_test: int, device: str = "cpu") -> bool:
+    """Whether a fit by CG gets the streamed exact variance on ``device``.
 
     Its ``|M|²`` at most :data:`MAX_STREAMED_MISSING_SQUARED` and its cost
-    (:func:`streamed_increase_cost`) at most :data:`MAX_STREAMED_INCREASE_COST`.
+    (:func:`streamed_increase_cost`) at most :data:`MAX_STREAMED_INCREASE_COST`; on a
+    GPU the ``_GPU`` limits.
+
+    Examples
+    --------
+    >>> from hyperspy_gp.memory import streamed_increase_fits
+    >>> quarter_disc = dict(n_missing=18689, n_tasks=12, n_models=1, n_test=512 * 512)  # 256² × 12, 2×
+    >>> streamed_increase_fits((256, 256), **quarter_disc), streamed_increase_fits((256, 256), **quarter_disc,
+    ...                                                                             device="cuda")
+    (False, True)
     """
-    return n_missing**2 <= MAX_STREAMED_MISSING_SQUARED and \
-        streamed_increase_cost(factor_shape, n_missing, n_tasks, n_models, n_test) <= MAX_STREAMED_INCREASE_COST
+    on_gpu = str(device).startswith("cuda")
+    max_squared = MAX_STREAMED_MISSING_SQUARED_GPU if on_gpu else MAX_STREAMED_MISSING_SQUARED
+    max_cost = MAX_STREAMED_INCREASE_COST_GPU if on_gpu else MAX_STREAMED_INCREASE_COST
+    return n_missing**2 <= max_squared and \
+        streamed_increase_cost(factor_shape, n_missing, n_tasks, n_models, n_test) <= max_cost
 
 
 def _fitting_bytes(grid_shape, n_models, n_tasks, kernel, n_observed, itemsize) -> int:

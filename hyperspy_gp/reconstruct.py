@@ -362,5 +362,5 @@ def _estimate_memory(maps: np.ndarray, decomposition, request: Request, lazy: bo
         n_observed=int(request.observed.sum()) if request.observed is not None and masked_solver == "dense" else None,
         n_missing=0 if request.observed is None else int((~request.observed).sum()), chunks=request.chunks,
         iterative=request.iterative, schur_cg=masked_solver == "schur-cg", n_coarse=n_coarse,
-        n_jacobi_values=n_jacobi_values, exact_posterior=request.exact_posterior,
+        n_jacobi_values=n_jacobi_values, exact_posterior=request.exact_posterior, device=request.device,
     )

@@ -527,7 +527,7 @@ def _streams(model, test_coords: Sequence[torch.Tensor]) -> bool:
 
     n_missing = int((~model.observed).sum())
     return streamed_increase_fits(model.kernel.factor_shape, n_missing, model.n_tasks, model.n_models,
-                                  math.prod(len(c) for c in test_coords))
+                                  math.prod(len(c) for c in test_coords), device=str(model.noise.device))
 
 
 def _apply_covariance(h: torch.Tensor, task_covariance, noise, factors) -> torch.Tensor:
