@@ -123,3 +123,20 @@ def test_fit_and_chunked_prediction_on_the_device_denoise_a_map(device):
     dask_mean, _ = posterior.predict_dask(coords, chunk_rows=7)
     assert isinstance(dask_mean.compute(), np.ndarray)
     np.testing.assert_allclose(dask_mean.compute()[0, ..., 0] * noisy.std(), mean, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", AVAILABLE_DEVICES)
+def test_the_streamed_exact_variance_on_the_device_equals_the_dense_reference(device, monkeypatch):
+    from hyperspy_gp import memory
+
+    monkeypatch.setattr(memory, "MAX_SCHUR_ENTRIES", 0)  # no factorised columns: the streamed increase
+    monkeypatch.setattr(memory, "STREAM_BLOCK", 16)  # several blocks of missing pixels
+    model, targets, observed = _model("missing, schur-cg + coarse", device)
+    coords = [model.kernel.axis_coordinates(n, 2) for n in model.kernel.grid_shape]
+    posterior = make_posterior(model, targets, test_coords=coords)
+    assert posterior.variance_is_exact
+    mean, variance = posterior.predict(coords)
+    assert variance.device.type == device
+    _, ref_mean, ref_var, _ = _reference(model, targets, observed, upsampling=2)
+    assert _rel(mean[0], ref_mean) < RTOL
+    assert _rel(variance[0], ref_var) < RTOL
