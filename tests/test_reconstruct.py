@@ -43,6 +43,17 @@ def _with_missing_pixels(maps, factors):
     return s
 
 
+def _two_maps_missing_at_random(seed, fraction, y_period):
+    """Two noisy 40 × 36 sine maps with ``fraction`` of the pixels missing at random, their truth and the mask."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:40, :36]
+    truth = np.stack([np.sin(xx / 4.0) * np.cos(yy / 5.0), np.cos(xx / 6.0 + yy / y_period)], -1)
+    maps = truth + 0.05 * rng.standard_normal(truth.shape)
+    missing = rng.random((40, 36)) < fraction
+    maps[missing] = np.nan
+    return _with_missing_pixels(maps, np.abs(rng.standard_normal((16, 2))) + 0.1), truth, missing
+
+
 # --------------------------------------------------------------------------- API
 
 
@@ -379,13 +390,7 @@ def test_after_a_fit_by_cg_the_variance_is_streamed_exactly_where_affordable(unc
     from hyperspy_gp import memory
 
     monkeypatch.setattr(memory, "MAX_SCHUR_ENTRIES", 0)
-    rng = np.random.default_rng(4)
-    yy, xx = np.mgrid[:40, :36]
-    truth = np.stack([np.sin(xx / 4.0) * np.cos(yy / 5.0), np.cos(xx / 6.0 + yy / 9.0)], -1)
-    maps = truth + 0.05 * rng.standard_normal(truth.shape)
-    missing = rng.random((40, 36)) < 0.5
-    maps[missing] = np.nan
-    s = _with_missing_pixels(maps, np.abs(rng.standard_normal((16, 2))) + 0.1)
+    s, _, missing = _two_maps_missing_at_random(seed=4, fraction=0.5, y_period=9.0)
     with unchanged(s):
         rec = gp_reconstruct(s, components=2, upsampling=2, solver="kronecker")
     assert rec.signal.metadata.GP_reconstruction.settings.masked_solver == "schur-cg"
@@ -764,13 +769,7 @@ def test_the_matern_kernel_on_large_scans_takes_the_iterative_path():
 def test_forcing_the_iterative_path_beyond_its_cost_limit_warns_and_fits(unchanged, monkeypatch):
     from hyperspy_gp.gp import iterative_missing
 
-    rng = np.random.default_rng(8)
-    yy, xx = np.mgrid[:40, :36]
-    truth = np.stack([np.sin(xx / 4.0) * np.cos(yy / 5.0), np.cos(xx / 6.0 + yy / 7.0)], -1)
-    maps = truth + 0.05 * rng.standard_normal(truth.shape)
-    missing = rng.random((40, 36)) < 0.25
-    maps[missing] = np.nan
-    s = _with_missing_pixels(maps, np.abs(rng.standard_normal((16, 2))) + 0.1)
+    s, truth, missing = _two_maps_missing_at_random(seed=8, fraction=0.25, y_period=7.0)
     monkeypatch.setattr(iterative_missing, "MAX_MISSING_COST", 1.0)  # every mask beyond the limit
     with unchanged(s), pytest.warns(UserWarning, match=rf"{int(missing.sum())} missing pixels.*the limit"):
         rec = gp_reconstruct(s, components=2, kernel="matern", solver="iterative")
