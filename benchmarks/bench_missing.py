@@ -6,9 +6,10 @@ factorised, ``schur-cg``: Schur complement by conjugate gradients with a stochas
 log-determinant, ``dense``: Cholesky on the measured pixels), the seconds per
 likelihood + gradient evaluation, the CG iterations of that evaluation, the time of the
 whole reconstruction of the maps (fit and 2× upsampled prediction with variance) with
-the most CG iterations any of its solves needed (they grow as the fit lowers the noise), the
-peak RSS of the process that ran the case, and the evaluation's cost relative to the
-complete grid (the first row of each size, run in the same way).  ``quarter disc`` masks
+the most CG iterations any of its solves needed (they grow as the fit lowers the noise),
+whether its variance is exact or a Monte-Carlo estimate (``MC``), the peak RSS of the
+process that ran the case, and the evaluation's cost relative to the complete grid (the
+first row of each size, run in the same way).  ``quarter disc`` masks
 a corner (a connected region, as a navigation mask over vacuum), which the coarse-space
 correction of the Schur complement by CG serves; ``disc, tiles only`` is the same
 case with block-Jacobi alone, the coarse space's baseline ("failed" when its CG does not
@@ -122,14 +123,17 @@ def run_case(side: int, n_tasks: int, pattern: str, device: str = "cpu", kernel:
         "cg_iterations": first, "cg_iterations_fit": max(iterations) if iterations else None,
         "reconstruct_s": time.perf_counter() - start, "fit_iterations": fit.hyperparameters["iterations"],
         "fit_message": fit.hyperparameters["optimizer_message"],
+        "variance": "MC" if "variance_standard_error" in fit.hyperparameters else "exact",
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
 HEADER = (
-    " grid   T  mask               missing  path      | MLL+grad  CG its   | fit + 2× pred  iter | peak RSS | vs complete\n"
-    "                                                 |   (s)   first max  |       (s)           |     (MB) |  per eval\n"
-    + "-" * 117
+    " grid   T  mask               missing  path      | MLL+grad  CG its   | fit + 2× pred  iter  var   | peak RSS |"
+    " vs complete\n"
+    "                                                 |   (s)   first max  |       (s)                 |     (MB) |"
+    "  per eval\n"
+    + "-" * 123
 )
 
 
@@ -142,7 +146,7 @@ def _format_row(r: dict, baseline: float) -> str:
     cg = f"{r['cg_iterations']:>3} {r['cg_iterations_fit']:>4}" if r["cg_iterations"] is not None else "  —    —"
     return (
         case +
-        f"{r['mll_grad_s']:8.3f}  {cg}  | {r['reconstruct_s']:10.1f}   {r['fit_iterations']:>5} | "
+        f"{r['mll_grad_s']:8.3f}  {cg}  | {r['reconstruct_s']:10.1f}   {r['fit_iterations']:>5}  {r['variance']:<5} | "
         f"{r['peak_rss_mb']:8.0f} | {r['mll_grad_s'] / baseline:8.1f}×"
         + ("  (fit stopped: CG failed at a trial point)" if "CG did not converge" in r["fit_message"] else "")
     )

@@ -47,6 +47,7 @@ reported per pixel.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -87,6 +88,8 @@ MAX_PAIR_ELEMENTS = 2**23
 #: Largest cost (multiply-adds per vector) of applying the block-Jacobi preconditioner,
 #: relative to a product with ``C``, up to which tiles grow for connected masked regions.
 MAX_JACOBI_COST = 0.25
+
+_logger = logging.getLogger(__name__)
 
 
 def jacobi_tile(factor_shape: Sequence[int], regions: torch.Tensor | None = None) -> int:
@@ -523,11 +526,15 @@ def _streams(model, test_coords: Sequence[torch.Tensor]) -> bool:
 
     See :func:`~hyperspy_gp.memory.streamed_increase_fits`.
     """
-    from hyperspy_gp.memory import streamed_increase_fits
+    from hyperspy_gp.memory import streamed_increase_cost, streamed_increase_fits
 
-    n_missing = int((~model.observed).sum())
-    return streamed_increase_fits(model.kernel.factor_shape, n_missing, model.n_tasks, model.n_models,
-                                  math.prod(len(c) for c in test_coords), device=str(model.noise.device))
+    n_missing, n_test = int((~model.observed).sum()), math.prod(len(c) for c in test_coords)
+    shape, tasks, models = model.kernel.factor_shape, model.n_tasks, model.n_models
+    streams = streamed_increase_fits(shape, n_missing, tasks, models, n_test, device=str(model.noise.device))
+    _logger.info("Variance after the fit by CG: %s (%d missing pixels, %.2g multiply-adds for the exact one)",
+                 "exact, streamed" if streams else "Monte-Carlo, the exact one beyond its limits", n_missing,
+                 streamed_increase_cost(shape, n_missing, tasks, models, n_test))
+    return streams
 
 
 def _apply_covariance(h: torch.Tensor, task_covariance, noise, factors) -> torch.Tensor:

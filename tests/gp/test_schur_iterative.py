@@ -169,7 +169,7 @@ def test_posterior_mean_is_exact_and_variance_within_its_standard_error(monkeypa
 
 
 @pytest.mark.parametrize("n_models,n_tasks", [(2, 1), (1, 3)])
-def test_the_posterior_streams_the_exact_variance_on_its_test_grid(monkeypatch, n_models, n_tasks):
+def test_the_posterior_streams_the_exact_variance_on_its_test_grid(monkeypatch, caplog, n_models, n_tasks):
     from hyperspy_gp import memory
 
     monkeypatch.setattr(memory, "MAX_SCHUR_ENTRIES", 0)  # no factorised posterior: the streamed increase
@@ -177,8 +177,10 @@ def test_the_posterior_streams_the_exact_variance_on_its_test_grid(monkeypatch, 
     shape = (9, 8)
     (cg, dense), targets = _pair("separable", shape, n_models, n_tasks, _scattered(shape, 0.35, seed=5), seed=5)
     coords = [torch.arange(n * 2, dtype=torch.float64) / 2 for n in shape]
-    posterior = make_posterior(cg, targets, test_coords=coords)
+    with caplog.at_level("INFO", logger="hyperspy_gp.gp.schur_iterative"):
+        posterior = make_posterior(cg, targets, test_coords=coords)
     assert isinstance(posterior, SchurCGPosterior) and posterior.variance_is_exact
+    assert "exact, streamed" in caplog.text  # the user is told what the prediction does
     mean, variance = posterior.predict(coords)
     mean_ref, var_ref = make_posterior(dense, targets).predict(coords)
     assert _rel(mean, mean_ref) < 1e-8
@@ -188,7 +190,10 @@ def test_the_posterior_streams_the_exact_variance_on_its_test_grid(monkeypatch, 
     with pytest.raises(ValueError, match="test grid it was built for"):
         posterior.predict([coords[0] + 0.25, coords[1]])
     monkeypatch.setattr(memory, "MAX_STREAMED_INCREASE_COST", 0.0)  # not affordable: Monte-Carlo
-    assert not make_posterior(cg, targets, test_coords=coords).variance_is_exact
+    caplog.clear()
+    with caplog.at_level("INFO", logger="hyperspy_gp.gp.schur_iterative"):
+        assert not make_posterior(cg, targets, test_coords=coords).variance_is_exact
+    assert "Monte-Carlo, the exact one beyond its limits" in caplog.text
 
 
 def _masked_disc_model(radius, lengthscale, noise, shape=(48, 48)):
