@@ -213,6 +213,18 @@ class SchurPosterior(GridPosterior):
         return max(1, min(rows, DEFAULT_CHUNK_BYTES // max(per_row, 1)))
 
 
+def _symmetrised(matrix: torch.Tensor, block: int) -> torch.Tensor:
+    """``(A + Aᵀ) / 2`` in place, a block at a time (no second ``|M| × |M|`` matrix)."""
+    m = matrix.shape[-1]
+    for i in range(0, m, block):
+        for j in range(0, i + 1, block):
+            lower, upper = matrix[..., i : i + block, j : j + block], matrix[..., j : j + block, i : i + block]
+            mean = 0.5 * (lower + upper.transpose(-1, -2))
+            lower.copy_(mean)
+            upper.copy_(mean.transpose(-1, -2))
+    return matrix
+
+
 def streamed_increase(solve: GridICMSolve, task_covariance: torch.Tensor, noise: torch.Tensor,
                       index: torch.Tensor, rotated_cross: Sequence[torch.Tensor]) -> torch.Tensor:
     """The exact variance increase of :class:`SchurPosterior` on a whole test grid, without its columns.
@@ -220,7 +232,9 @@ def streamed_increase(solve: GridICMSolve, task_covariance: torch.Tensor, noise:
     For each whitened map ``k`` in turn, ``C_k`` is built a block of columns at a time
     (:data:`~hyperspy_gp.memory.STREAM_BLOCK` missing pixels), factorised, and ``k*ᵀ H_k = (Qᵀ k*)ᵀ diag(g_k) Qᵀ
     E_M L_k^{-T}`` is formed for a block of columns of ``L_k^{-T}`` at a time, so the
-    memory is ``|M|²`` plus a block of fields, not the ``|M| n T`` of the columns ``H``.
+    memory is ``2 |M|²`` (``C_k``, symmetrised in place, and its factor; then the factor
+    and the copy of its leading block that the triangular solves make) plus a block of
+    fields, not the ``|M| n T`` of the columns ``H``.
 
     Parameters
     ----------
@@ -251,7 +265,7 @@ def streamed_increase(solve: GridICMSolve, task_covariance: torch.Tensor, noise:
             for start in blocks:
                 rotated = kron_rows(q, index[start : start + block]).movedim(1, -1)  # Qᵀ e_i, (P, *fg, b)
                 c[..., start : start + block] = _gather(kron_dot(gains[..., None] * rotated, q), index)
-            chol, _ = safe_cholesky(0.5 * (c + c.transpose(-1, -2)))
+            chol, _ = safe_cholesky(_symmetrised(c, block))
             del c
             squares = None
             for start in blocks:

@@ -155,3 +155,13 @@ def test_a_fit_by_cg_gets_the_exact_posterior_where_its_columns_fit(monkeypatch)
     monkeypatch.setattr(memory, "MAX_SCHUR_ENTRIES", 7 * 90 * 3 - 1)  # one value short
     posterior = make_posterior(cg, targets)
     assert isinstance(posterior, SchurCGPosterior) and not posterior.variance_is_exact
+
+
+def test_symmetrised_in_place_block_by_block_equals_the_mean_with_the_transpose():
+    from hyperspy_gp.gp.schur import _symmetrised
+
+    matrix = torch.randn(2, 23, 23, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = 0.5 * (matrix + matrix.transpose(-1, -2))
+    out = _symmetrised(matrix, 5)  # blocks that do not divide the side, diagonal blocks included
+    assert out.data_ptr() == matrix.data_ptr()  # in place: no second matrix
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
