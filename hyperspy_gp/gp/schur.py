@@ -225,16 +225,48 @@ def _symmetrised(matrix: torch.Tensor, block: int) -> torch.Tensor:
     return matrix
 
 
+def _whitened_complement(q, gains: torch.Tensor, index: torch.Tensor, block: int) -> torch.Tensor:
+    """``C_k = (Q diag(g_k) Qᵀ)_{MM}`` ``(P, m, m)``, built a block of columns at a time, symmetrised in place."""
+    m = index.shape[0]
+    c = gains.new_empty(gains.shape[0], m, m)
+    for start in range(0, m, block):
+        rotated = kron_rows(q, index[start : start + block]).movedim(1, -1)  # Qᵀ e_i, (P, *fg, b)
+        c[..., start : start + block] = _gather(kron_dot(gains[..., None] * rotated, q), index)
+    return _symmetrised(c, block)
+
+
+def _squared_test_products(chol: torch.Tensor, q, gains: torch.Tensor, index: torch.Tensor,
+                           rotated_cross: Sequence[torch.Tensor], block: int) -> torch.Tensor:
+    """``Σ_j (k*ᵀ h_kj)²`` ``(P, *test)`` over the columns ``h_kj = Q diag(g_k) Qᵀ E_M L_k^{-T} e_j``.
+
+    Columns ``J`` of ``L_k^{-T}`` (upper triangular) are zero below row ``max J``, so
+    only the leading block of ``L_k`` is solved (``Σ_J (max J)² |J| ≈ |M|³ / 3`` in all).
+    """
+    m, squares = index.shape[0], None
+    for start in range(0, m, block):
+        stop = min(start + block, m)
+        unit = chol.new_zeros(chol.shape[0], stop, stop - start)
+        unit[:, torch.arange(start, stop), torch.arange(stop - start)] = 1.0  # columns J of the identity
+        y = torch.linalg.solve_triangular(chol[:, :stop, :stop].transpose(-1, -2), unit, upper=True)
+        fields = y.new_zeros(*gains.shape, y.shape[-1])
+        fields[(slice(None), *index[:stop].T)] = y
+        weights = kron_dot(fields, [a.transpose(-1, -2) for a in q]) * gains[..., None]
+        part = kron_dot(weights, rotated_cross).pow(2).sum(-1)
+        squares = part if squares is None else squares + part
+    return squares
+
+
 def streamed_increase(solve: GridICMSolve, task_covariance: torch.Tensor, noise: torch.Tensor,
                       index: torch.Tensor, rotated_cross: Sequence[torch.Tensor]) -> torch.Tensor:
     """The exact variance increase of :class:`SchurPosterior` on a whole test grid, without its columns.
 
     For each whitened map ``k`` in turn, ``C_k`` is built a block of columns at a time
-    (:data:`~hyperspy_gp.memory.STREAM_BLOCK` missing pixels), factorised, and ``k*ᵀ H_k = (Qᵀ k*)ᵀ diag(g_k) Qᵀ
-    E_M L_k^{-T}`` is formed for a block of columns of ``L_k^{-T}`` at a time, so the
-    memory is ``2 |M|²`` (``C_k``, symmetrised in place, and its factor; then the factor
-    and the copy of its leading block that the triangular solves make) plus a block of
-    fields, not the ``|M| n T`` of the columns ``H``.
+    (:data:`~hyperspy_gp.memory.STREAM_BLOCK` missing pixels) and factorised, and
+    ``k*ᵀ H_k = (Qᵀ k*)ᵀ diag(g_k) Qᵀ E_M L_k^{-T}`` is formed for a block of columns of
+    ``L_k^{-T}`` at a time.  So the memory is ``2 |M|²`` (``C_k``, symmetrised in place,
+    and its factor; then the factor and the copy of its leading block that the
+    triangular solves make) plus a block of fields, not the ``|M| n T`` of the columns
+    ``H``.
 
     Parameters
     ----------
@@ -256,31 +288,13 @@ def streamed_increase(solve: GridICMSolve, task_covariance: torch.Tensor, noise:
         q, lam = solve.eigenvectors, solve.eigenvalues_grid
         root, gamma, rotation = whiten_tasks(task_covariance, noise + solve.jitter[:, None])
         task_gains = (task_covariance @ (rotation / root[:, :, None])).pow(2)  # (B w_k)_t², (P, T, T)
-        m, block = index.shape[0], memory.STREAM_BLOCK
-        blocks = range(0, m, block)
-        increase = None
+        block, increase = memory.STREAM_BLOCK, None
         for k in range(gamma.shape[-1]):
             gains = 1.0 / (lam * gamma[:, k].reshape(-1, *([1] * (lam.dim() - 1))) + 1.0)  # (P, *fg)
-            c = lam.new_empty(lam.shape[0], m, m)
-            for start in blocks:
-                rotated = kron_rows(q, index[start : start + block]).movedim(1, -1)  # Qᵀ e_i, (P, *fg, b)
-                c[..., start : start + block] = _gather(kron_dot(gains[..., None] * rotated, q), index)
-            chol, _ = safe_cholesky(_symmetrised(c, block))
-            del c
-            squares = None
-            for start in blocks:
-                # Columns J of L_k⁻ᵀ (upper triangular): zero below row max J, so only the
-                # leading block of L_k is solved (Σ_J (max J)² |J| ≈ |M|³ / 3 in all).
-                stop = min(start + block, m)
-                unit = lam.new_zeros(lam.shape[0], stop, stop - start)
-                unit[:, torch.arange(start, stop), torch.arange(stop - start)] = 1.0  # columns J of the identity
-                y = torch.linalg.solve_triangular(chol[:, :stop, :stop].transpose(-1, -2), unit, upper=True)
-                fields = y.new_zeros(*lam.shape, y.shape[-1])
-                fields[(slice(None), *index[:stop].T)] = y
-                weights = kron_dot(fields, [a.transpose(-1, -2) for a in q]) * gains[..., None]
-                part = kron_dot(weights, rotated_cross).pow(2).sum(-1)  # Σ_{j∈J} (k*ᵀ h_kj)², (P, *test)
-                squares = part if squares is None else squares + part
-            term = squares[..., None] * task_gains[:, :, k].reshape(-1, *([1] * (squares.dim() - 1)),
-                                                                     task_gains.shape[1])
+            chol, _ = safe_cholesky(_whitened_complement(q, gains, index, block))  # C_k freed once factorised
+            squares = _squared_test_products(chol, q, gains, index, rotated_cross, block)
+            del chol
+            gain = task_gains[:, :, k].reshape(-1, *([1] * (squares.dim() - 1)), task_gains.shape[1])
+            term = squares[..., None] * gain
             increase = term if increase is None else increase + term
     return increase
