@@ -119,7 +119,7 @@ def fit_model(
         results.append(fit_single_model(sub, sub_targets, max_iter, tol, show_progressbar,
                                         description=f"GP training, map {index + 1}/{model.n_models}"))
         model.load_submodel(index, sub)
-    return _merge_results(results, model, targets)
+    return _merge_results(results)
 
 
 def _not_fitted(model: GridICMModel, targets: torch.Tensor) -> FitResult:
@@ -129,19 +129,17 @@ def _not_fitted(model: GridICMModel, targets: torch.Tensor) -> FitResult:
     return FitResult(False, 0, loglik, float("nan"), "not fitted: interrupted by the user", history.as_arrays(), True)
 
 
-def _merge_results(results: list[FitResult], model: GridICMModel, targets: torch.Tensor) -> FitResult:
+def _merge_results(results: list[FitResult]) -> FitResult:
     n_rows = max(len(r.history["log_likelihood"]) for r in results)
 
     def padded(values: np.ndarray) -> np.ndarray:
         return np.concatenate([values, np.repeat(values[-1:], n_rows - len(values), axis=0)])
 
     history = {key: np.concatenate([padded(r.history[key]) for r in results], axis=1) for key in results[0].history}
-    with torch.no_grad():
-        loglik = model.log_likelihood(targets).cpu().numpy()
     return FitResult(
         converged=all(r.converged for r in results),
         n_iterations=max(r.n_iterations for r in results),
-        log_likelihood=loglik,
+        log_likelihood=np.concatenate([r.log_likelihood for r in results]),
         gradient_norm=float(np.nanmax([r.gradient_norm for r in results])),
         message="; ".join(dict.fromkeys(r.message for r in results)),
         history=history,
@@ -202,10 +200,17 @@ def fit_single_model(
     def pack(tensors) -> np.ndarray:
         return np.concatenate([t.detach().cpu().numpy().ravel() for t in tensors])
 
-    last = {}
+    # Every evaluation, by the bytes of its point: SciPy starts by evaluating the point
+    # the history records first, and the fit ends on the point it evaluated last, so
+    # neither needs a likelihood of its own (each costs up to a minute on a large masked
+    # scan).  A few numbers per evaluation.
+    evaluated: dict[bytes, tuple[float, np.ndarray, np.ndarray]] = {}
 
     def objective(x: np.ndarray):
         unpack(x)
+        if x.tobytes() in evaluated:
+            loss, grad, _ = evaluated[x.tobytes()]
+            return loss, grad.copy()
         for p in params:
             p.grad = None
         loglik = model.log_likelihood(targets)
@@ -214,20 +219,24 @@ def fit_single_model(
         grad = pack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
         if not np.all(np.isfinite(grad)) or not np.isfinite(loss.item()):
             raise FloatingPointError("non-finite marginal likelihood or gradient")
-        last.update(x=x.copy(), loglik=loglik.detach().cpu().numpy())
+        evaluated[x.tobytes()] = (loss.item(), grad.copy(), loglik.detach().cpu().numpy())
         return loss.item(), grad
 
+    def loglik_at(x: np.ndarray) -> np.ndarray:
+        objective(x)
+        return evaluated[x.tobytes()][2]
+
+    x0 = pack(params).astype(np.float64)  # SciPy's dtype, so that its first call finds x0
     history = _History(model, targets)
-    history.record()
+    history.record(loglik_at(x0))
     progress = _progress(show_progressbar, max_iter, description)
-    x0 = pack(params)
     interrupted, cg_failure = False, None
 
     def callback(intermediate_result):
         x = intermediate_result.x
         unpack(x)
-        cached = last.get("loglik") if np.array_equal(last.get("x"), x) else None
-        loglik = history.record(cached)
+        cached = evaluated.get(x.tobytes())
+        loglik = history.record(None if cached is None else cached[2])
         if progress is not None:
             ls = model.lengthscale.detach().cpu().numpy()
             progress.set_postfix(mll=f"{loglik.sum():.4g}", lengthscale=np.array2string(ls[0], precision=2))
@@ -252,8 +261,8 @@ def fit_single_model(
     finally:
         if progress is not None:
             progress.close()
-    loss, grad = objective(x_final)
-    grad_norm = float(np.linalg.norm(grad))
+    loglik = loglik_at(x_final)  # leaves the model at x_final
+    grad_norm = float(np.linalg.norm(evaluated[x_final.tobytes()][1]))
     if interrupted:
         warnings.warn(
             "GP training interrupted: continuing with the best hyperparameters found so far "
@@ -275,8 +284,6 @@ def fit_single_model(
             ConvergenceWarning,
             stacklevel=3,
         )
-    with torch.no_grad():
-        loglik = model.log_likelihood(targets).cpu().numpy()
     _logger.info("GP fit: %s after %d iterations, log likelihood %s", message, n_iter, loglik)
     return FitResult(converged, n_iter, loglik, grad_norm, message, history.as_arrays(), interrupted)
 

@@ -177,3 +177,27 @@ def test_the_tolerance_stops_at_the_precision_of_a_stochastic_likelihood(monkeyp
         warnings.simplefilter("ignore", ConvergenceWarning)
         fit_model(model, _lattice_maps((16, 16)), max_iter=3, tol=1e-12)
     assert tolerances[0] == (training.STOCHASTIC_MIN_TOL if stochastic else 1e-12)
+
+
+@pytest.mark.parametrize(("n_models", "n_tasks", "rank"), [(1, 2, 1), (2, 1, 0)])
+def test_the_fit_evaluates_each_point_once_and_reports_the_final_one(monkeypatch, n_models, n_tasks, rank):
+    """The start, SciPy's first call and the final report share one likelihood (each can take a minute)."""
+    model = GridICMModel(GridKernel((16, 16)), n_models, n_tasks, rank=rank)
+    targets = _lattice_maps((16, 16))
+    targets = targets if n_models == 1 else targets[0].movedim(-1, 0)[..., None]
+    points, real = [], GridICMModel.log_likelihood
+
+    def recording(self, targets, *args, **kwargs):  # a batch's models share their start: the point and the map
+        params = torch.cat([p.detach().flatten() for _, p in sorted(self.named_parameters())])
+        points.append(params.numpy().tobytes() + targets.numpy().tobytes())
+        return real(self, targets, *args, **kwargs)
+
+    monkeypatch.setattr(GridICMModel, "log_likelihood", recording)
+    result = fit_model(model, targets)
+    assert result.converged and len(points) > result.n_iterations
+    assert len(points) == len(set(points))
+    monkeypatch.setattr(GridICMModel, "log_likelihood", real)
+    with torch.no_grad():
+        final = model.log_likelihood(targets).numpy()
+    np.testing.assert_allclose(result.log_likelihood, final, rtol=1e-12)
+    np.testing.assert_allclose(result.history["log_likelihood"][-1], final, rtol=1e-12)
