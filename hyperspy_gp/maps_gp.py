@@ -9,6 +9,7 @@ No HyperSpy signal is involved, so benchmarks can call it directly.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ import numpy as np
 
 from hyperspy_gp import _hyperspy as hsglue
 from hyperspy_gp.request import Request
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,7 +31,10 @@ class MapsFit:
         ``(*upsampled_grid, T)`` in the units of the maps.
     hyperparameters
         Length scales (pixels), task covariance, noise, log likelihood, convergence and
-        jitter, in the units of the maps.
+        jitter, in the units of the maps; with missing pixels, where the fit started
+        from the optimum on a complete rectangle (:mod:`~hyperspy_gp.gp.warm_start`),
+        that rectangle (``warm_start_region``, scan pixels per axis, stop excluded)
+        and the iterations of its fit (``warm_start_iterations``).
     history
         Per-iteration values in standardised units (see :class:`~hyperspy_gp.gp.training.FitResult`).
 
@@ -78,10 +84,12 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
     import dask
     import torch
 
+    from hyperspy_gp.gp.iterative import CGConvergenceError
     from hyperspy_gp.gp.kernels import GridKernel
-    from hyperspy_gp.gp.model import GridICMModel
+    from hyperspy_gp.gp.model import GridICMModel, initial_lengthscale
     from hyperspy_gp.gp.prediction import make_posterior
     from hyperspy_gp.gp.training import fit_model
+    from hyperspy_gp.gp.warm_start import warm_start
     from hyperspy_gp.memory import explain_gpu_out_of_memory
 
     grid = maps.shape[:-1]
@@ -101,12 +109,24 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
     targets = standardised[None] if request.mode == "parallel" else np.moveaxis(standardised, -1, 0)[..., None]
     targets_t = torch.as_tensor(np.ascontiguousarray(targets), dtype=torch_dtype, device=request.device)
     model = build_model(request.masked_solver)
-    with explain_gpu_out_of_memory():
+
+    def fit(model: GridICMModel):
         if request.exact_fallback is None:
-            result = fit_model(model, targets_t, max_iter=max_iter, tol=tol, show_progressbar=show_progressbar)
-        else:
-            model, result = _fit_with_exact_fallback(model, build_model, targets_t, request, max_iter, tol,
-                                                     show_progressbar)
+            return model, fit_model(model, targets_t, max_iter=max_iter, tol=tol, show_progressbar=show_progressbar)
+        return _fit_with_exact_fallback(model, build_model, targets_t, request, max_iter, tol, show_progressbar)
+
+    with explain_gpu_out_of_memory():
+        warm = warm_start(model, targets_t, max_iter, tol, show_progressbar)  # missing pixels: start near the optimum
+        try:
+            model, result = fit(model)
+        except CGConvergenceError:
+            if warm is None:
+                raise
+            # CG failed at the warm start itself (the optimum's low noise): the default start instead.
+            _logger.info("CG did not converge at the warm start; fitting from the default start")
+            model.reset_parameters(initial_lengthscale(request.lengthscale_bounds))
+            warm = None
+            model, result = fit(model)
 
     # The whole scan, in pixels of the fitted box (negative before it).
     test_coords = [kernel.axis_coordinates(n, request.upsampling) - start for n, start in zip(grid, origin)]
@@ -118,6 +138,10 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
     mean = centre + scale * mean
     variance = scale**2 * variance
     hyper = _hyperparameters(model, result, request.mode, scale, int(measured.sum()))
+    if warm is not None:  # in scan pixels (numpy axis order, stop excluded)
+        lines = request.lines or tuple(np.arange(n) for n in grid)
+        hyper["warm_start_region"] = np.array([[kept[s][0], kept[s][-1] + 1] for kept, s in zip(lines, warm.rectangle)])
+        hyper["warm_start_iterations"] = warm.n_iterations
     hyper["jitter"] = _report_jitter(posterior.jitter.detach().cpu().numpy(), request.mode, scale)
     if not posterior.variance_is_exact:  # a Monte-Carlo estimate: report its standard error
         error = posterior.variance_standard_error(test_coords).cpu().numpy()
@@ -127,22 +151,28 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
 
 
 def _fit_with_exact_fallback(model, build_model, targets, request: Request, max_iter, tol, show_progressbar):
-    """Fit by the Schur complement by CG; if CG fails at a trial point, refit with ``request.exact_fallback``.
+    """Fit by the Schur complement by CG; if CG fails, refit with ``request.exact_fallback``.
 
-    The refit starts from the best iterate of the CG fit.  Returns ``(model, result)``.
+    The refit starts from the best iterate of the CG fit, or from its start where CG
+    failed there.  Returns ``(model, result)``.
     """
+    from hyperspy_gp.gp.iterative import CGConvergenceError
     from hyperspy_gp.gp.training import CG_STOPPED, fit_model
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = fit_model(model, targets, max_iter=max_iter, tol=tol, show_progressbar=show_progressbar)
-    if CG_STOPPED not in result.message:  # (a batch of maps joins its maps' messages)
+        try:
+            result = fit_model(model, targets, max_iter=max_iter, tol=tol, show_progressbar=show_progressbar)
+            where = f"after {result.n_iterations} iterations of the fit"
+        except CGConvergenceError:  # at the start (a warm start's low noise): no iterate yet
+            result, where = None, "at the start of the fit"
+    if result is not None and CG_STOPPED not in result.message:  # (a batch of maps joins its maps' messages)
         for warning in caught:
             warnings.warn(warning.message, warning.category, stacklevel=3)
         return model, result
     warnings.warn(
-        f"The Schur complement by conjugate gradients stopped converging after {result.n_iterations} iterations "
-        f"of the fit (large masked regions, low noise); refitting with the exact factorised path "
+        f"The Schur complement by conjugate gradients stopped converging {where} "
+        f"(large masked regions, low noise); refitting with the exact factorised path "
         f"(masked solver {request.exact_fallback!r}), slower but direct, from the best hyperparameters so far.",
         UserWarning, stacklevel=3,
     )

@@ -447,12 +447,17 @@ def test_missing_pixels_take_the_cheapest_path_preferring_exact_ones():
     assert choose(int(missing.sum()), "parallel") == "schur-cg"  # no exact path fits at all
 
 
-def test_auto_refits_exactly_when_the_schur_complement_by_cg_fails(monkeypatch, unchanged):
-    """CG stops converging mid-fit: solver="auto" refits with the factorised exact path it had ruled slower."""
+@pytest.mark.parametrize(("start", "max_cg", "where"), [("default", 100, "after"), ("warm", 40, "at the start")])
+def test_auto_refits_exactly_when_the_schur_complement_by_cg_fails(monkeypatch, unchanged, start, max_cg, where):
+    """CG stops converging: solver="auto" refits with the factorised exact path it had ruled slower.
+
+    From the default start CG fails mid-fit (33 iterations at the start, ~600 at low
+    noise); from the warm start, the complete rectangle's optimum, at its first point.
+    """
     import warnings
 
     from hyperspy_gp import request as request_module
-    from hyperspy_gp.gp import schur_iterative
+    from hyperspy_gp.gp import schur_iterative, warm_start
 
     yy, xx = np.mgrid[:32, :32]
     maps = np.stack([np.sin(xx / 2.5) * np.cos(yy / 3.0), np.cos(yy / 4.0) + 0.3 * np.sin(xx / 3.0)], -1)
@@ -464,12 +469,16 @@ def test_auto_refits_exactly_when_the_schur_complement_by_cg_fails(monkeypatch, 
     assert exact.hyperparameters["converged"] and exact_solver in ("schur", "dense")
 
     monkeypatch.setattr(request_module, "EXACT_PREFERENCE", 0.0)  # take CG where an exact path fits
-    monkeypatch.setattr(schur_iterative, "MAX_CG_ITERATIONS", 100)  # 33 at the start, ~600 at low noise
+    monkeypatch.setattr(schur_iterative, "MAX_CG_ITERATIONS", max_cg)
+    if start == "default":
+        monkeypatch.setattr(warm_start, "MIN_FRACTION", 2.0)  # no rectangle qualifies
     with unchanged(s), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rec = gp_reconstruct(s, components=2)
     messages = [str(w.message) for w in caught]
-    assert any("refitting with the exact factorised path" in m for m in messages), messages
+    assert any(f"converging {where}" in m and "refitting with the exact factorised path" in m for m in messages), \
+        messages
+    assert ("warm_start_region" in rec.hyperparameters) is (start == "warm")
     assert not any("GP training stopped" in m for m in messages)  # the CG fit's warning is replaced
     assert rec.hyperparameters["converged"]
     assert rec.signal.metadata.GP_reconstruction.settings.masked_solver == exact_solver
@@ -477,6 +486,55 @@ def test_auto_refits_exactly_when_the_schur_complement_by_cg_fails(monkeypatch, 
         np.testing.assert_allclose(rec.hyperparameters[name], exact.hyperparameters[name], rtol=1e-3, err_msg=name)
     scale = np.abs(exact.loadings.data).max()  # the two fits' optima agree to about 1e-3
     np.testing.assert_allclose(rec.loadings.data, exact.loadings.data, rtol=0, atol=1e-3 * scale)
+
+
+def test_a_masked_corner_starts_the_fit_from_its_largest_complete_rectangle(tmp_path, unchanged):
+    """Reported in scan pixels (a skipped column shifts the fitted lines), and saved with the result."""
+    yy, xx = np.mgrid[:32, :30]
+    maps = np.stack([np.sin(xx / 2.5) * np.cos(yy / 3.0), np.cos(yy / 4.0) + 0.3 * np.sin(xx / 3.0)], -1)
+    maps = maps + 0.01 * np.random.default_rng(0).standard_normal(maps.shape)
+    maps[(yy - 31) ** 2 + (xx - 29) ** 2 <= 18**2] = np.nan  # a masked corner
+    maps[:, 0] = np.nan  # a flyback column: left out of the fitted lines
+    s = _with_missing_pixels(maps, np.abs(np.random.default_rng(1).standard_normal((20, 2))) + 0.1)
+    with unchanged(s):
+        rec = gp_reconstruct(s, components=2)
+    hp = rec.hyperparameters
+    (r0, r1), (c0, c1) = hp["warm_start_region"]
+    assert np.isfinite(maps[r0:r1, c0:c1]).all() and c0 == 1  # complete, in scan columns
+    assert (r1 - r0) * (c1 - c0) >= 0.25 * np.isfinite(maps[..., 0]).sum()
+    assert hp["warm_start_iterations"] > 0 and hp["converged"]
+    rec.signal.save(tmp_path / "rec.hspy")
+    back = hs.load(tmp_path / "rec.hspy").metadata.GP_reconstruction.hyperparameters
+    np.testing.assert_array_equal(back.warm_start_region, hp["warm_start_region"])
+    assert back.warm_start_iterations == hp["warm_start_iterations"]
+
+
+def test_cg_failing_at_the_warm_start_without_an_exact_path_fits_from_the_default_start(monkeypatch, unchanged):
+    """The warm start's low noise defeats CG and nothing exact fits: the fit runs from the default start instead."""
+    import warnings
+
+    from hyperspy_gp import memory
+    from hyperspy_gp.gp import dense, schur_iterative
+    from hyperspy_gp.gp.training import ConvergenceWarning
+
+    yy, xx = np.mgrid[:32, :32]
+    maps = np.stack([np.sin(xx / 2.5) * np.cos(yy / 3.0), np.cos(yy / 4.0) + 0.3 * np.sin(xx / 3.0)], -1)
+    maps = maps + 0.01 * np.random.default_rng(0).standard_normal(maps.shape)
+    maps[(yy - 31) ** 2 + (xx - 31) ** 2 <= 19**2] = np.nan  # a masked corner
+    s = _with_missing_pixels(maps, np.abs(np.random.default_rng(1).standard_normal((20, 2))) + 0.1)
+    monkeypatch.setattr(dense, "MAX_DENSE_VALUES", 10)  # neither exact path fits: CG with no fallback
+    monkeypatch.setattr(memory, "MAX_SCHUR_ENTRIES", 10)
+    monkeypatch.setattr(schur_iterative, "MAX_CG_ITERATIONS", 40)  # 33 at the default start, more at the warm one
+    with unchanged(s), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec = gp_reconstruct(s, components=2)
+    assert rec.signal.metadata.GP_reconstruction.settings.masked_solver == "schur-cg"
+    assert "warm_start_region" not in rec.hyperparameters
+    assert rec.history["lengthscale"][0, 0, 0] == pytest.approx(3.0)  # the default start
+    stopped = [w for w in caught
+               if issubclass(w.category, ConvergenceWarning) and "GP training stopped" in str(w.message)]
+    assert stopped and not rec.hyperparameters["converged"]  # CG failed again at a lower noise, best iterate kept
+    assert np.isfinite(rec.signal.data).all()
 
 
 def test_no_exact_refit_where_it_would_not_fit_the_memory_budget(monkeypatch):
