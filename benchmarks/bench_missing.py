@@ -9,7 +9,9 @@ whole reconstruction of the maps (fit and 2× upsampled prediction with variance
 the most CG iterations any of its solves needed (they grow as the fit lowers the noise),
 whether its variance is exact or a Monte-Carlo estimate (``MC``), the peak RSS of the
 process that ran the case, and the evaluation's cost relative to the complete grid (the
-first row of each size, run in the same way).  ``quarter disc`` masks
+first row of each size, run in the same way); where the fit started from the optimum on
+the largest complete rectangle (:mod:`hyperspy_gp.gp.warm_start`), the row says so,
+with that fit's iterations.  ``quarter disc`` masks
 a corner (a connected region, as a navigation mask over vacuum), which the coarse-space
 correction of the Schur complement by CG serves; ``disc, tiles only`` is the same
 case with block-Jacobi alone, the coarse space's baseline ("failed" when its CG does not
@@ -123,6 +125,9 @@ def run_case(side: int, n_tasks: int, pattern: str, device: str = "cpu", kernel:
         "cg_iterations": first, "cg_iterations_fit": max(iterations) if iterations else None,
         "reconstruct_s": time.perf_counter() - start, "fit_iterations": fit.hyperparameters["iterations"],
         "fit_message": fit.hyperparameters["optimizer_message"],
+        "warm_start_iterations": fit.hyperparameters.get("warm_start_iterations"),
+        "lengthscale_px": fit.hyperparameters["lengthscale_px"][0].tolist(),
+        "log_likelihood": float(fit.hyperparameters["log_likelihood"].sum()),
         "variance": "MC" if "variance_standard_error" in fit.hyperparameters else "exact",
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -149,6 +154,8 @@ def _format_row(r: dict, baseline: float) -> str:
         f"{r['mll_grad_s']:8.3f}  {cg}  | {r['reconstruct_s']:10.1f}   {r['fit_iterations']:>5}  {r['variance']:<5} | "
         f"{r['peak_rss_mb']:8.0f} | {r['mll_grad_s'] / baseline:8.1f}×"
         + ("  (fit stopped: CG failed at a trial point)" if "CG did not converge" in r["fit_message"] else "")
+        + (f"  (warm start: {r['warm_start_iterations']} its on a complete rectangle)"
+           if r.get("warm_start_iterations") is not None else "")
     )
 
 
