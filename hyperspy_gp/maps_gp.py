@@ -132,8 +132,10 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
     test_coords = [kernel.axis_coordinates(n, request.upsampling) - start for n, start in zip(grid, origin)]
     posterior = make_posterior(model, targets_t, domain=(origin, grid), exact_variance=request.exact_posterior,
                                test_coords=test_coords)
+    drawn = not posterior.variance_is_exact  # a Monte-Carlo variance: its standard error from the same draws
     with hsglue.dask_progressbar(show_progressbar):
-        mean, variance = dask.compute(*posterior.predict_dask(test_coords, chunk_rows=request.chunks))
+        mean, variance, *error = dask.compute(*posterior.predict_dask(test_coords, chunk_rows=request.chunks,
+                                                                      standard_error=drawn))
     mean, variance = _per_map(mean, request.mode), _per_map(variance, request.mode)
     mean = centre + scale * mean
     variance = scale**2 * variance
@@ -143,10 +145,9 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
         hyper["warm_start_region"] = np.array([[kept[s][0], kept[s][-1] + 1] for kept, s in zip(lines, warm.rectangle)])
         hyper["warm_start_iterations"] = warm.n_iterations
     hyper["jitter"] = _report_jitter(posterior.jitter.detach().cpu().numpy(), request.mode, scale)
-    if not posterior.variance_is_exact:  # a Monte-Carlo estimate: report its standard error
-        error = posterior.variance_standard_error(test_coords).cpu().numpy()
+    if drawn:
         hyper["variance_samples"] = posterior.n_samples
-        hyper["variance_standard_error"] = _per_map(error, request.mode) * scale**2
+        hyper["variance_standard_error"] = _per_map(error[0], request.mode) * scale**2
     return MapsFit(mean, variance, hyper, result.history)
 
 

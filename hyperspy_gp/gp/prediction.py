@@ -61,17 +61,50 @@ class Posterior:
             mean, variance = self.predict([test_coords[0][rows], *test_coords[1:]])
             yield rows, mean, variance
 
-    def predict_dask(self, test_coords: Sequence[torch.Tensor], chunk_rows: int | None = None):
+    def predict_with_standard_error(
+        self, test_coords: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean, Monte-Carlo variance and its standard error, ``(P, m_1, ..., m_d, T)`` each.
+
+        Posteriors that draw their variance override it to compute the draws once for both.
+
+        Raises
+        ------
+        ValueError
+            For a posterior whose variance is exact (:attr:`variance_is_exact`).
+        """
+        if self.variance_is_exact:
+            raise ValueError("This posterior's variance is exact: it has no standard error.")
+        mean, variance = self.predict(test_coords)
+        return mean, variance, self.variance_standard_error(test_coords)
+
+    def predict_dask(self, test_coords: Sequence[torch.Tensor], chunk_rows: int | None = None,
+                     standard_error: bool = False):
         """Mean and variance as dask arrays, one task per chunk of test rows.
 
         Each task computes its rows from the (small) posterior state only, so the same
         graph runs on the threaded scheduler or a ``dask.distributed`` cluster, and peak
         memory is bounded by the chunk, not by the output grid.
 
+        Parameters
+        ----------
+        test_coords
+            One 1-D tensor of test coordinates per axis (pixels of the training grid).
+        chunk_rows
+            Test rows per task; ``None``: :meth:`default_chunk_rows`.
+        standard_error
+            Also return the standard error of a Monte-Carlo variance, from the same
+            draws (:meth:`predict_with_standard_error`).
+
         Returns
         -------
-        mean, variance : dask.array.Array
+        mean, variance[, standard_error] : dask.array.Array
             ``(P, m_1, ..., m_d, T)`` each, float64 numpy chunks, standardised units.
+
+        Raises
+        ------
+        ValueError
+            For ``standard_error=True`` where the variance is exact.
         """
         import dask
         import dask.array as da
@@ -85,14 +118,17 @@ class Posterior:
         # One graph key for the posterior and the coordinates: a scheduler ships them
         # once per worker instead of pickling (and hashing) them into every task.
         state = dask.delayed((self, coords), traverse=False, name=f"gp-posterior-{uuid.uuid4().hex}")
-        means, variances = [], []
+        if standard_error and self.variance_is_exact:
+            raise ValueError("This posterior's variance is exact: it has no standard error.")
+        n_out = 3 if standard_error else 2
+        outputs: list[list] = [[] for _ in range(n_out)]
         for start in range(0, n_rows, chunk_rows):
             stop = min(start + chunk_rows, n_rows)
-            task = dask.delayed(_predict_rows, pure=True, nout=2)(state, start, stop)
+            task = dask.delayed(_predict_rows, pure=True, nout=n_out)(state, start, stop, standard_error)
             shape = (p, stop - start, *tail, t)
-            means.append(da.from_delayed(task[0], shape=shape, dtype=np.float64))
-            variances.append(da.from_delayed(task[1], shape=shape, dtype=np.float64))
-        return da.concatenate(means, axis=1), da.concatenate(variances, axis=1)
+            for chunks, part in zip(outputs, task):
+                chunks.append(da.from_delayed(part, shape=shape, dtype=np.float64))
+        return tuple(da.concatenate(chunks, axis=1) for chunks in outputs)
 
 
 
@@ -158,14 +194,14 @@ class ChunkPredictionError(RuntimeError):
     """Prediction failed in one dask task; the message names its rows, the cause is chained."""
 
 
-def _predict_rows(state: tuple[Posterior, list[torch.Tensor]], start: int, stop: int):
-    """One dask task: mean and variance (numpy) of test rows ``start:stop``."""
+def _predict_rows(state: tuple[Posterior, list[torch.Tensor]], start: int, stop: int, standard_error: bool = False):
+    """One dask task: mean and variance (numpy) of test rows ``start:stop``, and the variance's standard error."""
     posterior, test_coords = state
     try:
         device = posterior.mean_weights.device
         rows = [test_coords[0][start:stop].to(device), *(c.to(device) for c in test_coords[1:])]
-        mean, variance = posterior.predict(rows)
-        return mean.detach().cpu().numpy().astype(np.float64), variance.detach().cpu().numpy().astype(np.float64)
+        out = posterior.predict_with_standard_error(rows) if standard_error else posterior.predict(rows)
+        return tuple(x.detach().cpu().numpy().astype(np.float64) for x in out)
     except MemoryError:
         raise  # keep its type: callers free memory or choose smaller chunks
     except Exception as exc:  # (KeyboardInterrupt is not an Exception and passes through)

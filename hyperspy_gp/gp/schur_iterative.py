@@ -666,12 +666,21 @@ class SchurCGPosterior(GridPosterior):
 
     def predict(self, test_coords: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent mean and variance ``(P, m_1, ..., m_d, T)`` on the grid of ``test_coords``."""
+        if self.exact_grid is None:
+            return self.predict_with_standard_error(test_coords)[:2]
         mean, variance = super().predict(test_coords)
+        return mean, variance + self._exact_rows(test_coords).to(variance.device)
+
+    def predict_with_standard_error(
+        self, test_coords: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean, Monte-Carlo variance and its standard error from one set of draws, ``(P, m_1, ..., m_d, T)`` each."""
         if self.exact_grid is not None:
-            return mean, variance + self._exact_rows(test_coords).to(variance.device)
+            raise ValueError("This posterior's variance is exact: it has no standard error.")
+        mean, variance = super().predict(test_coords)
         with torch.no_grad():
-            increase = self._increase_draws(test_coords).pow(2).mean(-1)
-        return mean, variance + increase
+            spread, increase = torch.var_mean(self._increase_draws(test_coords).pow(2), dim=-1)
+        return mean, variance + increase, (spread / self.n_samples).sqrt()
 
     def variance_standard_error(self, test_coords: Sequence[torch.Tensor]) -> torch.Tensor:
         """Standard error of the Monte-Carlo variance of each test point, ``(P, m_1, ..., m_d, T)``."""

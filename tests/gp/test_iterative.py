@@ -209,6 +209,8 @@ def test_chunks_and_dask_slice_the_same_upsampled_maps():
     dask_mean, dask_var = dask.compute(*posterior.predict_dask(coords, chunk_rows=5))
     np.testing.assert_allclose(dask_mean, mean.numpy(), rtol=1e-12)
     np.testing.assert_allclose(dask_var, variance.numpy(), rtol=1e-12)
+    *_, dask_error = dask.compute(*posterior.predict_dask(coords, chunk_rows=5, standard_error=True))
+    np.testing.assert_allclose(dask_error, posterior.variance_standard_error(coords).numpy(), rtol=1e-12)
     assert lattice_upsampling(coords) == 2 and lattice_upsampling([coords[0][3:4]]) == 2
 
 

@@ -172,3 +172,5 @@ def test_dask_prediction_equals_one_shot_and_is_chunked():
     assert dmean.chunks[1] == (6, 6, 6, 2)
     np.testing.assert_allclose(dmean.compute(), mean.numpy(), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(dvar.compute(), var.numpy(), rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="exact: it has no standard error"):
+        post.predict_dask(coords, standard_error=True)

@@ -1,5 +1,6 @@
 """The Schur complement by conjugate gradients: many scattered missing pixels."""
 
+import dask
 import numpy as np
 import pytest
 import torch
@@ -166,6 +167,10 @@ def test_posterior_mean_is_exact_and_variance_within_its_standard_error(monkeypa
     rows = posterior.predict_in_chunks(coords, chunk_rows=5)
     chunked = torch.cat([v for _, _, v in rows], dim=1)
     torch.testing.assert_close(chunked, variance)  # the same draws in every chunk
+    # The dask graph's one pass over the draws gives the variance and its standard error.
+    dask_mean, dask_var, dask_error = dask.compute(*posterior.predict_dask(coords, chunk_rows=5, standard_error=True))
+    for computed, expected in ((dask_mean, mean), (dask_var, variance), (dask_error, error)):
+        np.testing.assert_allclose(computed, expected.numpy(), rtol=1e-12)
 
 
 @pytest.mark.parametrize("n_models,n_tasks", [(2, 1), (1, 3)])
@@ -181,6 +186,8 @@ def test_the_posterior_streams_the_exact_variance_on_its_test_grid(monkeypatch, 
         posterior = make_posterior(cg, targets, test_coords=coords)
     assert isinstance(posterior, SchurCGPosterior) and posterior.variance_is_exact
     assert "exact, streamed" in caplog.text  # the user is told what the prediction does
+    with pytest.raises(ValueError, match="exact: it has no standard error"):
+        posterior.predict_dask(coords, standard_error=True)
     mean, variance = posterior.predict(coords)
     mean_ref, var_ref = make_posterior(dense, targets).predict(coords)
     assert _rel(mean, mean_ref) < 1e-8
