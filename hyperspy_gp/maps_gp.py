@@ -141,8 +141,8 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
     variance = scale**2 * variance
     hyper = _hyperparameters(model, result, request.mode, scale, int(measured.sum()))
     if warm is not None:  # in scan pixels (numpy axis order, stop excluded)
-        lines = request.lines or tuple(np.arange(n) for n in grid)
-        hyper["warm_start_region"] = np.array([[kept[s][0], kept[s][-1] + 1] for kept, s in zip(lines, warm.rectangle)])
+        hyper["warm_start_region"] = np.array([[start + int(kept[s][0]), start + int(kept[s][-1]) + 1]
+                                               for start, kept, s in zip(origin, points, warm.rectangle)])
         hyper["warm_start_iterations"] = warm.n_iterations
     hyper["jitter"] = _report_jitter(posterior.jitter.detach().cpu().numpy(), request.mode, scale)
     if drawn:

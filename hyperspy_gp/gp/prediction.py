@@ -73,10 +73,13 @@ class Posterior:
         ValueError
             For a posterior whose variance is exact (:attr:`variance_is_exact`).
         """
-        if self.variance_is_exact:
-            raise ValueError("This posterior's variance is exact: it has no standard error.")
+        self._require_drawn_variance()
         mean, variance = self.predict(test_coords)
         return mean, variance, self.variance_standard_error(test_coords)
+
+    def _require_drawn_variance(self) -> None:
+        if self.variance_is_exact:
+            raise ValueError("This posterior's variance is exact: it has no standard error.")
 
     def predict_dask(self, test_coords: Sequence[torch.Tensor], chunk_rows: int | None = None,
                      standard_error: bool = False):
@@ -109,6 +112,8 @@ class Posterior:
         import dask
         import dask.array as da
 
+        if standard_error:
+            self._require_drawn_variance()
         n_rows = len(test_coords[0])
         if chunk_rows is None:
             chunk_rows = self.default_chunk_rows(test_coords)
@@ -118,8 +123,6 @@ class Posterior:
         # One graph key for the posterior and the coordinates: a scheduler ships them
         # once per worker instead of pickling (and hashing) them into every task.
         state = dask.delayed((self, coords), traverse=False, name=f"gp-posterior-{uuid.uuid4().hex}")
-        if standard_error and self.variance_is_exact:
-            raise ValueError("This posterior's variance is exact: it has no standard error.")
         n_out = 3 if standard_error else 2
         outputs: list[list] = [[] for _ in range(n_out)]
         for start in range(0, n_rows, chunk_rows):

@@ -675,21 +675,24 @@ class SchurCGPosterior(GridPosterior):
         self, test_coords: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, Monte-Carlo variance and its standard error from one set of draws, ``(P, m_1, ..., m_d, T)`` each."""
-        if self.exact_grid is not None:
-            raise ValueError("This posterior's variance is exact: it has no standard error.")
+        self._require_drawn_variance()
         mean, variance = super().predict(test_coords)
+        increase, error = self._drawn_increase(test_coords)
+        return mean, variance + increase, error
+
+    def _drawn_increase(self, test_coords: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Monte-Carlo variance increase at ``test_coords`` and its standard error."""
         with torch.no_grad():
             spread, increase = torch.var_mean(self._increase_draws(test_coords).pow(2), dim=-1)
-        return mean, variance + increase, (spread / self.n_samples).sqrt()
+        return increase, (spread / self.n_samples).sqrt()
 
     def variance_standard_error(self, test_coords: Sequence[torch.Tensor]) -> torch.Tensor:
         """Standard error of the Monte-Carlo variance of each test point, ``(P, m_1, ..., m_d, T)``."""
         rows = self.default_chunk_rows(test_coords)
         parts = []
-        with torch.no_grad():
-            for start in range(0, len(test_coords[0]), rows):
-                chunk = [test_coords[0][start : start + rows], *test_coords[1:]]
-                parts.append(self._increase_draws(chunk).pow(2).std(-1) / math.sqrt(self.n_samples))
+        for start in range(0, len(test_coords[0]), rows):
+            chunk = [test_coords[0][start : start + rows], *test_coords[1:]]
+            parts.append(self._drawn_increase(chunk)[1])
         return torch.cat(parts, dim=1)
 
     def default_chunk_rows(self, test_coords: Sequence[torch.Tensor]) -> int:

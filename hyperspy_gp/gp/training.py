@@ -206,29 +206,28 @@ def fit_single_model(
     # scan).  A few numbers per evaluation.
     evaluated: dict[bytes, tuple[float, np.ndarray, np.ndarray]] = {}
 
-    def objective(x: np.ndarray):
+    def evaluate(x: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        """Loss, its gradient and the log likelihood per model at ``x``; leaves the model there."""
         unpack(x)
-        if x.tobytes() in evaluated:
-            loss, grad, _ = evaluated[x.tobytes()]
-            return loss, grad.copy()
-        for p in params:
-            p.grad = None
-        loglik = model.log_likelihood(targets)
-        loss = -loglik.sum() / n_obs
-        loss.backward()
-        grad = pack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
-        if not np.all(np.isfinite(grad)) or not np.isfinite(loss.item()):
-            raise FloatingPointError("non-finite marginal likelihood or gradient")
-        evaluated[x.tobytes()] = (loss.item(), grad.copy(), loglik.detach().cpu().numpy())
-        return loss.item(), grad
+        if x.tobytes() not in evaluated:
+            for p in params:
+                p.grad = None
+            loglik = model.log_likelihood(targets)
+            loss = -loglik.sum() / n_obs
+            loss.backward()
+            grad = pack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+            if not np.all(np.isfinite(grad)) or not np.isfinite(loss.item()):
+                raise FloatingPointError("non-finite marginal likelihood or gradient")
+            evaluated[x.tobytes()] = (loss.item(), grad, loglik.detach().cpu().numpy())
+        return evaluated[x.tobytes()]
 
-    def loglik_at(x: np.ndarray) -> np.ndarray:
-        objective(x)
-        return evaluated[x.tobytes()][2]
+    def objective(x: np.ndarray):
+        loss, grad, _ = evaluate(x)
+        return loss, grad.copy()  # (SciPy may modify it)
 
     x0 = pack(params).astype(np.float64)  # SciPy's dtype, so that its first call finds x0
     history = _History(model, targets)
-    history.record(loglik_at(x0))
+    history.record(evaluate(x0)[2])
     progress = _progress(show_progressbar, max_iter, description)
     interrupted, cg_failure = False, None
 
@@ -261,8 +260,8 @@ def fit_single_model(
     finally:
         if progress is not None:
             progress.close()
-    loglik = loglik_at(x_final)  # leaves the model at x_final
-    grad_norm = float(np.linalg.norm(evaluated[x_final.tobytes()][1]))
+    _, grad, loglik = evaluate(x_final)  # leaves the model at x_final
+    grad_norm = float(np.linalg.norm(grad))
     if interrupted:
         warnings.warn(
             "GP training interrupted: continuing with the best hyperparameters found so far "

@@ -137,7 +137,7 @@ def warm_start_rectangle(observed: np.ndarray) -> tuple[slice, ...] | None:
     return rectangle
 
 
-def rectangle_model(model: GridICMModel, rectangle: tuple[slice, ...]) -> GridICMModel | None:
+def rectangle_model(model: GridICMModel, rectangle: tuple[slice, ...]) -> GridICMModel:
     """The complete-grid model of ``model`` on ``rectangle`` of its grid (same kernel, bounds and tasks).
 
     Parameters
