@@ -5,8 +5,8 @@ The covariance ``Σ = B ⊗ K + D ⊗ I`` of the grid ICM model is applied by FF
 conjugate gradients (CG); the preconditioner ``P`` is the same ICM model with the
 *separable* kernel of the same length scales, which the Kronecker path of
 :mod:`~hyperspy_gp.gp.likelihood` inverts and factorises exactly (``P = L Lᵀ`` with
-``L = (Q ⊗ I_T) ⊕_j chol(λ_j B + D)``).  For the paper's non-separable Matérn kernel
-``P`` is close to ``Σ``, so CG needs tens of iterations whatever the grid size.
+``L = (Q ⊗ I_T) (⊕_j chol(λ_j B + D)) (Q ⊗ I_T)ᵀ``).  For the paper's non-separable Matérn
+kernel ``P`` is close to ``Σ``, so CG needs tens of iterations whatever the grid size.
 
 Log marginal likelihood.  With ``α = Σ^{-1} y``,
 
@@ -21,7 +21,8 @@ The last log-determinant is estimated by stochastic Lanczos quadrature (SLQ) wit
 ``T_i`` with ``\log\det ≈ \frac{nT}{m} Σ_i e_1ᵀ \log(T_i) e_1``.  Only this
 correction to the exact ``\log\det P`` is estimated, so its error is small when
 ``P ≈ Σ``.  The probes are drawn once per model, so the objective is a deterministic
-function of the hyperparameters.  ``probes="exact"`` uses the ``nT`` unit vectors
+function of the hyperparameters, and a smooth one: ``L = Q C Qᵀ`` does not depend on
+the signs ``eigh`` gives the eigenvectors (:meth:`KroneckerPreconditioner.factor_mul`).  ``probes="exact"`` uses the ``nT`` unit vectors
 instead: the estimate is then exact up to the CG tolerance (slow; for tests).
 
 Gradient.  ``∂ log p = ½ αᵀ ∂Σ α − ½ tr(Σ^{-1} ∂Σ)`` with the trace estimated by
@@ -144,14 +145,23 @@ class KroneckerPreconditioner:
         return self._rotate(solved, transpose=False)
 
     def factor_mul(self, eps: torch.Tensor) -> torch.Tensor:
-        """``L ε`` (a draw from ``N(0, P)`` when ``ε`` is white)."""
-        blocks = (self._blocks() @ _maps_last(eps).unsqueeze(-1)).squeeze(-1)
+        """``L ε`` (a draw from ``N(0, P)`` when ``ε`` is white).
+
+        ``L = Q C Qᵀ`` with ``C = ⊕_j chol(λ_j B + D)``, not the factor ``Q C``: the
+        eigenvectors' signs (and bases of near-repeated eigenvalues) are whatever
+        ``eigh`` returns and may flip between nearby hyperparameters, which would redraw
+        the fixed probes ``L ε`` and make the objective jump.  ``Q C Qᵀ`` does not
+        depend on that choice, so the probes move smoothly with the hyperparameters.
+        """
+        rotated = _maps_last(self._rotate(eps, transpose=True)).unsqueeze(-1)
+        blocks = (self._blocks() @ rotated).squeeze(-1)
         return self._rotate(_maps_first(blocks), transpose=False)
 
     def factor_inv_t_mul(self, eps: torch.Tensor) -> torch.Tensor:
-        """``L^{-T} ε``."""
+        """``L^{-T} ε = Q C^{-T} Qᵀ ε`` (see :meth:`factor_mul`)."""
         upper = self._blocks().transpose(-1, -2)
-        blocks = torch.linalg.solve_triangular(upper, _maps_last(eps).unsqueeze(-1), upper=True)
+        rotated = _maps_last(self._rotate(eps, transpose=True)).unsqueeze(-1)
+        blocks = torch.linalg.solve_triangular(upper, rotated, upper=True)
         return self._rotate(_maps_first(blocks.squeeze(-1)), transpose=False)
 
     def probe_weights(self, eps: torch.Tensor, drawn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

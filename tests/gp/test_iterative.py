@@ -149,6 +149,32 @@ def test_default_probes_stay_within_the_stated_tolerance():
     assert torch.equal(model.log_likelihood(targets).detach(), value)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_estimate_does_not_depend_on_the_signs_eigh_gives_the_eigenvectors(monkeypatch, masked):
+    # eigh may flip an eigenvector's sign between nearby hyperparameters; the fixed
+    # probes must not be redrawn by that, or the objective jumps under the optimiser.
+    observed = None
+    if masked:
+        observed = np.ones((12, 10), dtype=bool)
+        observed[7:, 6:] = False
+    model, targets = _random_model("matern", (12, 10), 1, 3, 1, observed=observed)
+    value = model.log_likelihood(targets)
+    grads = _gradients(model, value)
+    eigh = torch.linalg.eigh
+
+    def flipped_eigh(matrix, *args, **kwargs):
+        values, vectors = eigh(matrix, *args, **kwargs)
+        signs = torch.ones(vectors.shape[-1], dtype=vectors.dtype)
+        signs[1::3] = -1.0  # not every other one: that flips whole symmetry classes, which commute with K
+        return torch.return_types.linalg_eigh((values, vectors * signs))
+
+    monkeypatch.setattr(torch.linalg, "eigh", flipped_eigh)
+    flipped = model.log_likelihood(targets)
+    flipped_grads = _gradients(model, flipped)
+    assert float(flipped) == pytest.approx(float(value), rel=1e-10)
+    assert _rel(_flat(flipped_grads), _flat(grads)) < 1e-8
+
+
 def test_gradient_is_finite_where_eigenvalues_repeat():
     # Square grid, equal length scales, identical maps, rank-deficient B.
     kernel = GridKernel((10, 10), "matern")
@@ -171,8 +197,16 @@ def test_fit_agrees_with_the_exact_fit_and_predictions():
     for model in models:
         assert fit_model(model, targets).converged
     exact, iterative = (m.state() for m in models)
-    for key in exact:
+    for key in ("lengthscale", "noise"):
         assert torch.allclose(iterative[key], exact[key], rtol=0.05, atol=0.01), key
+    # B's scale trades against the length scales along a flat ridge, which the probes'
+    # error moves along (probe seeds 0-3: B₁₁ 2.20-2.47 against 2.30) while the exact
+    # likelihood at the estimate's optimum stays within 0.02 of its maximum.
+    assert torch.allclose(iterative["task_covariance"], exact["task_covariance"], rtol=0.1)
+    at_estimate = GridICMModel(GridKernel((20, 20), "matern"), 1, 2, rank=1)
+    at_estimate.load_state_dict(models[1].state_dict())
+    with torch.no_grad():
+        assert float(at_estimate.log_likelihood(targets)) > float(models[0].log_likelihood(targets)) - 0.05
     coords = [torch.arange(40, dtype=torch.float64) / 2] * 2
     mean_exact = GridPosterior(models[0], targets).predict(coords)[0]
     mean_iterative = IterativePosterior(models[1], targets, n_samples=8).predict(coords)[0]
