@@ -313,6 +313,16 @@ class MaskedOperator:
             return torch.einsum("pts,prtm->prsm", self.rotation, scale * v)
         return scale * torch.einsum("pts,prsm->prtm", self.rotation, v)
 
+    def rotate_probes(self, eps: torch.Tensor) -> torch.Tensor:
+        """``(Rᵀ ⊗ I) ε``: white probes in whitened map coordinates, ``(P, R, T, m)``.
+
+        The probes' factor is then ``Φ (Rᵀ ⊗ I)`` (:meth:`factor`), which does not depend
+        on the signs ``eigh`` gives the columns of ``R`` (nor on the basis of repeated
+        eigenvalues): with ``Φ ε`` alone a sign flip between nearby hyperparameters
+        redrew the cross-map terms of the gradient estimate.
+        """
+        return torch.einsum("pts,prtm->prsm", self.rotation, eps)
+
     def whiten(self, v: torch.Tensor) -> torch.Tensor:
         """``(W^{-1} ⊗ I) v``, ``W^{-1} = Rᵀ D^{1/2}``: into whitened map coordinates."""
         return self._maps(v, self.root, transpose=True)
@@ -496,10 +506,11 @@ class SchurCGSolve:
             alpha0 = kron_dot(solve.rotated_weights, solve.eigenvectors)  # Σ⁻¹ ȳ(0), (P, *fg, T)
             u = op.whiten(op.gather(alpha0.unsqueeze(-1)))  # (P, 1, T, m), whitened
             # Whitened coordinates: one CG per map (MaskedOperator.whitened_cg); the probes
-            # z = Φ ε are Φ's whitened part, W⁻¹ z.
+            # z = Φ (Rᵀ ⊗ I) ε are Φ's whitened part, W⁻¹ z, of the rotated probes.
             if probes is None:  # the posterior mean: to CG_TOLERANCE
                 cg = op.whitened_cg(u, pre)
             else:
+                probes = op.rotate_probes(probes)
                 cg = op.whitened_cg(torch.cat([u, pre.whitened_factor(probes)], dim=1), pre, ESTIMATE_CG_TOLERANCE)
             cg.solution = op.unwhiten_t(cg.solution)  # C⁻¹ b = (W^{-T} ⊗ I) diag_k(C_k)⁻¹ (W⁻¹ ⊗ I) b
             self.completed = zeroed
