@@ -22,8 +22,9 @@ The last log-determinant is estimated by stochastic Lanczos quadrature (SLQ) wit
 correction to the exact ``\log\det P`` is estimated, so its error is small when
 ``P ≈ Σ``.  The probes are drawn once per model, so the objective is a deterministic
 function of the hyperparameters, and a smooth one: ``L = Q C Qᵀ`` does not depend on
-the signs ``eigh`` gives the eigenvectors (:meth:`KroneckerPreconditioner.factor_mul`).  ``probes="exact"`` uses the ``nT`` unit vectors
-instead: the estimate is then exact up to the CG tolerance (slow; for tests).
+the signs ``eigh`` gives the eigenvectors (:meth:`KroneckerPreconditioner.factor_mul`).
+``probes="exact"`` uses the ``nT`` unit vectors instead: the estimate is then exact up
+to the CG tolerance (slow; for tests).
 
 Gradient.  ``∂ log p = ½ αᵀ ∂Σ α − ½ tr(Σ^{-1} ∂Σ)`` with the trace estimated by
 ``(1/m) Σ_i u_iᵀ ∂Σ w_i``, ``w_i = L^{-T} ε_i`` (so that ``E[L ε εᵀ L^{-1}] = I``).
@@ -153,15 +154,16 @@ class KroneckerPreconditioner:
         the fixed probes ``L ε`` and make the objective jump.  ``Q C Qᵀ`` does not
         depend on that choice, so the probes move smoothly with the hyperparameters.
         """
-        rotated = _maps_last(self._rotate(eps, transpose=True)).unsqueeze(-1)
-        blocks = (self._blocks() @ rotated).squeeze(-1)
-        return self._rotate(_maps_first(blocks), transpose=False)
+        return self._in_eigenbasis(eps, lambda blocks: self._blocks() @ blocks)
 
     def factor_inv_t_mul(self, eps: torch.Tensor) -> torch.Tensor:
         """``L^{-T} ε = Q C^{-T} Qᵀ ε`` (see :meth:`factor_mul`)."""
         upper = self._blocks().transpose(-1, -2)
-        rotated = _maps_last(self._rotate(eps, transpose=True)).unsqueeze(-1)
-        blocks = torch.linalg.solve_triangular(upper, rotated, upper=True)
+        return self._in_eigenbasis(eps, lambda blocks: torch.linalg.solve_triangular(upper, blocks, upper=True))
+
+    def _in_eigenbasis(self, eps: torch.Tensor, per_block) -> torch.Tensor:
+        """``(Q ⊗ I) per_block((Q ⊗ I)ᵀ ε)``, with ``per_block`` acting on the ``(P, R, *grid, T, 1)`` blocks."""
+        blocks = per_block(_maps_last(self._rotate(eps, transpose=True)).unsqueeze(-1))
         return self._rotate(_maps_first(blocks.squeeze(-1)), transpose=False)
 
     def probe_weights(self, eps: torch.Tensor, drawn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -306,9 +306,9 @@ class MaskedOperator:
         """``(P, T, U, k, R)`` → ``(P, R, T, m)``."""
         return x[:, :, self.slot, self.position].permute(0, 3, 1, 2)
 
-    def _maps(self, v: torch.Tensor, scale: torch.Tensor, transpose: bool) -> torch.Tensor:
+    def _maps(self, v: torch.Tensor, scale: torch.Tensor | None, transpose: bool) -> torch.Tensor:
         """``diag(scale) R v`` (``transpose=False``) or ``Rᵀ diag(scale) v`` over the maps of ``(P, R, T, m)``."""
-        scale = scale[:, None, :, None]
+        scale = 1.0 if scale is None else scale[:, None, :, None]
         if transpose:
             return torch.einsum("pts,prtm->prsm", self.rotation, scale * v)
         return scale * torch.einsum("pts,prsm->prtm", self.rotation, v)
@@ -321,7 +321,7 @@ class MaskedOperator:
         eigenvalues): with ``Φ ε`` alone a sign flip between nearby hyperparameters
         redrew the cross-map terms of the gradient estimate.
         """
-        return torch.einsum("pts,prtm->prsm", self.rotation, eps)
+        return self._maps(eps, None, transpose=True)
 
     def whiten(self, v: torch.Tensor) -> torch.Tensor:
         """``(W^{-1} ⊗ I) v``, ``W^{-1} = Rᵀ D^{1/2}``: into whitened map coordinates."""

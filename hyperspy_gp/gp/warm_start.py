@@ -1,12 +1,13 @@
 """Warm start of a fit with missing pixels from the largest complete rectangle of the scan.
 
-With missing pixels every likelihood evaluation pays for them (a Schur complement, or
-a dense factorisation of the observed pixels), up to a minute on a large scan with a
-masked region on the CPU, and from the default start the fit spends most of its
-evaluations getting near the optimum.  The largest axis-aligned rectangle of measured
-pixels is a complete grid, whose likelihood costs what a complete scan's does (its
-eigenbasis).  Its optimum, fitted first, is the same GP's optimum on part of the same data: the fit on
-all measured pixels starts there and has little left to do.
+With missing pixels every likelihood evaluation pays for them (a Schur complement, a
+dense factorisation of the observed pixels, or CG over them), up to a minute on a large
+scan with a masked region on the CPU, and from the default start the fit spends most
+of its evaluations getting near the optimum.  The largest axis-aligned rectangle of
+measured pixels is a complete grid, whose likelihood costs what a complete scan's does
+(its eigenbasis, or FFT products on the iterative path).  Its optimum, fitted first, is
+the same GP's optimum on part of the same data: the fit on all measured pixels starts
+there and has little left to do.
 
 Measured on 2 CPU cores (96² × 6 maps, a masked quarter disc, Schur complement by CG):
 35 iterations in 100 s from the default start; 8 in 48 s from the start fitted on a

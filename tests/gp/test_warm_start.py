@@ -125,9 +125,12 @@ def test_the_rectangle_model_keeps_the_kernel_and_the_bounds_on_its_lines():
     torch.testing.assert_close(sub.kernel.points[1], torch.tensor(points[1], dtype=torch.float64))  # spacing kept
     assert (sub.n_models, sub.n_tasks, sub.rank, sub.isotropic) == (1, 3, 2, True)
     assert sub.lengthscale_bounds == (0.8, 5.0) and not sub.iterative
-    iterative = GridICMModel(kernel, 1, 3, rank=2, observed=observed, iterative=True, n_probes=8)
+    # (The iterative path only ever has evenly spaced lines: choose_solver refuses others.)
+    iterative = GridICMModel(GridKernel((40, 30), "matern"), 1, 3, rank=2, observed=observed, iterative=True,
+                             n_probes=8)
     sub = rectangle_model(iterative, rectangle)
     assert sub.iterative and sub.n_probes == 8  # the same path: FFT products and CG with the same probes
+    assert sub.kernel.uniform and sub.kernel.grid_shape == (25, 30)
 
 
 def test_the_iterative_path_warm_starts_on_its_own_path_and_reaches_the_same_optimum(monkeypatch):
