@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from hyperspy_gp.gp.likelihood import GridICMSolve, solve_grid_icm
+from hyperspy_gp.gp.likelihood import GridICMSolve, solve_grid_icm, whiten_tasks
 from hyperspy_gp.gp.model import GridICMModel
 from hyperspy_gp.gp.tensor import kron_dot
 from hyperspy_gp.memory import CHUNK_BYTES
@@ -161,7 +161,7 @@ class GridPosterior(Posterior):
             batch_b = b.reshape(b.shape[0], *([1] * n_grid), *b.shape[1:])
             # μ weights B α̃_j and variance weights (B M_j B)_tt, both (P, *factor_grid, T).
             self.mean_weights = (batch_b @ solve.rotated_weights.unsqueeze(-1)).squeeze(-1)
-            self.variance_weights = ((batch_b @ solve.block_inverse()) * batch_b).sum(-1)
+            self.variance_weights = _variance_weights(b, model.noise, solve)
             self.prior_variance = torch.diagonal(b, dim1=-2, dim2=-1)  # k(x*, x*) = 1
             self.eigenvectors = solve.eigenvectors
             self.jitter = solve.jitter
@@ -213,6 +213,24 @@ def _predict_rows(state: tuple[Posterior, list[torch.Tensor]], start: int, stop:
             f"GP prediction failed in the dask task for rows {start}:{stop} (of {n_rows}) of the "
             f"upsampled grid: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _variance_weights(task_covariance: torch.Tensor, noise: torch.Tensor, solve: GridICMSolve) -> torch.Tensor:
+    """``(B M_j B)_tt`` for every spatial eigenvalue, ``(P, *factor_grid, T)``, in the whitened task basis.
+
+    With ``λ_j B + D = U diag(λ_j γ_k + 1) Uᵀ``, ``U = √D R``
+    (:func:`~hyperspy_gp.gp.likelihood.whiten_tasks`, ``D`` the noise with any jitter
+    the blocks got), ``(B M_j B)_tt = Σ_k U_tk² γ_k² / (λ_j γ_k + 1)``: a sum of positive
+    terms, each to full precision.  Forming ``B M_j B`` from the inverse blocks instead
+    loses ``cond(S_j)`` digits, which with a nearly rank-one ``B`` and little noise is
+    the whole variance: 2.6e-7 relative error at ``B/σ² = 10⁶``, 1e-3 at 10⁸ and 30–50 %
+    at 10⁹ on 12 × 10 × 2 maps, against 4e-6 at 10⁹ this way (the error of one map).
+    """
+    root, gamma, rotation = whiten_tasks(task_covariance, noise + solve.jitter[:, None])
+    loadings = (root[:, :, None] * rotation).pow(2)  # U_tk², (P, T, K)
+    lam = solve.eigenvalues_grid.unsqueeze(-1)
+    gamma = gamma.reshape(gamma.shape[0], *([1] * (lam.dim() - 2)), gamma.shape[-1])
+    return torch.einsum("p...k,ptk->p...t", gamma.pow(2) / (lam * gamma + 1.0), loadings)
 
 
 def make_posterior(model: GridICMModel, targets: torch.Tensor, domain=None, exact_variance: bool = True,
