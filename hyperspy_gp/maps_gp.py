@@ -131,7 +131,7 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
     # The whole scan, in pixels of the fitted box (negative before it).
     test_coords = [kernel.axis_coordinates(n, request.upsampling) - start for n, start in zip(grid, origin)]
     posterior = make_posterior(model, targets_t, domain=(origin, grid), exact_variance=request.exact_posterior,
-                               test_coords=test_coords)
+                               test_coords=test_coords, n_samples=request.variance_samples)
     drawn = not posterior.variance_is_exact  # a Monte-Carlo variance: its standard error from the same draws
     with hsglue.dask_progressbar(show_progressbar):
         mean, variance, *error = dask.compute(*posterior.predict_dask(test_coords, chunk_rows=request.chunks,

@@ -50,7 +50,8 @@ CHUNK_BYTES = 64 * 2**20
 FFT_GROUP_BYTES = 2**25
 #: Probes of the stochastic log-determinant estimates (iterative path, Schur complement by CG).
 LOGDET_PROBES = 16
-#: Draws of the Monte-Carlo variance of the Schur complement by CG.
+#: Draws of the Monte-Carlo variances (iterative path, Schur complement by CG) unless
+#: ``gp_reconstruct(variance_samples=...)`` says otherwise.
 VARIANCE_DRAWS = 64
 #: Pixels of a tile, one block (per whitened map) of the Schur complement by CG's
 #: block-Jacobi preconditioner: 5 × 5 pixels.
@@ -199,6 +200,7 @@ def estimate_memory(
     n_jacobi_values: int | None = None,
     exact_posterior: bool = True,
     device: str = "cpu",
+    variance_samples: int = VARIANCE_DRAWS,
 ) -> MemoryEstimate:
     """Estimate the peak memory of :func:`~hyperspy_gp.gp_reconstruct`.
 
@@ -208,7 +210,7 @@ def estimate_memory(
         Scan grid, numpy order.
     n_maps, n_channels
         Maps reconstructed (``T``) and spectral channels (``S``).
-    mode, upsampling, kernel, dtype, lazy_output, chunks
+    mode, upsampling, kernel, dtype, lazy_output, chunks, variance_samples
         As in :func:`~hyperspy_gp.gp_reconstruct`.
     n_observed
         Measured pixels when some are missing (dense solver), ``None`` for a
@@ -291,7 +293,7 @@ def estimate_memory(
             per_model = 2 * n_missing**2 + 3 * STREAM_BLOCK * (n_pixels + n_out) + n_tasks * n_out
             prediction += n_models * per_model * _FLOAT64
         else:
-            draws = n_models * VARIANCE_DRAWS * n_tasks * n_pixels
+            draws = n_models * variance_samples * n_tasks * n_pixels
             prediction += 3 * draws * _FLOAT64 + (os.cpu_count() or 1) * CHUNK_BYTES
     elif n_observed is None and n_missing:
         # Schur columns G_k = Σ_k⁻¹E_M (H_k = G_k L_k⁻ᵀ in place), K H_k, their mode products'

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hyperspy_gp import _hyperspy as hsglue
-from hyperspy_gp.memory import LOGDET_PROBES
+from hyperspy_gp.memory import LOGDET_PROBES, VARIANCE_DRAWS
 
 MODES = ("parallel", "independent")
 SOLVERS = ("auto", "kronecker", "dense", "iterative")
@@ -57,7 +57,7 @@ class Request:
     ----------
     components
         Chosen component indices.
-    mode, upsampling, lengthscale_bounds, kernel, rank, solver, device, dtype, chunks
+    mode, upsampling, lengthscale_bounds, kernel, rank, solver, device, dtype, chunks, variance_samples
         As the parameters of :func:`hyperspy_gp.gp_reconstruct`, normalised
         (``lengthscale_bounds`` is ``None``, ``"auto"`` or a pair of floats or ``None``).
     observed
@@ -106,6 +106,7 @@ class Request:
     exact_posterior: bool = True  # after a fit by CG, the factorised posterior where it fits (memory budget)
     n_missing: int = 0
     lengthscale_scan: object | None = None  # the LengthscaleScan behind lengthscale_bounds="auto"
+    variance_samples: int = VARIANCE_DRAWS  # draws of a Monte-Carlo variance, where the variance is not exact
 
     @property
     def masked_solver(self) -> str:
@@ -220,7 +221,8 @@ class Request:
         return self.solver == "iterative"
 
 
-def validate_request(signal, components, mode, upsampling, bounds, kernel, rank, solver, device, dtype, chunks) -> Request:
+def validate_request(signal, components, mode, upsampling, bounds, kernel, rank, solver, device, dtype, chunks,
+                     variance_samples: int = VARIANCE_DRAWS) -> Request:
     """Check ``signal`` and the options of :func:`hyperspy_gp.gp_reconstruct`.
 
     Nothing is computed and the signal is not modified.
@@ -229,7 +231,7 @@ def validate_request(signal, components, mode, upsampling, bounds, kernel, rank,
     ----------
     signal : :class:`~hyperspy.api.signals.Signal1D`
         Spectrum image or line scan with decomposition results.
-    components, mode, upsampling, kernel, rank, solver, device, dtype, chunks
+    components, mode, upsampling, kernel, rank, solver, device, dtype, chunks, variance_samples
         As in :func:`hyperspy_gp.gp_reconstruct`.
     bounds
         ``lengthscale_bounds`` of :func:`hyperspy_gp.gp_reconstruct`.
@@ -299,11 +301,15 @@ def validate_request(signal, components, mode, upsampling, bounds, kernel, rank,
         raise ValueError(f"chunks must be a positive number of rows of the upsampled grid, or None, not {chunks!r}.")
     if dtype not in ("float64", "float32"):
         raise ValueError(f"dtype must be 'float64' or 'float32', not {dtype!r}.")
+    if isinstance(variance_samples, bool) or not isinstance(variance_samples, (int, np.integer)) \
+            or variance_samples < 2:
+        raise ValueError(f"variance_samples must be an integer >= 2 (draws of a Monte-Carlo variance), "
+                         f"not {variance_samples!r}.")
     chosen = parse_components(components, hsglue.n_decomposition_components(signal))
     check_device(device)
     return Request(
         chosen, mode, int(upsampling), parse_bounds(bounds), kernel, int(rank), solver, device, dtype,
-        None if chunks is None else int(chunks),
+        None if chunks is None else int(chunks), variance_samples=int(variance_samples),
     )
 
 

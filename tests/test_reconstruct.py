@@ -303,6 +303,9 @@ def test_integer_data_works_without_conversion(unchanged):
         ({"components": 2, "device": "tpu"}, "device"),
         ({"components": 2, "chunks": 0}, "chunks"),
         ({"components": 2, "solver": "cg"}, "solver"),
+        ({"components": 2, "variance_samples": 1}, "variance_samples"),
+        ({"components": 2, "variance_samples": 16.0}, "variance_samples"),
+        ({"components": 2, "variance_samples": True}, "variance_samples"),
     ],
 )
 def test_bad_requests_raise_before_fitting(decomposed, unchanged, kwargs, match):
@@ -670,6 +673,19 @@ def test_forcing_the_dense_solver_gives_the_kronecker_result(decomposed):
     np.testing.assert_allclose(dense.hyperparameters["lengthscale_px"], kron.hyperparameters["lengthscale_px"], rtol=1e-5)
     scale = np.abs(kron.loadings.data).max()
     np.testing.assert_allclose(dense.loadings.data, kron.loadings.data, rtol=0, atol=1e-5 * scale)
+
+
+def test_variance_samples_sets_the_draws_of_a_monte_carlo_variance(decomposed, unchanged):
+    # The iterative path (here with the separable kernel: CG converges at once) draws its
+    # variance; gp_reconstruct passes the number of draws down and reports it.
+    with unchanged(decomposed):
+        rec = gp_reconstruct(decomposed, components=2, upsampling=2, solver="iterative", variance_samples=12)
+    hyper = rec.hyperparameters
+    assert hyper["variance_samples"] == 12
+    assert hyper["variance_standard_error"].shape == (40, 36, 2) and (rec.variance.data > 0).all()
+    # An exact variance ignores it.
+    exact = gp_reconstruct(decomposed, components=2, variance_samples=12)
+    assert "variance_samples" not in exact.hyperparameters
 
 
 def test_iterative_solver_reproduces_the_exact_matern_reconstruction(decomposed, unchanged):

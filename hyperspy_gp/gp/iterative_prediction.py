@@ -45,9 +45,10 @@ from hyperspy_gp.gp.kernels import GridKernel
 from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior, Posterior
 from hyperspy_gp.gp.schur import columns_fit
 from hyperspy_gp.gp.toeplitz import ToeplitzKernel
+from hyperspy_gp.memory import VARIANCE_DRAWS
 
-#: Joint prior draws of the variance estimate.
-DEFAULT_VARIANCE_SAMPLES = 64
+#: Joint prior draws of the variance estimate (``gp_reconstruct(variance_samples=...)``).
+DEFAULT_VARIANCE_SAMPLES = VARIANCE_DRAWS
 #: Length scales at which the sampling embedding wraps around: its periodic kernel is
 #: the true one up to there, and Matérn-5/2 has decayed to 6e-10 at 12 length scales.
 #: An embedding cut earlier leaves negative circulant eigenvalues, i.e. prior draws

@@ -234,7 +234,7 @@ def _variance_weights(task_covariance: torch.Tensor, noise: torch.Tensor, solve:
 
 
 def make_posterior(model: GridICMModel, targets: torch.Tensor, domain=None, exact_variance: bool = True,
-                   test_coords: Sequence[torch.Tensor] | None = None) -> Posterior:
+                   test_coords: Sequence[torch.Tensor] | None = None, n_samples: int | None = None) -> Posterior:
     """The structured posterior on a full grid; with missing pixels the Schur or dense one.
 
     A fit by the Schur complement by CG gets the exact factorised Schur posterior where
@@ -248,11 +248,16 @@ def make_posterior(model: GridICMModel, targets: torch.Tensor, domain=None, exac
     pixels per axis starting ``origin`` pixels before the training grid (by default
     the training grid).  Only the iterative posterior, which computes whole maps on a
     lattice, needs it; the others predict at any coordinates.
+
+    ``n_samples`` is the number of draws of a Monte-Carlo variance (iterative path,
+    Schur complement by CG beyond its exact variance's limits); by default
+    :data:`~hyperspy_gp.memory.VARIANCE_DRAWS`.  Exact posteriors ignore it.
     """
+    draws = {} if n_samples is None else {"n_samples": int(n_samples)}
     if model.iterative:
         from hyperspy_gp.gp.iterative_prediction import IterativePosterior
 
-        return IterativePosterior(model, targets, domain=domain)
+        return IterativePosterior(model, targets, domain=domain, **draws)
     if model.observed is None:
         return GridPosterior(model, targets)
     if model.masked_solver in ("schur", "schur-cg"):
@@ -263,7 +268,7 @@ def make_posterior(model: GridICMModel, targets: torch.Tensor, domain=None, exac
             return SchurPosterior(model, targets)
         from hyperspy_gp.gp.schur_iterative import SchurCGPosterior
 
-        return SchurCGPosterior(model, targets, test_coords=test_coords if exact_variance else None)
+        return SchurCGPosterior(model, targets, test_coords=test_coords if exact_variance else None, **draws)
     from hyperspy_gp.gp.dense import MaskedPosterior
 
     return MaskedPosterior(model, targets)

@@ -23,7 +23,7 @@ from hyperspy_gp.gp.iterative import (
 from hyperspy_gp.gp.iterative_prediction import IterativePosterior, lattice_upsampling
 from hyperspy_gp.gp.kernels import GridKernel
 from hyperspy_gp.gp.model import GridICMModel
-from hyperspy_gp.gp.prediction import GridPosterior
+from hyperspy_gp.gp.prediction import GridPosterior, make_posterior
 from hyperspy_gp.gp.toeplitz import ToeplitzKernel
 from hyperspy_gp.gp.training import fit_model
 from tests.gp.dense_reference import dense_icm, grid_points, kernel_matrix
@@ -253,6 +253,17 @@ def test_variance_is_unbiased_with_little_noise(lengthscale, task_factor, mean_r
     z = (variance - var_ref.detach()) / posterior.variance_standard_error(coords)
     assert float(z.pow(2).mean().sqrt()) < 1.5  # a calibrated standard error (1.18 measured at 32 px)
     assert abs(float(((variance - var_ref.detach()) / var_ref.detach()).mean())) < 0.04  # no bias
+
+
+def test_the_standard_error_falls_as_one_over_the_root_of_the_draws():
+    model, targets = _random_model("matern", (12, 10), 1, 2, 1, seed=3)
+    coords = [torch.arange(24, dtype=torch.float64) / 2, torch.arange(20, dtype=torch.float64) / 2]
+    errors = {}
+    for draws in (16, 256):
+        posterior = make_posterior(model, targets, n_samples=draws)
+        assert posterior.n_samples == draws
+        errors[draws] = float(posterior.variance_standard_error(coords).median())
+    assert 2.5 < errors[16] / errors[256] < 5.5  # √16 = 4 (3.3 measured: β fitted on 16 draws)
 
 
 def assert_exact_mean_and_calibrated_variance(posterior, upsampling, mean_ref, var_ref):

@@ -171,6 +171,10 @@ def test_posterior_mean_is_exact_and_variance_within_its_standard_error(monkeypa
     dask_mean, dask_var, dask_error = dask.compute(*posterior.predict_dask(coords, chunk_rows=5, standard_error=True))
     for computed, expected in ((dask_mean, mean), (dask_var, variance), (dask_error, error)):
         np.testing.assert_allclose(computed, expected.numpy(), rtol=1e-12)
+    # Fewer draws (gp_reconstruct's variance_samples): a larger standard error, as 1/√draws.
+    few = make_posterior(cg, targets, n_samples=16)
+    assert few.n_samples == 16
+    assert 1.4 < float(few.variance_standard_error(coords).median() / error.median()) < 2.8  # √(64/16) = 2
 
 
 @pytest.mark.parametrize("n_models,n_tasks", [(2, 1), (1, 3)])
