@@ -13,7 +13,9 @@ Where things live:
 - :mod:`~hyperspy_gp.gp.prediction` — predictive mean and variance on a (denser) grid.
 - :mod:`~hyperspy_gp.gp.schur`, :mod:`~hyperspy_gp.gp.schur_iterative`,
   :mod:`~hyperspy_gp.gp.dense` — exact inference with missing pixels (Schur
-  complement factorised or by conjugate gradients, dense Cholesky).
+  complement factorised or by conjugate gradients, dense Cholesky);
+  :mod:`~hyperspy_gp.gp.schur_iterative_prediction` — the prediction after a fit by
+  the Schur complement by CG.
 - :mod:`~hyperspy_gp.gp.toeplitz`, :mod:`~hyperspy_gp.gp.iterative`,
   :mod:`~hyperspy_gp.gp.iterative_prediction` — any stationary kernel on a complete
   grid: FFT products, conjugate gradients, a stochastic log-determinant;

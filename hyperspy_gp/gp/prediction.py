@@ -240,7 +240,7 @@ def make_posterior(model: GridICMModel, targets: torch.Tensor, domain=None, exac
     A fit by the Schur complement by CG gets the exact factorised Schur posterior where
     its columns fit (:func:`~hyperspy_gp.memory.schur_columns_fit`) unless
     ``exact_variance`` is false (a memory budget), else
-    :class:`~hyperspy_gp.gp.schur_iterative.SchurCGPosterior`: exact on ``test_coords``
+    :class:`~hyperspy_gp.gp.schur_iterative_prediction.SchurCGPosterior`: exact on ``test_coords``
     (the test grid, given) where streaming its variance is affordable, otherwise with
     a Monte-Carlo variance increase.
 
@@ -266,7 +266,7 @@ def make_posterior(model: GridICMModel, targets: torch.Tensor, domain=None, exac
         # A fit by CG still gets the exact factorised posterior where its columns fit.
         if model.masked_solver == "schur" or (exact_variance and columns_fit(model)):
             return SchurPosterior(model, targets)
-        from hyperspy_gp.gp.schur_iterative import SchurCGPosterior
+        from hyperspy_gp.gp.schur_iterative_prediction import SchurCGPosterior
 
         return SchurCGPosterior(model, targets, test_coords=test_coords if exact_variance else None, **draws)
     from hyperspy_gp.gp.dense import MaskedPosterior

@@ -138,7 +138,7 @@ def test_columns_are_one_field_per_missing_pixel_and_whitened_map():
 
 def test_a_fit_by_cg_gets_the_exact_posterior_where_its_columns_fit(monkeypatch):
     from hyperspy_gp import memory
-    from hyperspy_gp.gp.schur_iterative import SchurCGPosterior
+    from hyperspy_gp.gp.schur_iterative_prediction import SchurCGPosterior
 
     shape = (10, 9)
     (dense, _), targets = _pair("separable", shape, 1, 3, 1, _holes(shape, 7, seed=6), seed=6)

@@ -11,7 +11,8 @@ from hyperspy_gp.gp.kernels import GridKernel
 from hyperspy_gp.gp.likelihood import solve_grid_icm
 from hyperspy_gp.gp.model import GridICMModel
 from hyperspy_gp.gp.prediction import make_posterior
-from hyperspy_gp.gp.schur_iterative import MaskedOperator, SchurCGPosterior, jacobi_tile
+from hyperspy_gp.gp.schur_iterative import MaskedOperator, jacobi_tile
+from hyperspy_gp.gp.schur_iterative_prediction import SchurCGPosterior
 from hyperspy_gp.gp.training import fit_model
 
 #: Stated tolerances of the default (16-probe) estimate (measured: MLL 0.8–2.7e-3,
@@ -186,7 +187,7 @@ def test_the_posterior_streams_the_exact_variance_on_its_test_grid(monkeypatch, 
     shape = (9, 8)
     (cg, dense), targets = _pair("separable", shape, n_models, n_tasks, _scattered(shape, 0.35, seed=5), seed=5)
     coords = [torch.arange(n * 2, dtype=torch.float64) / 2 for n in shape]
-    with caplog.at_level("INFO", logger="hyperspy_gp.gp.schur_iterative"):
+    with caplog.at_level("INFO", logger="hyperspy_gp.gp.schur_iterative_prediction"):
         posterior = make_posterior(cg, targets, test_coords=coords)
     assert isinstance(posterior, SchurCGPosterior) and posterior.variance_is_exact
     assert "exact, streamed" in caplog.text  # the user is told what the prediction does
@@ -202,7 +203,7 @@ def test_the_posterior_streams_the_exact_variance_on_its_test_grid(monkeypatch, 
         posterior.predict([coords[0] + 0.25, coords[1]])
     monkeypatch.setattr(memory, "MAX_STREAMED_INCREASE_COST", 0.0)  # not affordable: Monte-Carlo
     caplog.clear()
-    with caplog.at_level("INFO", logger="hyperspy_gp.gp.schur_iterative"):
+    with caplog.at_level("INFO", logger="hyperspy_gp.gp.schur_iterative_prediction"):
         assert not make_posterior(cg, targets, test_coords=coords).variance_is_exact
     assert "Monte-Carlo, the exact one beyond its limits" in caplog.text
 
