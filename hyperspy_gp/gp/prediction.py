@@ -223,8 +223,9 @@ def _variance_weights(task_covariance: torch.Tensor, noise: torch.Tensor, solve:
     the blocks got), ``(B M_j B)_tt = Σ_k U_tk² γ_k² / (λ_j γ_k + 1)``: a sum of positive
     terms, each to full precision.  Forming ``B M_j B`` from the inverse blocks instead
     loses ``cond(S_j)`` digits, which with a nearly rank-one ``B`` and little noise is
-    the whole variance: 2.6e-7 relative error at ``B/σ² = 10⁶``, 1e-3 at 10⁸ and 30–50 %
-    at 10⁹ on 12 × 10 × 2 maps, against 4e-6 at 10⁹ this way (the error of one map).
+    the whole variance.  On 12 × 10 × 2 maps with ``cond(B) = 2.5·10⁶`` (length scales
+    3 and 8 px) that gave 2.4e-7 to 6e-7 relative error at ``B/σ² = 10⁶``, 1.2e-3 to
+    7.8e-3 at 10⁸ and 26–48 % at 10⁹; this way 4e-6 at 10⁹, what one map gets.
     """
     root, gamma, rotation = whiten_tasks(task_covariance, noise + solve.jitter[:, None])
     loadings = (root[:, :, None] * rotation).pow(2)  # U_tk², (P, T, K)
