@@ -240,10 +240,9 @@ def test_variance_is_unbiased_with_little_noise(lengthscale, task_factor, mean_r
     #   tasks (+0.2 %).
     model, targets = _random_model("matern", (12, 10), 1, 2, 1, seed=3)
     with torch.no_grad():
-        model.raw_lengthscale.copy_(model.raw_lengthscale_constraint.inverse_transform(
-            torch.full_like(model.raw_lengthscale, lengthscale)))
+        model._set("raw_lengthscale", torch.full_like(model.raw_lengthscale, lengthscale))
         model.task_factor.copy_(torch.tensor(task_factor, dtype=torch.float64).reshape(1, 2, 1))
-        model.raw_noise.copy_(model.raw_noise_constraint.inverse_transform(torch.full_like(model.raw_noise, 5e-3)))
+        model._set("raw_noise", torch.full_like(model.raw_noise, 5e-3))
     _, mean_ref, var_ref = _dense_reference(model, targets)
     posterior = IterativePosterior(model, targets, n_samples=64, seed=1)
     coords = [torch.arange(n, dtype=torch.float64) for n in (12, 10)]

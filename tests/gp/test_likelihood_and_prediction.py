@@ -70,10 +70,9 @@ def test_the_variance_keeps_its_digits_with_a_nearly_rank_one_task_covariance(ma
         observed[5:7, 6:8] = False
     model = GridICMModel(GridKernel(shape, "separable"), 1, 2, rank=1, observed=observed, masked_solver="schur")
     with torch.no_grad():
-        model.raw_lengthscale.copy_(model.raw_lengthscale_constraint.inverse_transform(
-            torch.full_like(model.raw_lengthscale, 3.0)))
+        model._set("raw_lengthscale", torch.full_like(model.raw_lengthscale, 3.0))
         model.task_factor.copy_(torch.tensor([[[1000.0], [1000.0 / 3]]], dtype=torch.float64))
-        model.raw_noise.copy_(model.raw_noise_constraint.inverse_transform(torch.full_like(model.raw_noise, 1e-2)))
+        model._set("raw_noise", torch.full_like(model.raw_noise, 1e-2))
     state = model.state()
     assert float(state["task_covariance"][0].diagonal().max() / state["noise"].min()) == pytest.approx(1e8, rel=1e-3)
     targets = torch.randn(1, *shape, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
