@@ -28,7 +28,7 @@ import torch
 from hyperspy_gp.gp.likelihood import GridICMSolve, solve_grid_icm, whiten_tasks
 from hyperspy_gp.gp.model import GridICMModel
 from hyperspy_gp.gp.tensor import kron_dot
-from hyperspy_gp.memory import CHUNK_BYTES
+from hyperspy_gp.memory import CHUNK_BYTES, VARIANCE_DRAWS
 
 #: Memory budget (bytes) of the largest temporary of one prediction chunk (the memory
 #: estimate of :mod:`hyperspy_gp.memory` assumes the same).
@@ -235,7 +235,7 @@ def _variance_weights(task_covariance: torch.Tensor, noise: torch.Tensor, solve:
 
 
 def make_posterior(model: GridICMModel, targets: torch.Tensor, domain=None, exact_variance: bool = True,
-                   test_coords: Sequence[torch.Tensor] | None = None, n_samples: int | None = None) -> Posterior:
+                   test_coords: Sequence[torch.Tensor] | None = None, n_samples: int = VARIANCE_DRAWS) -> Posterior:
     """The structured posterior on a full grid; with missing pixels the Schur or dense one.
 
     A fit by the Schur complement by CG gets the exact factorised Schur posterior where
@@ -251,14 +251,13 @@ def make_posterior(model: GridICMModel, targets: torch.Tensor, domain=None, exac
     lattice, needs it; the others predict at any coordinates.
 
     ``n_samples`` is the number of draws of a Monte-Carlo variance (iterative path,
-    Schur complement by CG beyond its exact variance's limits); by default
-    :data:`~hyperspy_gp.memory.VARIANCE_DRAWS`.  Exact posteriors ignore it.
+    Schur complement by CG beyond its exact variance's limits).  Exact posteriors
+    ignore it.
     """
-    draws = {} if n_samples is None else {"n_samples": int(n_samples)}
     if model.iterative:
         from hyperspy_gp.gp.iterative_prediction import IterativePosterior
 
-        return IterativePosterior(model, targets, domain=domain, **draws)
+        return IterativePosterior(model, targets, n_samples=n_samples, domain=domain)
     if model.observed is None:
         return GridPosterior(model, targets)
     if model.masked_solver in ("schur", "schur-cg"):
@@ -269,7 +268,8 @@ def make_posterior(model: GridICMModel, targets: torch.Tensor, domain=None, exac
             return SchurPosterior(model, targets)
         from hyperspy_gp.gp.schur_iterative_prediction import SchurCGPosterior
 
-        return SchurCGPosterior(model, targets, test_coords=test_coords if exact_variance else None, **draws)
+        return SchurCGPosterior(model, targets, n_samples=n_samples,
+                                test_coords=test_coords if exact_variance else None)
     from hyperspy_gp.gp.dense import MaskedPosterior
 
     return MaskedPosterior(model, targets)
