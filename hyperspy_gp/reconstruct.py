@@ -242,8 +242,9 @@ def gp_reconstruct(
         (``kernel="matern"`` on the iterative path; the Schur complement by CG beyond
         the limits of its exact variance).  Its standard error, returned as
         ``hyperparameters["variance_standard_error"]``, falls as
-        ``1/√variance_samples`` (on the iterative path about 8–10 % of the variance per
-        pixel with the default 64), and the prediction's time grows in proportion.
+        ``1/√variance_samples`` (on the iterative path with the default 64 a few per
+        cent of the variance within a few length scales of the edges and missing pixels,
+        nearly nothing further inside), and the prediction's time grows in proportion.
         Exact variances ignore it.
 
     Returns

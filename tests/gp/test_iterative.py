@@ -265,6 +265,28 @@ def test_the_standard_error_falls_as_one_over_the_root_of_the_draws():
     assert 2.5 < errors[16] / errors[256] < 5.5  # √16 = 4 (3.3 measured: β fitted on 16 draws)
 
 
+def test_away_from_the_edges_the_periodic_twin_makes_the_variance_nearly_exact():
+    # More than a few length scales inside the scan, the model's posterior error and the
+    # periodic twin's (which also sees data beyond the edges) nearly coincide, so the
+    # regression on the twin leaves almost no Monte-Carlo error: measured 3e-7 relative
+    # (rms; 2e-6 at most) with 16 draws, where the separable twin alone left 18 % (8 %
+    # with 64 draws).
+    model, targets = _random_model("matern", (40, 36), 1, 1, 1, seed=2)
+    with torch.no_grad():
+        model._set("raw_lengthscale", torch.tensor([[2.5, 3.0]], dtype=torch.float64))
+        model._set("raw_noise", torch.full_like(model.raw_noise, 0.05))
+    _, _, var_ref = _dense_reference(model, targets, upsampling=2)
+    posterior = IterativePosterior(model, targets, n_samples=16)
+    coords = [torch.arange(2 * n, dtype=torch.float64) / 2 for n in (40, 36)]
+    variance, error = posterior.predict(coords)[1], posterior.variance_standard_error(coords)
+    inner = (slice(None), slice(30, 50), slice(26, 46))
+    relative = ((variance - var_ref) / var_ref)[inner].abs()
+    assert float(relative.max()) < 1e-3
+    assert float((error / var_ref)[inner].max()) < 1e-3
+    z = (variance - var_ref) / error
+    assert float(z.pow(2).mean().sqrt()) < 2.0  # and calibrated everywhere, edges included
+
+
 def assert_exact_mean_and_calibrated_variance(posterior, upsampling, mean_ref, var_ref):
     """The mean equals the dense one; the Monte-Carlo variance agrees within its reported standard error."""
     coords = [torch.arange(n * upsampling, dtype=torch.float64) / upsampling for n in posterior.model.kernel.grid_shape]
