@@ -39,6 +39,33 @@ import torch
 from hyperspy_gp.gp.likelihood import whiten_tasks
 
 
+def irfftn_region(spectrum: torch.Tensor, fft_shape: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """``irfftn(spectrum)`` on its first ``shape`` points only (a pruned inverse).
+
+    Each leading axis is transformed and cut before the next: where the region is much
+    smaller than the torus (long length scales), that halves the work of a whole inverse.
+    """
+    d = len(fft_shape)
+    for axis in range(d - 1):
+        dim = axis - d
+        spectrum = torch.fft.ifft(spectrum, n=fft_shape[axis], dim=dim).narrow(dim, 0, shape[axis])
+    return torch.fft.irfft(spectrum, n=fft_shape[-1], dim=-1)[..., : shape[-1]]
+
+
+def irfftn_lattice(spectrum: torch.Tensor, fft_shape: Sequence[int], cell: int) -> torch.Tensor:
+    """``irfftn(spectrum)`` at every ``cell``-th point of every axis.
+
+    Sampling folds the spectrum: along each leading (complex) axis of length ``N = cell
+    M`` the ``cell`` aliases are summed and transformed at length ``M``.
+    """
+    d = len(fft_shape)
+    for axis in range(d - 1):
+        dim = axis - d
+        folded = spectrum.unflatten(dim, (cell, fft_shape[axis] // cell)).sum(dim - 1 if dim < 0 else dim)
+        spectrum = torch.fft.ifft(folded, dim=dim) / cell
+    return torch.fft.irfft(spectrum, n=fft_shape[-1], dim=-1)[..., ::cell]
+
+
 class PeriodicTwin:
     """The ICM model observing every coarse point of a circulant embedding.
 
@@ -74,36 +101,36 @@ class PeriodicTwin:
     def _coset(self, x: torch.Tensor, offset: Sequence[int]) -> torch.Tensor:
         return x[(..., *(slice(o, None, self.upsampling) for o in offset))]
 
-    def errors(self, prior: torch.Tensor, noise: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-        """The twin's posterior error ``f − E[f | f_lattice + e]`` on the first ``shape`` torus points.
+    def errors(self, lattice: torch.Tensor, region: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The twin's posterior error ``f − E[f | f_lattice + e]`` on a region at the torus' origin.
 
         Parameters
         ----------
-        prior
-            A draw ``f`` of the prior on the torus, ``(P, R, T, *fft_shape)``.
+        lattice
+            A draw ``f`` of the prior at the coarse lattice of the torus, ``(P, R, T,
+            *coarse_shape)``.
+        region
+            The same draw on the region, ``(P, R, T, *shape)``.
         noise
             The noise ``e`` on the coarse lattice, ``(P, R, T, *coarse_shape)``.
-        shape
-            The region returned, from the torus' origin.
 
         Returns
         -------
         torch.Tensor
-            ``(P, R, T, *shape)``; one map's torus at a time is transformed.
+            ``(P, R, T, *shape)``; one map's spectrum at a time is transformed.
         """
-        observed = self._coset(prior, (0,) * len(self.dims)) + noise
-        weights = torch.fft.irfftn(self._weights(torch.fft.rfftn(observed, dim=self.dims)),
+        shape = region.shape[3:]
+        weights = torch.fft.irfftn(self._weights(torch.fft.rfftn(lattice + noise, dim=self.dims)),
                                    s=self.coarse_shape, dim=self.dims)
         # The weights placed on the lattice of the torus have the coarse spectrum, tiled.
         coarse = torch.fft.fftn(weights, dim=self.dims)
-        tiles = torch.meshgrid(*(torch.arange(n, device=prior.device) % m
+        tiles = torch.meshgrid(*(torch.arange(n, device=region.device) % m
                                  for n, m in zip(self.power.shape[1:], self.coarse_shape)), indexing="ij")
         power = self.power.unsqueeze(1)
-        region = (..., *(slice(0, n) for n in shape))
-        out = prior.new_empty(*prior.shape[:3], *shape)
-        for task in range(prior.shape[2]):
-            fitted = torch.fft.irfftn(coarse[:, :, task][(..., *tiles)] * power, s=self.fft_shape, dim=self.dims)
-            out[:, :, task] = prior[:, :, task][region] - fitted[region]
+        out = torch.empty_like(region)
+        for task in range(region.shape[2]):
+            fitted = irfftn_region(coarse[:, :, task][(..., *tiles)] * power, self.fft_shape, shape)
+            out[:, :, task] = region[:, :, task] - fitted
         return out
 
     def _weights(self, spectrum: torch.Tensor) -> torch.Tensor:

@@ -58,12 +58,28 @@ def test_the_twins_error_is_the_draw_minus_its_dense_posterior_mean():
     gen = torch.Generator().manual_seed(1)
     prior = torch.randn(1, 3, n_tasks, *fft_shape, generator=gen, dtype=torch.float64)
     draw_noise = torch.randn(1, 3, n_tasks, *twin.coarse_shape, generator=gen, dtype=torch.float64)
-    errors = twin.errors(prior, draw_noise, fft_shape)
+    on_lattice = prior[..., ::upsampling, ::upsampling]
+    errors = twin.errors(on_lattice, prior, draw_noise)
     flat = prior.reshape(3, n_tasks, -1)
     observed = (flat[..., lattice] + draw_noise.reshape(3, n_tasks, -1)).reshape(3, -1)
     expected = prior - (observed @ gain.T).reshape(1, 3, n_tasks, *fft_shape)
     torch.testing.assert_close(errors, expected, rtol=RTOL, atol=1e-12)
-    torch.testing.assert_close(twin.errors(prior, draw_noise, (5, 4)), expected[..., :5, :4], rtol=RTOL, atol=1e-12)
+    region = twin.errors(on_lattice, prior[..., :5, :4], draw_noise)
+    torch.testing.assert_close(region, expected[..., :5, :4], rtol=RTOL, atol=1e-12)
+
+
+@pytest.mark.parametrize("fft_shape, cell, shape",
+                         [((12, 10), 2, (5, 3)), ((9, 12, 6), 3, (4, 7, 2)), ((15,), 5, (6,))])
+def test_pruned_inverse_transforms_equal_the_whole_inverse_cut_or_sampled(fft_shape, cell, shape):
+    from hyperspy_gp.gp.periodic_twin import irfftn_lattice, irfftn_region
+
+    x = torch.randn(2, 3, *fft_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    dims = tuple(range(-len(fft_shape), 0))
+    spectrum = torch.fft.rfftn(x, dim=dims)
+    torch.testing.assert_close(irfftn_region(spectrum, fft_shape, shape),
+                               x[(..., *(slice(0, n) for n in shape))], rtol=0, atol=1e-12)
+    torch.testing.assert_close(irfftn_lattice(spectrum, fft_shape, cell),
+                               x[(..., *(slice(None, None, cell) for _ in fft_shape))], rtol=0, atol=1e-12)
 
 
 def test_the_twins_variance_keeps_its_digits_with_little_noise_and_a_nearly_rank_one_b():
