@@ -245,7 +245,8 @@ def gp_reconstruct(
         ``1/√variance_samples`` (on the iterative path with the default 64 a few per
         cent of the variance within a few length scales of the edges and missing pixels,
         nearly nothing further inside), and the prediction's time grows in proportion.
-        Exact variances ignore it.
+        Exact variances ignore it.  With fewer than 8 draws the iterative path's
+        variance is the plain mean of the draws (no control variates).
 
     Returns
     -------

@@ -342,41 +342,65 @@ def _bytes_per_draw(n_models: int, n_tasks: int, fine_shape, fft_shape) -> int:
     return 8 * n_models * n_tasks * (10 * math.prod(fine_shape) + math.prod(fft_shape))
 
 
+#: Draws from which the estimate regresses on the twins; below, it is the plain mean of
+#: the draws.  With fewer draws the coefficients are too noisy: on 9 × 8 × 2 maps, 4
+#: draws gave 13 of 576 pixels a variance clipped to 0 (19 with the separable twin
+#: alone, as before the periodic twin) and a standard error that hid it; 8 or more gave
+#: none.
+DRAWS_FOR_TWINS = 8
+
+
 class _Moments:
     """Running sums of ``a`` and the twins' ``b``, ``c`` and their products, and the regression on them."""
 
     def __init__(self, n_samples: int) -> None:
         self.n_samples = n_samples
+        self.twins = "bc" if n_samples >= DRAWS_FOR_TWINS else ""
         self.sums: dict[str, torch.Tensor] = {}
 
     def add(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> None:
         """Add draws ``(P, R, T, *fine)`` of the three squared errors."""
         draws = {"a": a, "b": b, "c": c}
-        for name in ("a", "b", "c", "aa", "bb", "cc", "ab", "ac", "bc"):  # one product at a time
+        twins = self.twins
+        names = ["a", "aa", *twins, *("a" + x for x in twins), *(x + y for j, x in enumerate(twins) for y in twins[j:])]
+        for name in names:  # one product at a time
             term = draws[name] if len(name) == 1 else draws[name[0]] * draws[name[1]]
             total = term.sum(1)
             self.sums[name] = total if name not in self.sums else self.sums[name] + total
 
     def estimate(self, exact: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The regression estimate of ``E[a]`` and its standard error (consumes the sums)."""
+        """The regression estimate of ``E[a]`` and its standard error (consumes the sums).
+
+        ``ā − Σ β_x (x̄ − v_x)`` over the twins used, with the least-squares ``β``.
+        """
         mean = self.sums
         for total in mean.values():
             total /= self.n_samples
-        for x, y in ("aa", "bb", "cc", "ab", "ac", "bc"):  # second moments become covariances
-            mean[x + y] -= mean[x] * mean[y]
-        # The 2 × 2 normal equations in closed form.  A ridge of 1e-9 of the diagonal
-        # keeps twins that are (nearly) the same variable, or draws too few to tell them
-        # apart, from an ill-posed solve.
-        ridge = (mean["bb"] + mean["cc"]).mul_(1e-9).clamp_min_(torch.finfo(mean["bb"].dtype).tiny)
-        var_b, var_c, cov_bc = mean.pop("bb").add_(ridge), mean.pop("cc").add_(ridge), mean.pop("bc")
-        del ridge
-        det = (var_b * var_c - cov_bc * cov_bc).clamp_min_(torch.finfo(var_b.dtype).tiny)
-        beta_b = (var_c * mean["ab"] - cov_bc * mean["ac"]).div_(det)
-        beta_c = (var_b * mean["ac"] - cov_bc * mean["ab"]).div_(det)
-        del det, var_b, var_c, cov_bc
-        variance = mean["a"] - beta_b * (mean.pop("b") - exact[0]) - beta_c * (mean.pop("c") - exact[1])
-        residual = mean.pop("aa") - beta_b * mean.pop("ab") - beta_c * mean.pop("ac")
-        return variance.clamp_min_(0.0), residual.clamp_min_(0.0).div_(max(self.n_samples - 3, 1)).sqrt_()
+        for name in [n for n in mean if len(n) == 2]:  # second moments become covariances
+            mean[name] -= mean[name[0]] * mean[name[1]]
+        exact = dict(zip("bc", exact))
+        beta = self._coefficients(mean)
+        variance, residual = mean.pop("a"), mean.pop("aa")
+        for x, b in beta.items():
+            variance -= b * (mean.pop(x) - exact[x])
+            residual -= b * mean.pop("a" + x)
+        dof = max(self.n_samples - 1 - len(beta), 1)
+        return variance.clamp_min_(0.0), residual.clamp_min_(0.0).div_(dof).sqrt_()
+
+    def _coefficients(self, cov: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The least-squares ``β`` of ``a`` on the twins, by their normal equations in closed form.
+
+        A ridge of 1e-9 of the diagonal keeps twins that are (nearly) the same variable
+        from an ill-posed solve.
+        """
+        if not self.twins:
+            return {}
+        tiny = torch.finfo(cov["aa"].dtype).tiny
+        ridge = (cov["bb"] + cov["cc"]).mul_(1e-9).clamp_min_(tiny)
+        var_b, var_c, cov_bc = cov.pop("bb").add_(ridge), cov.pop("cc").add_(ridge), cov.pop("bc")
+        det = (var_b * var_c - cov_bc * cov_bc).clamp_min_(tiny)
+        return {"b": (var_c * cov["ab"] - cov_bc * cov["ac"]).div_(det),
+                "c": (var_b * cov["ac"] - cov_bc * cov["ab"]).div_(det)}
 
 
 def _joint_prior_draws(task_sqrt: torch.Tensor, spectra, embedding: ToeplitzKernel, fine_shape, shape,

@@ -20,7 +20,7 @@ from hyperspy_gp.gp.iterative import (
     corrected_eigenvalues,
     preconditioned_cg,
 )
-from hyperspy_gp.gp.iterative_prediction import IterativePosterior, lattice_upsampling
+from hyperspy_gp.gp.iterative_prediction import DRAWS_FOR_TWINS, IterativePosterior, lattice_upsampling
 from hyperspy_gp.gp.kernels import GridKernel
 from hyperspy_gp.gp.model import GridICMModel
 from hyperspy_gp.gp.prediction import GridPosterior, make_posterior
@@ -285,6 +285,20 @@ def test_away_from_the_edges_the_periodic_twin_makes_the_variance_nearly_exact()
     assert float((error / var_ref)[inner].max()) < 1e-3
     z = (variance - var_ref) / error
     assert float(z.pow(2).mean().sqrt()) < 2.0  # and calibrated everywhere, edges included
+
+
+def test_with_few_draws_the_variance_is_the_plain_mean_never_clipped_to_zero():
+    # Regression coefficients fitted on 4 draws extrapolate: 13 of these 576 pixels got
+    # a variance clipped to 0 with both twins (19 with the separable twin alone).
+    model, targets = _random_model("matern", (9, 8), 1, 2, 1)
+    coords = [torch.arange(18, dtype=torch.float64) / 2, torch.arange(16, dtype=torch.float64) / 2]
+    few = IterativePosterior(model, targets, n_samples=4)
+    assert (few.predict(coords)[1] > 0).all()
+    many = IterativePosterior(model, targets, n_samples=DRAWS_FOR_TWINS)
+    assert (many.predict(coords)[1] > 0).all()
+    # The plain mean's standard error, √(2/S) of the variance for Gaussian errors.
+    relative = few.variance_standard_error(coords) / few.predict(coords)[1]
+    assert 0.3 < float(relative.median()) < 1.2
 
 
 def assert_exact_mean_and_calibrated_variance(posterior, upsampling, mean_ref, var_ref):
