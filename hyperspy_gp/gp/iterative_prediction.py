@@ -52,10 +52,10 @@ from hyperspy_gp.gp.iterative import (
 )
 from hyperspy_gp.gp.iterative_missing import observed_block_preconditioner
 from hyperspy_gp.gp.kernels import GridKernel
-from hyperspy_gp.gp.periodic_twin import PeriodicTwin, irfftn_lattice, irfftn_region
+from hyperspy_gp.gp.periodic_twin import PeriodicTwin
 from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior, Posterior
 from hyperspy_gp.gp.schur import columns_fit
-from hyperspy_gp.gp.toeplitz import ToeplitzKernel
+from hyperspy_gp.gp.toeplitz import ToeplitzKernel, irfftn_lattice, irfftn_region
 from hyperspy_gp.memory import VARIANCE_DRAWS
 
 #: Joint prior draws of the variance estimate (``gp_reconstruct(variance_samples=...)``).
@@ -286,7 +286,7 @@ class IterativePosterior(Posterior):
         ``ā − β_b (b̄ − v_sep) − β_c (c̄ − v_per)`` with the per-pixel least-squares
         ``β``: never worse than the plain Monte-Carlo mean ``ā`` (relative error
         ``√(2/S)``), and nearly exact where a twin's error is strongly correlated with
-        the model's.
+        the model's.  With fewer than :data:`DRAWS_FOR_TWINS` draws, ``ā``.
         """
         fine = sampling[0]
         sqrt_spec, clipped = _circulant_sqrt_spectrum(fine)
@@ -355,14 +355,13 @@ class _Moments:
 
     def __init__(self, n_samples: int) -> None:
         self.n_samples = n_samples
-        self.twins = "bc" if n_samples >= DRAWS_FOR_TWINS else ""
+        self.regress = n_samples >= DRAWS_FOR_TWINS
         self.sums: dict[str, torch.Tensor] = {}
 
     def add(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> None:
         """Add draws ``(P, R, T, *fine)`` of the three squared errors."""
         draws = {"a": a, "b": b, "c": c}
-        twins = self.twins
-        names = ["a", "aa", *twins, *("a" + x for x in twins), *(x + y for j, x in enumerate(twins) for y in twins[j:])]
+        names = ("a", "aa") + (("b", "c", "ab", "ac", "bb", "cc", "bc") if self.regress else ())
         for name in names:  # one product at a time
             term = draws[name] if len(name) == 1 else draws[name[0]] * draws[name[1]]
             total = term.sum(1)
@@ -393,7 +392,7 @@ class _Moments:
         A ridge of 1e-9 of the diagonal keeps twins that are (nearly) the same variable
         from an ill-posed solve.
         """
-        if not self.twins:
+        if not self.regress:
             return {}
         tiny = torch.finfo(cov["aa"].dtype).tiny
         ridge = (cov["bb"] + cov["cc"]).mul_(1e-9).clamp_min_(tiny)
@@ -409,8 +408,8 @@ def _joint_prior_draws(task_sqrt: torch.Tensor, spectra, embedding: ToeplitzKern
 
     The maps share the kernel, so the white noise is mixed first (``R Rᵀ = B``), then
     filtered one map at a time; only the points needed are transformed back
-    (:func:`~hyperspy_gp.gp.periodic_twin.irfftn_region`,
-    :func:`~hyperspy_gp.gp.periodic_twin.irfftn_lattice`).
+    (:func:`~hyperspy_gp.gp.toeplitz.irfftn_region`,
+    :func:`~hyperspy_gp.gp.toeplitz.irfftn_lattice`).
 
     Returns
     -------

@@ -143,6 +143,25 @@ def whiten_tasks(task_covariance: torch.Tensor, diagonal: torch.Tensor):
     return root, gamma.clamp_min(0.0), rotation
 
 
+def whitened_variance_reduction(whitening, eigenvalues: torch.Tensor) -> torch.Tensor:
+    """``(B (λ B + D)^{-1} B)_tt = Σ_k U_tk² γ_k² / (λ γ_k + 1)`` for every ``λ`` of ``eigenvalues`` ``(P, *)``.
+
+    ``whitening`` is what :func:`whiten_tasks` returns (``U = √D R``): a sum of positive
+    terms, each to full precision, where the inverse blocks would lose ``cond(λ B + D)``
+    digits (:func:`~hyperspy_gp.gp.prediction._variance_weights`).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(P, *, T)``.
+    """
+    root, gamma, rotation = whitening
+    loadings = (root[:, :, None] * rotation).pow(2)  # U_tk², (P, T, K)
+    lam = eigenvalues.unsqueeze(-1)
+    gamma = gamma.reshape(gamma.shape[0], *([1] * (lam.dim() - 2)), gamma.shape[-1])
+    return torch.einsum("p...k,ptk->p...t", gamma.pow(2) / (lam * gamma + 1.0), loadings)
+
+
 def _log_likelihood(solve: GridICMSolve) -> torch.Tensor:
     spatial_dims = tuple(range(1, solve.rotated_targets.dim()))
     quad = (solve.rotated_targets * solve.rotated_weights).sum(dim=spatial_dims)

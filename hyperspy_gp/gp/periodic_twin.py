@@ -36,34 +36,8 @@ from collections.abc import Sequence
 
 import torch
 
-from hyperspy_gp.gp.likelihood import whiten_tasks
-
-
-def irfftn_region(spectrum: torch.Tensor, fft_shape: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
-    """``irfftn(spectrum)`` on its first ``shape`` points only (a pruned inverse).
-
-    Each leading axis is transformed and cut before the next: where the region is much
-    smaller than the torus (long length scales), that halves the work of a whole inverse.
-    """
-    d = len(fft_shape)
-    for axis in range(d - 1):
-        dim = axis - d
-        spectrum = torch.fft.ifft(spectrum, n=fft_shape[axis], dim=dim).narrow(dim, 0, shape[axis])
-    return torch.fft.irfft(spectrum, n=fft_shape[-1], dim=-1)[..., : shape[-1]]
-
-
-def irfftn_lattice(spectrum: torch.Tensor, fft_shape: Sequence[int], cell: int) -> torch.Tensor:
-    """``irfftn(spectrum)`` at every ``cell``-th point of every axis.
-
-    Sampling folds the spectrum: along each leading (complex) axis of length ``N = cell
-    M`` the ``cell`` aliases are summed and transformed at length ``M``.
-    """
-    d = len(fft_shape)
-    for axis in range(d - 1):
-        dim = axis - d
-        folded = spectrum.unflatten(dim, (cell, fft_shape[axis] // cell)).sum(dim - 1 if dim < 0 else dim)
-        spectrum = torch.fft.ifft(folded, dim=dim) / cell
-    return torch.fft.irfft(spectrum, n=fft_shape[-1], dim=-1)[..., ::cell]
+from hyperspy_gp.gp.likelihood import whiten_tasks, whitened_variance_reduction
+from hyperspy_gp.gp.toeplitz import irfftn_region
 
 
 class PeriodicTwin:
@@ -146,10 +120,9 @@ class PeriodicTwin:
         """The twin's exact posterior variance on the first ``fine_shape`` torus points, ``(P, T, *fine_shape)``."""
         d, u = len(self.dims), self.upsampling
         lam = torch.fft.fftn(self._coset(self.values, (0,) * d), dim=self.dims).real.clamp_min(0.0)
+        whitening = (self.root, self.gamma, self.rotation)
+        reduction = whitened_variance_reduction(whitening, lam).movedim(-1, 1)  # (P, T, *coarse)
         loadings = (self.root[:, :, None] * self.rotation).pow(2)  # U_tk², (P, T, K)
-        gamma = self.gamma.reshape(self.gamma.shape[0], *([1] * d), -1)
-        # Σ_k U_tk² γ_k² / (λ γ_k + 1) per frequency, (P, T, *coarse).
-        reduction = torch.einsum("p...k,ptk->pt...", gamma.pow(2) / (lam.unsqueeze(-1) * gamma + 1.0), loadings)
         prior = self.values[(..., *([0] * d))][:, None] * torch.einsum("ptk,pk->pt", loadings, self.gamma)
         per_coset = torch.empty(*prior.shape, *([u] * d), dtype=prior.dtype, device=prior.device)
         for offset in itertools.product(range(u), repeat=d):

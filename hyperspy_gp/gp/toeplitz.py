@@ -10,6 +10,9 @@ cross-correlation ``R_{uw}`` of ``u`` and ``w``: differentiating them in the len
 scales only needs ``c`` on the ``2n_1 × … × 2n_d`` offsets, which is how
 :mod:`~hyperspy_gp.gp.iterative` gets its gradients.
 
+Where only part of a torus is wanted back (a region at its origin, or its coarse
+lattice), :func:`irfftn_region` and :func:`irfftn_lattice` transform only that part.
+
 Tensors here are *channel-first*: ``(P, *lead, n_1, ..., n_d)``, with ``P`` models and
 any leading channels (probes, maps), so that the FFT runs over contiguous trailing
 axes.
@@ -125,3 +128,30 @@ class ToeplitzKernel:
         if lead_dims:
             product = product.sum(dim=lead_dims)
         return torch.fft.irfftn(product, s=self.fft_shape, dim=self.grid_dims)
+
+
+def irfftn_region(spectrum: torch.Tensor, fft_shape: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """``irfftn(spectrum)`` on its first ``shape`` points only (a pruned inverse).
+
+    Each leading axis is transformed and cut before the next: where the region is much
+    smaller than the torus (long length scales), that halves the work of a whole inverse.
+    """
+    d = len(fft_shape)
+    for axis in range(d - 1):
+        dim = axis - d
+        spectrum = torch.fft.ifft(spectrum, n=fft_shape[axis], dim=dim).narrow(dim, 0, shape[axis])
+    return torch.fft.irfft(spectrum, n=fft_shape[-1], dim=-1)[..., : shape[-1]]
+
+
+def irfftn_lattice(spectrum: torch.Tensor, fft_shape: Sequence[int], cell: int) -> torch.Tensor:
+    """``irfftn(spectrum)`` at every ``cell``-th point of every axis.
+
+    Sampling folds the spectrum: along each leading (complex) axis of length ``N = cell
+    M`` the ``cell`` aliases are summed and transformed at length ``M``.
+    """
+    d = len(fft_shape)
+    for axis in range(d - 1):
+        dim = axis - d
+        folded = spectrum.unflatten(dim, (cell, fft_shape[axis] // cell)).sum(dim - 1 if dim < 0 else dim)
+        spectrum = torch.fft.ifft(folded, dim=dim) / cell
+    return torch.fft.irfft(spectrum, n=fft_shape[-1], dim=-1)[..., ::cell]

@@ -24,7 +24,7 @@ from hyperspy_gp.gp.iterative_prediction import DRAWS_FOR_TWINS, IterativePoster
 from hyperspy_gp.gp.kernels import GridKernel
 from hyperspy_gp.gp.model import GridICMModel
 from hyperspy_gp.gp.prediction import GridPosterior, make_posterior
-from hyperspy_gp.gp.toeplitz import ToeplitzKernel
+from hyperspy_gp.gp.toeplitz import ToeplitzKernel, irfftn_lattice, irfftn_region
 from hyperspy_gp.gp.training import fit_model
 from tests.gp.dense_reference import dense_icm, grid_points, kernel_matrix
 
@@ -95,6 +95,18 @@ def test_toeplitz_product_and_bilinear_form_equal_the_kernel_matrix(kind, shape,
     bilinear = float((toeplitz.values * correlation).sum())
     assert bilinear == pytest.approx(float(torch.einsum("ti,ij,tj->", x.reshape(3, -1), dense,
                                                          w.reshape(3, -1))), rel=1e-10)
+
+
+@pytest.mark.parametrize("fft_shape, cell, shape",
+                         [((12, 10), 2, (5, 3)), ((9, 12, 6), 3, (4, 7, 2)), ((15,), 5, (6,))])
+def test_pruned_inverse_transforms_equal_the_whole_inverse_cut_or_sampled(fft_shape, cell, shape):
+    x = torch.randn(2, 3, *fft_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    dims = tuple(range(-len(fft_shape), 0))
+    spectrum = torch.fft.rfftn(x, dim=dims)
+    torch.testing.assert_close(irfftn_region(spectrum, fft_shape, shape),
+                               x[(..., *(slice(0, n) for n in shape))], rtol=0, atol=1e-12)
+    torch.testing.assert_close(irfftn_lattice(spectrum, fft_shape, cell),
+                               x[(..., *(slice(None, None, cell) for _ in fft_shape))], rtol=0, atol=1e-12)
 
 
 def test_corrected_eigenvalues_are_the_diagonal_of_k_in_the_separable_basis():

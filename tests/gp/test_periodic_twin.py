@@ -68,20 +68,6 @@ def test_the_twins_error_is_the_draw_minus_its_dense_posterior_mean():
     torch.testing.assert_close(region, expected[..., :5, :4], rtol=RTOL, atol=1e-12)
 
 
-@pytest.mark.parametrize("fft_shape, cell, shape",
-                         [((12, 10), 2, (5, 3)), ((9, 12, 6), 3, (4, 7, 2)), ((15,), 5, (6,))])
-def test_pruned_inverse_transforms_equal_the_whole_inverse_cut_or_sampled(fft_shape, cell, shape):
-    from hyperspy_gp.gp.periodic_twin import irfftn_lattice, irfftn_region
-
-    x = torch.randn(2, 3, *fft_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    dims = tuple(range(-len(fft_shape), 0))
-    spectrum = torch.fft.rfftn(x, dim=dims)
-    torch.testing.assert_close(irfftn_region(spectrum, fft_shape, shape),
-                               x[(..., *(slice(0, n) for n in shape))], rtol=0, atol=1e-12)
-    torch.testing.assert_close(irfftn_lattice(spectrum, fft_shape, cell),
-                               x[(..., *(slice(None, None, cell) for _ in fft_shape))], rtol=0, atol=1e-12)
-
-
 def test_the_twins_variance_keeps_its_digits_with_little_noise_and_a_nearly_rank_one_b():
     # B/σ² about 10⁹ with cond(B) about 2·10⁴: the posterior variance on the lattice is
     # 10⁻⁹ of the prior, so an error of 1e-5 relative there is 1e-14 of the prior.  The
