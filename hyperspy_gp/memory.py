@@ -394,13 +394,14 @@ def _iterative_bytes(grid_shape, upsampling, n_models, n_tasks, itemsize, n_miss
     preconditioner = 3 * n_models * n_pixels * n_tasks**2 * itemsize
     fitting = vectors + preconditioner + 3 * 2 * FFT_GROUP_BYTES  # FFT groups, spectra and products
     fine = n_pixels * upsampling ** len(grid_shape)
-    # The upsampled mean, variance and its error, both twins' variances, the nine running
-    # sums of the estimate, a batch of draws (at most 4 CHUNK_BYTES, or one draw: ~10
-    # upsampled arrays and a torus of 4 or more) and the allocator's slack: measured
-    # 441, 529, 879 and 762 MB over the baseline on 128² × 6, 256² × 3, 256² × 6 maps
-    # at 2× and 128² × 6 at 4× (length scale 3 px, 64 draws), where this gives 406,
-    # 556, 856 and 856 MB.
-    prediction = 46 * n_models * n_tasks * fine * _FLOAT64 + 4 * CHUNK_BYTES
+    # The upsampled mean, variance and its error, the twins' exact variances, the three
+    # running sums of the estimate, a batch of draws (at most 4 CHUNK_BYTES, or one draw:
+    # a torus of the maps and a few upsampled arrays), the posterior's CG vectors and the
+    # allocator's slack: measured 576, 720, 670, 485, 1445 and 1490 MB over the baseline
+    # on 128² × 6, 256² × 3, 256² × 6 maps at 2×, 128² × 6 at 4×, 384² × 6 and 512² × 3
+    # at 2× (length scale 3 px, 64 draws), where this gives 508, 636, 888, 888, 1516 and
+    # 1392 MB.
+    prediction = 40 * n_models * n_tasks * fine * _FLOAT64 + 6 * CHUNK_BYTES
     return fitting + missing_fitting, prediction + missing_prediction
 
 

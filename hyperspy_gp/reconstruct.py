@@ -246,7 +246,8 @@ def gp_reconstruct(
         cent of the variance within a few length scales of the edges and missing pixels,
         nearly nothing further inside), and the prediction's time grows in proportion.
         Exact variances ignore it.  With fewer than 8 draws the iterative path's
-        variance is the plain mean of the draws (no control variates).
+        variance leaves out its control variate (and so many draws give an unreliable
+        standard error).
 
     Returns
     -------

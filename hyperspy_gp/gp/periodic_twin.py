@@ -9,11 +9,10 @@ solved exactly by FFT, with one ``T × T`` block ``λ(ω) B + D`` per spatial fr
 and its posterior variance is the same at every point of a coset of the lattice
 (an offset of ``c/u`` pixels): ``u^d × T`` numbers.
 
-Drawn from the same white noise and noise, the twin's posterior error nearly equals
-the model's away from the scan's edges and missing pixels, where the padding's data
-make little difference.  As a second control variate next to the separable twin it
-removes most of the Monte-Carlo error there; near the edges the separable twin does
-better, and the estimate regresses on both.
+Its data are a superset of the model's, so, drawn from the same white noise and noise,
+the model's posterior error is the twin's plus a gap independent of it: the model's
+variance is the twin's, known exactly, plus the mean square of that gap, which vanishes
+more than a few length scales inside the scan and is all that is left to estimate.
 
 With ``g(m) = k(u m)`` and ``h_c(m) = k(u m + c)`` the embedding's kernel (its
 spectrum clipped at 0, as the draws have it) on the coarse lattice and at its coset
@@ -75,37 +74,57 @@ class PeriodicTwin:
     def _coset(self, x: torch.Tensor, offset: Sequence[int]) -> torch.Tensor:
         return x[(..., *(slice(o, None, self.upsampling) for o in offset))]
 
-    def errors(self, lattice: torch.Tensor, region: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The twin's posterior error ``f − E[f | f_lattice + e]`` on a region at the torus' origin.
+    def posterior_mean(self, lattice: torch.Tensor, noise: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """The twin's posterior mean ``E[f | f_lattice + e]`` of a draw, on a region at the torus' origin.
 
         Parameters
         ----------
         lattice
             A draw ``f`` of the prior at the coarse lattice of the torus, ``(P, R, T,
             *coarse_shape)``.
-        region
-            The same draw on the region, ``(P, R, T, *shape)``.
         noise
             The noise ``e`` on the coarse lattice, ``(P, R, T, *coarse_shape)``.
+        shape
+            The region, in upsampled pixels.
 
         Returns
         -------
         torch.Tensor
-            ``(P, R, T, *shape)``; one map's spectrum at a time is transformed.
+            ``(P, R, T, *shape)``.
         """
-        shape = region.shape[3:]
-        weights = torch.fft.irfftn(self._weights(torch.fft.rfftn(lattice + noise, dim=self.dims)),
-                                   s=self.coarse_shape, dim=self.dims)
-        # The weights placed on the lattice of the torus have the coarse spectrum, tiled.
+        return self.fitted(self.weights(lattice, noise), shape)
+
+    def weights(self, lattice: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The posterior mean's weights ``w`` at every lattice point: ``E[f(x) | ·] = Σ_m k(x − u m) w(m)``."""
+        spectrum = self._weights(torch.fft.rfftn(lattice + noise, dim=self.dims))
+        return torch.fft.irfftn(spectrum, s=self.coarse_shape, dim=self.dims)
+
+    def fitted(self, weights: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """``Σ_m k(x − u m) w(m)`` on a region at the torus' origin, ``(P, R, T, *shape)``, one map at a time.
+
+        Weights ``(P, R, T, *coarse_shape)`` on the lattice of the torus have the coarse
+        spectrum, tiled ``u`` times per axis.
+        """
         coarse = torch.fft.fftn(weights, dim=self.dims)
-        tiles = torch.meshgrid(*(torch.arange(n, device=region.device) % m
-                                 for n, m in zip(self.power.shape[1:], self.coarse_shape)), indexing="ij")
-        power = self.power.unsqueeze(1)
-        out = torch.empty_like(region)
-        for task in range(region.shape[2]):
-            fitted = irfftn_region(coarse[:, :, task][(..., *tiles)] * power, self.fft_shape, shape)
-            out[:, :, task] = region[:, :, task] - fitted
+        out = weights.new_empty(*weights.shape[:3], *shape)
+        for task in range(weights.shape[2]):
+            out[:, :, task] = irfftn_region(self._tiled_product(coarse[:, :, task]), self.fft_shape, shape)
         return out
+
+    def _tiled_product(self, coarse: torch.Tensor) -> torch.Tensor:
+        """A coarse spectrum ``(P, R, *coarse_shape)`` repeated onto the real-FFT frequencies of the torus, times the power.
+
+        Along the last axis the spectrum is repeated; along the leading ones the power is
+        viewed as ``u`` blocks and the spectrum broadcast over them (no tiled copy).
+        """
+        u, d, last = self.upsampling, len(self.dims), self.power.shape[-1]
+        copies = -(-last // self.coarse_shape[-1])
+        gathered = coarse.repeat(*([1] * (coarse.dim() - 1)), copies)[..., :last]  # (P, R, *coarse[:-1], last)
+        blocks = [size for m in self.coarse_shape[:-1] for size in (u, m)]
+        power = self.power.reshape(self.power.shape[0], 1, *blocks, last)
+        spread = [size for m in self.coarse_shape[:-1] for size in (1, m)]
+        product = power * gathered.reshape(*gathered.shape[:2], *spread, last)
+        return product.reshape(*product.shape[:2], *self.power.shape[1:]) if d > 1 else product
 
     def _weights(self, spectrum: torch.Tensor) -> torch.Tensor:
         """``B (λ B + D)^{-1} ŷ = √D R Γ (λ Γ + I)^{-1} Rᵀ ŷ / √D`` at every frequency."""

@@ -51,7 +51,7 @@ def test_the_twins_variance_is_that_of_the_dense_torus_model(fft_shape, upsampli
     assert (variance[(..., *([1] * len(fft_shape)))] > variance[(..., *([0] * len(fft_shape)))]).all()
 
 
-def test_the_twins_error_is_the_draw_minus_its_dense_posterior_mean():
+def test_the_twins_posterior_mean_is_the_dense_one():
     fft_shape, upsampling, n_tasks = (8, 6), 2, 2
     twin, b, noise = _twin(fft_shape, upsampling, n_tasks, [1.5, 3.0])
     _, gain, lattice = _dense(twin, b, noise)
@@ -59,12 +59,12 @@ def test_the_twins_error_is_the_draw_minus_its_dense_posterior_mean():
     prior = torch.randn(1, 3, n_tasks, *fft_shape, generator=gen, dtype=torch.float64)
     draw_noise = torch.randn(1, 3, n_tasks, *twin.coarse_shape, generator=gen, dtype=torch.float64)
     on_lattice = prior[..., ::upsampling, ::upsampling]
-    errors = twin.errors(on_lattice, prior, draw_noise)
+    mean = twin.posterior_mean(on_lattice, draw_noise, fft_shape)
     flat = prior.reshape(3, n_tasks, -1)
     observed = (flat[..., lattice] + draw_noise.reshape(3, n_tasks, -1)).reshape(3, -1)
-    expected = prior - (observed @ gain.T).reshape(1, 3, n_tasks, *fft_shape)
-    torch.testing.assert_close(errors, expected, rtol=RTOL, atol=1e-12)
-    region = twin.errors(on_lattice, prior[..., :5, :4], draw_noise)
+    expected = (observed @ gain.T).reshape(1, 3, n_tasks, *fft_shape)
+    torch.testing.assert_close(mean, expected, rtol=RTOL, atol=1e-12)
+    region = twin.posterior_mean(on_lattice, draw_noise, (5, 4))
     torch.testing.assert_close(region, expected[..., :5, :4], rtol=RTOL, atol=1e-12)
 
 
