@@ -112,7 +112,7 @@ class PeriodicTwin:
         return out
 
     def _tiled_product(self, coarse: torch.Tensor) -> torch.Tensor:
-        """A coarse spectrum ``(P, R, *coarse_shape)`` repeated onto the real-FFT frequencies of the torus, times the power.
+        """A coarse spectrum ``(P, R, *coarse_shape)`` tiled onto the torus' real-FFT frequencies, times the power.
 
         Along the last axis the spectrum is repeated; along the leading ones the power is
         viewed as ``u`` blocks and the spectrum broadcast over them (no tiled copy).
