@@ -328,7 +328,8 @@ class IterativePosterior(Posterior):
                 gaps.append(twin.fitted(weights, fine_shape))
             moments.add(*gaps)
         gap, error = moments.estimate(separable_gap)
-        rounding = _rounding_error(periodic, self.task_covariance).reshape(p, t, *([1] * len(fine_shape)))
+        prior = periodic.prior_variance()
+        rounding = (ROUNDING_FLOOR * torch.finfo(prior.dtype).eps * prior).reshape(p, t, *([1] * len(fine_shape)))
         return gap.add_(periodic_variance), error.pow_(2).add_(rounding.pow(2)).sqrt_()
 
 
@@ -340,11 +341,6 @@ class IterativePosterior(Posterior):
 ROUNDING_FLOOR = 100.0
 
 
-def _rounding_error(periodic: PeriodicTwin, task_covariance: torch.Tensor) -> torch.Tensor:
-    """:data:`ROUNDING_FLOOR` ε of every map's prior variance ``k(0) B_tt``, ``(P, T)``."""
-    origin = periodic.values[(..., *([0] * len(periodic.fft_shape)))]
-    prior = origin[:, None] * task_covariance.diagonal(dim1=-2, dim2=-1)
-    return ROUNDING_FLOOR * torch.finfo(prior.dtype).eps * prior
 
 
 def _standard_normal(generator: np.random.Generator, shape, like: torch.Tensor) -> torch.Tensor:

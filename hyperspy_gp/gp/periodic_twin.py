@@ -135,14 +135,18 @@ class PeriodicTwin:
         whitened = whitened * (gamma / (self.eigenvalues.unsqueeze(1).unsqueeze(1) * gamma + 1.0))
         return torch.einsum("ptk,prk...->prt...", rotation, whitened) * self.root.reshape(view)
 
+    def prior_variance(self) -> torch.Tensor:
+        """Every map's prior variance ``k(0) B_tt = k(0) Σ_k U_tk² γ_k``, ``(P, T)``."""
+        loadings = (self.root[:, :, None] * self.rotation).pow(2)  # U_tk², (P, T, K)
+        return self.values[(..., *([0] * len(self.dims)))][:, None] * torch.einsum("ptk,pk->pt", loadings, self.gamma)
+
     def variance(self, fine_shape: Sequence[int]) -> torch.Tensor:
         """The twin's exact posterior variance on the first ``fine_shape`` torus points, ``(P, T, *fine_shape)``."""
         d, u = len(self.dims), self.upsampling
         lam = torch.fft.fftn(self._coset(self.values, (0,) * d), dim=self.dims).real.clamp_min(0.0)
         whitening = (self.root, self.gamma, self.rotation)
         reduction = whitened_variance_reduction(whitening, lam).movedim(-1, 1)  # (P, T, *coarse)
-        loadings = (self.root[:, :, None] * self.rotation).pow(2)  # U_tk², (P, T, K)
-        prior = self.values[(..., *([0] * d))][:, None] * torch.einsum("ptk,pk->pt", loadings, self.gamma)
+        prior = self.prior_variance()
         per_coset = torch.empty(*prior.shape, *([u] * d), dtype=prior.dtype, device=prior.device)
         for offset in itertools.product(range(u), repeat=d):
             kappa = torch.fft.fftn(self._coset(self.values, offset), dim=self.dims).abs().pow(2)
