@@ -90,6 +90,13 @@ MAX_STREAMED_MISSING_SQUARED = 2**27
 #: a few minutes on 2 CPU cores (measured: 1.1e12 for a 128² × 6 quarter disc, 4705
 #: missing pixels, 2× upsampled, 93 s).
 MAX_STREAMED_INCREASE_COST = 4e12
+#: Largest ``m_W²`` of any window of the windowed increase
+#: (:mod:`~hyperspy_gp.gp.schur_windows`): 128 MB per copy of a window's complement, so
+#: that the windows stay within the memory estimated for the Monte-Carlo posterior.
+MAX_WINDOW_MISSING_SQUARED = 2**24
+#: Largest window (pixels) of the windowed increase: a block of its fields and of its
+#: core's test points stays within 3 · ``STREAM_BLOCK`` · 2¹⁴ · (1 + upsampling^d) values.
+MAX_WINDOW_PIXELS = 2**14
 #: The same limits on a GPU (``device="cuda"``): ``|M|²`` up to ``2**30`` (8 GB per copy;
 #: the GPU memory check, :func:`check_device_memory`, bounds it further), and a cost
 #: limit as many times the CPU's as the iterative path's missing-pixel limit
@@ -238,8 +245,9 @@ def estimate_memory(
     exact_posterior
         With ``schur_cg``: whether the prediction takes the exact factorised posterior
         where its columns fit (:func:`schur_columns_fit`), or streams the exact variance
-        where that is affordable (:func:`streamed_increase_fits`), rather than the
-        Monte-Carlo one.
+        where that is affordable (:func:`streamed_increase_fits`), or computes it window
+        by window (:mod:`~hyperspy_gp.gp.schur_windows`, chosen after the fit: the
+        windows grow with the length scales), rather than the Monte-Carlo one.
     device
         The torch device of the GP: the streamed variance's limits depend on it.
 
@@ -294,7 +302,15 @@ def estimate_memory(
             prediction += n_models * per_model * _FLOAT64
         else:
             draws = n_models * variance_samples * n_tasks * n_pixels
-            prediction += 3 * draws * _FLOAT64 + (os.cpu_count() or 1) * CHUNK_BYTES
+            drawn = 3 * draws * _FLOAT64 + (os.cpu_count() or 1) * CHUNK_BYTES
+            # Or the exact increase window by window (:mod:`~hyperspy_gp.gp.schur_windows`,
+            # chosen after the fit): as streamed, with one window's complement at a time.
+            windowed = 0
+            if exact_posterior and kernel == "separable":
+                largest = min(n_missing**2, MAX_WINDOW_MISSING_SQUARED)
+                fields = 3 * STREAM_BLOCK * min(n_pixels, MAX_WINDOW_PIXELS) * (1 + upsampling ** len(grid_shape))
+                windowed = n_models * (2 * largest + fields + n_tasks * n_out)
+            prediction += max(drawn, windowed * _FLOAT64)
     elif n_observed is None and n_missing:
         # Schur columns G_k = Σ_k⁻¹E_M (H_k = G_k L_k⁻ᵀ in place), K H_k, their mode products'
         # temporaries and autograd's copies: |M|·n·T each.

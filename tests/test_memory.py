@@ -180,6 +180,16 @@ def test_the_streamed_exact_variance_is_counted_where_affordable_else_the_draws(
     assert estimate_memory((256, 256), 12, 100, **large).prediction == drawn
     on_gpu = estimate_memory((256, 256), 12, 100, device="cuda", **large).prediction
     assert on_gpu > drawn + 2 * 18689**2 * 8  # C_k and its factor: 5.6 GB
+    # The windows (chosen after the fit) are counted where they could take more than the
+    # draws: one window's complement and its factor, a block of its fields and of its
+    # core's test points, and the increase on the test grid.
+    few = dict(large, variance_samples=1)
+    counted = estimate_memory((256, 256), 12, 100, **few).prediction
+    draws = 3 * 12 * 65536 * 8 + (os.cpu_count() or 1) * memory.CHUNK_BYTES
+    windows = (2 * memory.MAX_WINDOW_MISSING_SQUARED + 3 * memory.STREAM_BLOCK * memory.MAX_WINDOW_PIXELS * 5
+               + 12 * 512 * 512) * 8
+    assert counted - estimate_memory((256, 256), 12, 100, exact_posterior=False, **few).prediction == \
+        max(windows, draws) - draws > 0  # (on a machine with fewer than 12 cores)
 
 
 def test_coarse_space_of_the_schur_complement_by_cg_is_counted():

@@ -403,6 +403,33 @@ def test_after_a_fit_by_cg_the_variance_is_streamed_exactly_where_affordable(unc
     assert (variance[missing].mean(0) > variance[~missing].mean(0)).all()
 
 
+def test_beyond_the_streamed_limits_the_exact_variance_is_computed_window_by_window(unchanged, monkeypatch, caplog):
+    # Half of a 72 × 64 scan at random, maps with short length scales: no factorised
+    # columns, no streamed increase (as if the scan were large); the windows serve.
+    from hyperspy_gp import memory
+
+    monkeypatch.setattr(memory, "MAX_SCHUR_ENTRIES", 0)
+    monkeypatch.setattr(memory, "MAX_STREAMED_MISSING_SQUARED", 0)
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(8)
+    truth = np.stack([gaussian_filter(rng.standard_normal((72, 64)), 1.2) for _ in range(2)], -1)
+    truth /= truth.std()
+    maps = truth + 0.05 * rng.standard_normal(truth.shape)
+    missing = rng.random((72, 64)) < 0.5
+    maps[missing] = np.nan
+    s = _with_missing_pixels(maps, np.abs(rng.standard_normal((16, 2))) + 0.1)
+    with unchanged(s), caplog.at_level("INFO", logger="hyperspy_gp.gp.schur_iterative_prediction"):
+        rec = gp_reconstruct(s, components=2, upsampling=2, solver="kronecker")
+    assert rec.signal.metadata.GP_reconstruction.settings.masked_solver == "schur-cg"
+    assert rec.hyperparameters["lengthscale_px"].max() < 2.5  # margins of 15 px at most: local windows
+    assert "windows of 6 length scales" in caplog.text
+    assert "variance_standard_error" not in rec.hyperparameters  # exact, not a Monte-Carlo estimate
+    variance = np.moveaxis(rec.variance.data, 0, -1)[::2, ::2]
+    assert np.isfinite(variance).all()
+    assert (variance[missing].mean(0) > variance[~missing].mean(0)).all()
+
+
 def test_a_large_masked_region_is_fitted_with_the_coarse_space(unchanged):
     # A masked corner (a navigation mask over vacuum), 1134 of 4096 pixels: too many to
     # factorise the Schur complement; CG with the coarse-space correction solves it.

@@ -235,12 +235,13 @@ def _whitened_complement(q, gains: torch.Tensor, index: torch.Tensor, block: int
     return _symmetrised(c, block)
 
 
-def _squared_test_products(chol: torch.Tensor, q, gains: torch.Tensor, index: torch.Tensor,
-                           rotated_cross: Sequence[torch.Tensor], block: int) -> torch.Tensor:
-    """``Σ_j (k*ᵀ h_kj)²`` ``(P, *test)`` over the columns ``h_kj = Q diag(g_k) Qᵀ E_M L_k^{-T} e_j``.
+def squared_test_products(chol: torch.Tensor, index: torch.Tensor, field_shape: Sequence[int], project,
+                          block: int) -> torch.Tensor:
+    """``Σ_j (project(E L^{-T} e_j))²`` ``(P, *test)``: the columns of ``L^{-T}`` placed at the pixels ``index``.
 
-    Columns ``J`` of ``L_k^{-T}`` (upper triangular) are zero below row ``max J``, so
-    only the leading block of ``L_k`` is solved (``Σ_J (max J)² |J| ≈ |M|³ / 3`` in all).
+    ``project`` maps fields ``(P, *field_shape, b)`` to the test grid, ``(P, *test, b)``.
+    Columns ``J`` of ``L^{-T}`` (upper triangular) are zero below row ``max J``, so only
+    the leading block of ``L`` is solved (``Σ_J (max J)² |J| ≈ |M|³ / 3`` in all).
     """
     m, squares = index.shape[0], None
     for start in range(0, m, block):
@@ -248,10 +249,9 @@ def _squared_test_products(chol: torch.Tensor, q, gains: torch.Tensor, index: to
         unit = chol.new_zeros(chol.shape[0], stop, stop - start)
         unit[:, torch.arange(start, stop), torch.arange(stop - start)] = 1.0  # columns J of the identity
         y = torch.linalg.solve_triangular(chol[:, :stop, :stop].transpose(-1, -2), unit, upper=True)
-        fields = y.new_zeros(*gains.shape, y.shape[-1])
+        fields = y.new_zeros(chol.shape[0], *field_shape, y.shape[-1])
         fields[(slice(None), *index[:stop].T)] = y
-        weights = kron_dot(fields, [a.transpose(-1, -2) for a in q]) * gains[..., None]
-        part = kron_dot(weights, rotated_cross).pow(2).sum(-1)
+        part = project(fields).pow(2).sum(-1)
         squares = part if squares is None else squares + part
     return squares
 
@@ -292,7 +292,10 @@ def streamed_increase(solve: GridICMSolve, task_covariance: torch.Tensor, noise:
         for k in range(gamma.shape[-1]):
             gains = 1.0 / (lam * gamma[:, k].reshape(-1, *([1] * (lam.dim() - 1))) + 1.0)  # (P, *fg)
             chol, _ = safe_cholesky(_whitened_complement(q, gains, index, block))  # C_k freed once factorised
-            squares = _squared_test_products(chol, q, gains, index, rotated_cross, block)
+            def project(fields, gains=gains):  # k*ᵀ Q diag(g_k) Qᵀ: the columns h_kj on the test grid
+                return kron_dot(kron_dot(fields, [a.transpose(-1, -2) for a in q]) * gains[..., None], rotated_cross)
+
+            squares = squared_test_products(chol, index, gains.shape[1:], project, block)
             del chol
             gain = task_gains[:, :, k].reshape(-1, *([1] * (squares.dim() - 1)), task_gains.shape[1])
             term = squares[..., None] * gain

@@ -35,20 +35,38 @@ DEFAULT_VARIANCE_SAMPLES = VARIANCE_DRAWS
 _logger = logging.getLogger(__name__)
 
 
-def _streams(model, test_coords: Sequence[torch.Tensor]) -> bool:
-    """Whether the exact variance increase on ``test_coords`` is affordable.
+def _exact_increase_plan(model, test_coords: Sequence[torch.Tensor]) -> str | list:
+    """How the variance increase on ``test_coords`` is computed: ``"streamed"``, windows or ``"drawn"``.
 
-    See :func:`~hyperspy_gp.memory.streamed_increase_fits`.
+    The exact increase of the whole grid is streamed where that is affordable
+    (:func:`~hyperspy_gp.memory.streamed_increase_fits`); the windows of
+    :mod:`~hyperspy_gp.gp.schur_windows` serve where they are affordable and cheaper
+    (:func:`~hyperspy_gp.gp.schur_windows.windows_fit`); otherwise the increase is drawn.
     """
+    from hyperspy_gp.gp import schur_windows
     from hyperspy_gp.memory import streamed_increase_cost, streamed_increase_fits
 
     n_missing, n_test = int((~model.observed).sum()), math.prod(len(c) for c in test_coords)
     shape, tasks, models = model.kernel.factor_shape, model.n_tasks, model.n_models
-    streams = streamed_increase_fits(shape, n_missing, tasks, models, n_test, device=str(model.noise.device))
+    device = str(model.noise.device)
+    streams = streamed_increase_fits(shape, n_missing, tasks, models, n_test, device=device)
+    cost = streamed_increase_cost(shape, n_missing, tasks, models, n_test)
+    plan, windows = ("streamed" if streams else "drawn"), None
+    if model.kernel.kind == "separable":
+        windows = schur_windows.cut_windows(model.kernel.points, model.missing_index, test_coords,
+                                        schur_windows.margins(model.lengthscale))
+        windowed_cost = schur_windows.windowed_cost(windows, tasks, models)
+        if schur_windows.windows_fit(windows, tasks, models, device) and (not streams or windowed_cost < cost):
+            plan, cost = windows, windowed_cost
+    if plan == "streamed":
+        described = "exact, streamed"
+    elif plan == "drawn":
+        described = "Monte-Carlo, the exact one beyond its limits"
+    else:
+        described = f"exact, in {len(plan)} windows of {schur_windows.WINDOW_LENGTHSCALES:g} length scales"
     _logger.info("Variance after the fit by CG: %s (%d missing pixels, %.2g multiply-adds for the exact one)",
-                 "exact, streamed" if streams else "Monte-Carlo, the exact one beyond its limits", n_missing,
-                 streamed_increase_cost(shape, n_missing, tasks, models, n_test))
-    return streams
+                 described, n_missing, cost)
+    return plan
 
 
 class SchurCGPosterior(GridPosterior):
@@ -85,8 +103,9 @@ class SchurCGPosterior(GridPosterior):
                                  model.missing_index, coarse=model.coarse_lattice)
             op = schur.operator
             completed = schur.completed.reshape(targets.shape)
-        if test_coords is not None and _streams(model, test_coords):
-            self._stream_increase(model, op, test_coords)
+        plan = "drawn" if test_coords is None else _exact_increase_plan(model, test_coords)
+        if plan != "drawn":
+            self._exact_increase(model, op, test_coords, plan)
             super().__init__(model, completed, solve=op.solve.with_targets(schur.completed))
             self.jitter = torch.maximum(self.jitter, schur.jitter)
             return
@@ -110,14 +129,24 @@ class SchurCGPosterior(GridPosterior):
         super().__init__(model, completed, solve=op.solve.with_targets(schur.completed))
         self.jitter = torch.maximum(self.jitter, schur.jitter)
 
-    def _stream_increase(self, model, op: MaskedOperator, test_coords: Sequence[torch.Tensor]) -> None:
-        """The exact variance increase on ``test_coords`` (:func:`~hyperspy_gp.gp.schur.streamed_increase`)."""
+    def _exact_increase(self, model, op: MaskedOperator, test_coords: Sequence[torch.Tensor], plan) -> None:
+        """The exact variance increase on ``test_coords``: streamed over the whole grid, or window by window.
+
+        See :func:`~hyperspy_gp.gp.schur.streamed_increase` and
+        :func:`~hyperspy_gp.gp.schur_windows.windowed_increase`.
+        """
         from hyperspy_gp.gp.schur import streamed_increase
+        from hyperspy_gp.gp.schur_windows import windowed_increase
 
         with torch.no_grad():
-            cross = model.kernel.cross_factors(model.lengthscale, test_coords)
-            rotated = [k @ q for k, q in zip(cross, op.eigenvectors)]
-            increase = streamed_increase(op.solve, model.task_covariance, model.noise, model.missing_index, rotated)
+            if plan == "streamed":
+                cross = model.kernel.cross_factors(model.lengthscale, test_coords)
+                rotated = [k @ q for k, q in zip(cross, op.eigenvectors)]
+                increase = streamed_increase(op.solve, model.task_covariance, model.noise, model.missing_index,
+                                             rotated)
+            else:
+                increase = windowed_increase(model.kernel, model.lengthscale.detach(), model.task_covariance.detach(),
+                                             model.noise.detach(), plan, test_coords)
         shape = (increase.shape[0], *(len(c) for c in test_coords), increase.shape[-1])
         self.exact_grid = ([c.detach().cpu() for c in test_coords], increase.reshape(shape))
         self.variance_is_exact, self.n_samples, self.draw_weights = True, 0, None

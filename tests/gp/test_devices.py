@@ -126,11 +126,15 @@ def test_fit_and_chunked_prediction_on_the_device_denoise_a_map(device):
 
 
 @pytest.mark.parametrize("device", AVAILABLE_DEVICES)
-def test_the_streamed_exact_variance_on_the_device_equals_the_dense_reference(device, monkeypatch):
+@pytest.mark.parametrize("increase", ["streamed", "windows"])
+def test_the_streamed_exact_variance_on_the_device_equals_the_dense_reference(device, increase, monkeypatch):
     from hyperspy_gp import memory
 
     monkeypatch.setattr(memory, "MAX_SCHUR_ENTRIES", 0)  # no factorised columns: the streamed increase
     monkeypatch.setattr(memory, "STREAM_BLOCK", 16)  # several blocks of missing pixels
+    if increase == "windows":  # (windows of 16 px cores, most of this small grid)
+        monkeypatch.setattr(memory, "MAX_STREAMED_MISSING_SQUARED", 0)
+        monkeypatch.setattr(memory, "MAX_STREAMED_MISSING_SQUARED_GPU", 0)
     model, targets, observed = _model("missing, schur-cg + coarse", device)
     coords = [model.kernel.axis_coordinates(n, 2) for n in model.kernel.grid_shape]
     posterior = make_posterior(model, targets, test_coords=coords)
