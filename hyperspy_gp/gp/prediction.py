@@ -239,8 +239,8 @@ def make_posterior(model: GridICMModel, targets: torch.Tensor, domain=None, exac
     its columns fit (:func:`~hyperspy_gp.memory.schur_columns_fit`) unless
     ``exact_variance`` is false (a memory budget), else
     :class:`~hyperspy_gp.gp.schur_iterative_prediction.SchurCGPosterior`: exact on ``test_coords``
-    (the test grid, given) where streaming its variance is affordable, otherwise with
-    a Monte-Carlo variance increase.
+    (the test grid, given) where streaming its variance, or computing it window by
+    window, is affordable, otherwise with a Monte-Carlo variance increase.
 
     ``domain`` is ``(origin, shape)``: the pixel grid predictions will cover, ``shape``
     pixels per axis starting ``origin`` pixels before the training grid (by default

@@ -7,6 +7,8 @@ variance is the full-grid variance plus the increase ``g(x*)ᵀ C^{-1} g(x*)`` w
 - exact, streamed over the whitened maps and blocks of columns of the factorised
   complement (:func:`~hyperspy_gp.gp.schur.streamed_increase`), where that is
   affordable on the test grid (:func:`~hyperspy_gp.memory.streamed_increase_fits`);
+- exact (to 1e-6 relative), window by window (:mod:`~hyperspy_gp.gp.schur_windows`),
+  where that is affordable and cheaper;
 - otherwise estimated from ``S`` draws ``v_s ~ N(0, C^{-1})`` (``v = C^{-1} w`` with
   ``w = (Σ^{-1/2} ε)_M``, exact draws of ``N(0, C)``), as the mean of ``(g(x*)ᵀ v_s)^2``,
   a structured prediction per draw, with its standard error per pixel.
@@ -51,10 +53,10 @@ def _exact_increase_plan(model, test_coords: Sequence[torch.Tensor]) -> str | li
     device = str(model.noise.device)
     streams = streamed_increase_fits(shape, n_missing, tasks, models, n_test, device=device)
     cost = streamed_increase_cost(shape, n_missing, tasks, models, n_test)
-    plan, windows = ("streamed" if streams else "drawn"), None
-    if model.kernel.kind == "separable":
+    plan = "streamed" if streams else "drawn"
+    if model.kernel.kind == "separable":  # (windows need the per-axis factors)
         windows = schur_windows.cut_windows(model.kernel.points, model.missing_index, test_coords,
-                                        schur_windows.margins(model.lengthscale))
+                                            schur_windows.margins(model.lengthscale))
         windowed_cost = schur_windows.windowed_cost(windows, tasks, models)
         if schur_windows.windows_fit(windows, tasks, models, device) and (not streams or windowed_cost < cost):
             plan, cost = windows, windowed_cost
@@ -75,8 +77,9 @@ class SchurCGPosterior(GridPosterior):
     Given the test grid it will predict, and where that is affordable
     (:func:`~hyperspy_gp.memory.streamed_increase_fits`), the variance increase is the
     exact one, streamed over the whitened maps and blocks of columns of the factorised
-    complement (:func:`~hyperspy_gp.gp.schur.streamed_increase`); otherwise it is the
-    mean of ``n_samples`` draws, with a standard error.
+    complement (:func:`~hyperspy_gp.gp.schur.streamed_increase`), or computed window by
+    window where that is affordable and cheaper (:mod:`~hyperspy_gp.gp.schur_windows`);
+    otherwise it is the mean of ``n_samples`` draws, with a standard error.
 
     Parameters
     ----------
