@@ -91,8 +91,8 @@ MAX_STREAMED_MISSING_SQUARED = 2**27
 #: missing pixels, 2× upsampled, 93 s).
 MAX_STREAMED_INCREASE_COST = 4e12
 #: Largest ``m_W²`` of any window of the windowed increase
-#: (:mod:`~hyperspy_gp.gp.schur_windows`): 128 MB per copy of a window's complement, so
-#: that the windows stay within the memory estimated for the Monte-Carlo posterior.
+#: (:mod:`~hyperspy_gp.gp.schur_windows`, the fewer of its missing or observed pixels):
+#: 128 MB per copy of a window's factorised matrix (:func:`estimate_memory` counts two).
 MAX_WINDOW_MISSING_SQUARED = 2**24
 #: Largest window (pixels) of the windowed increase: a block of its fields and of its
 #: core's test points stays within 3 · ``STREAM_BLOCK`` · 2¹⁴ · (1 + upsampling^d) values.

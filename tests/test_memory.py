@@ -189,7 +189,7 @@ def test_the_streamed_exact_variance_is_counted_where_affordable_else_the_draws(
     windows = (2 * memory.MAX_WINDOW_MISSING_SQUARED + 3 * memory.STREAM_BLOCK * memory.MAX_WINDOW_PIXELS * 5
                + 12 * 512 * 512) * 8
     assert counted - estimate_memory((256, 256), 12, 100, exact_posterior=False, **few).prediction == \
-        max(windows, draws) - draws > 0  # (on a machine with fewer than 12 cores)
+        max(windows, draws) - draws > 0  # (the windows' more where there are fewer than 12 CPU cores)
 
 
 def test_coarse_space_of_the_schur_complement_by_cg_is_counted():
