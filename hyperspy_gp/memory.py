@@ -366,9 +366,18 @@ def streamed_increase_fits(factor_shape: Sequence[int], n_missing: int, n_tasks:
     """
     on_gpu = str(device).startswith("cuda")
     max_squared = MAX_STREAMED_MISSING_SQUARED_GPU if on_gpu else MAX_STREAMED_MISSING_SQUARED
-    max_cost = MAX_STREAMED_INCREASE_COST_GPU if on_gpu else MAX_STREAMED_INCREASE_COST
     return n_missing**2 <= max_squared and \
-        streamed_increase_cost(factor_shape, n_missing, n_tasks, n_models, n_test) <= max_cost
+        streamed_increase_cost(factor_shape, n_missing, n_tasks, n_models, n_test) <= increase_cost_limit(device)
+
+
+def increase_cost_limit(device: str = "cpu") -> float:
+    """The most multiply-adds an exact variance increase may cost on ``device``.
+
+    :data:`MAX_STREAMED_INCREASE_COST`, or :data:`MAX_STREAMED_INCREASE_COST_GPU` on a
+    GPU; the streamed increase and the windows of
+    :mod:`~hyperspy_gp.gp.schur_windows` share it.
+    """
+    return MAX_STREAMED_INCREASE_COST_GPU if str(device).startswith("cuda") else MAX_STREAMED_INCREASE_COST
 
 
 def _fitting_bytes(grid_shape, n_models, n_tasks, kernel, n_observed, itemsize) -> int:

@@ -341,8 +341,6 @@ class IterativePosterior(Posterior):
 ROUNDING_FLOOR = 100.0
 
 
-
-
 def _standard_normal(generator: np.random.Generator, shape, like: torch.Tensor) -> torch.Tensor:
     """White noise of ``shape`` with the dtype and device of ``like``.
 

@@ -98,7 +98,7 @@ def _nearest(points: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
 
 
 def cut_windows(points: Sequence[torch.Tensor], missing_index: torch.Tensor, test_coords: Sequence[torch.Tensor],
-            margin: Sequence[int]) -> list[Window]:
+                margin: Sequence[int]) -> list[Window]:
     """The windows covering ``test_coords`` (cores of :data:`MIN_CORE` or ``margin`` pixels, whichever is larger).
 
     Each test coordinate belongs to the core of its nearest training pixel, so it lies at
@@ -139,13 +139,11 @@ def windows_fit(windows: Sequence[Window], n_tasks: int, n_models: int, device: 
     Every window at most :data:`~hyperspy_gp.memory.MAX_WINDOW_PIXELS` pixels, its
     ``m_W²`` at most :data:`~hyperspy_gp.memory.MAX_WINDOW_MISSING_SQUARED`, and the cost
     (:func:`windowed_cost`) within the streamed increase's
-    (:func:`~hyperspy_gp.memory.streamed_increase_fits`).
+    (:func:`~hyperspy_gp.memory.increase_cost_limit`).
     """
-    on_gpu = str(device).startswith("cuda")
-    max_cost = memory.MAX_STREAMED_INCREASE_COST_GPU if on_gpu else memory.MAX_STREAMED_INCREASE_COST
     small = all(math.prod(w.shape) <= memory.MAX_WINDOW_PIXELS and w.solved**2 <= memory.MAX_WINDOW_MISSING_SQUARED
                 for w in windows if len(w.missing))
-    return small and windowed_cost(windows, n_tasks, n_models) <= max_cost
+    return small and windowed_cost(windows, n_tasks, n_models) <= memory.increase_cost_limit(device)
 
 
 def windowed_increase(kernel: GridKernel, lengthscale: torch.Tensor, task_covariance: torch.Tensor,

@@ -11,7 +11,7 @@ from hyperspy_gp.gp.likelihood import solve_grid_icm
 from hyperspy_gp.gp.model import GridICMModel
 from hyperspy_gp.gp.prediction import GridPosterior, make_posterior
 from hyperspy_gp.gp.schur import streamed_increase
-from hyperspy_gp.gp.schur_iterative_prediction import SchurCGPosterior
+from hyperspy_gp.gp.schur_iterative_prediction import SchurCGPosterior, _exact_increase_plan
 
 #: The windows' stated accuracy: relative to each pixel's variance.
 WINDOW_RTOL = 1e-6
@@ -134,8 +134,6 @@ def test_windows_that_would_cover_the_grid_leave_it_to_the_streamed_increase(cap
     assert all(w.shape == shape for w in windows)
     assert schur_windows.windowed_cost(windows, 2, 1) >= memory.streamed_increase_cost(
         shape, len(model.missing_index), 2, 1, 40 * 36)
-    from hyperspy_gp.gp.schur_iterative_prediction import _exact_increase_plan
-
     assert _exact_increase_plan(model, coords) == "streamed"
 
 
@@ -143,8 +141,6 @@ def test_the_non_separable_kernel_gets_no_windows():
     shape = (12, 10)
     observed = np.random.default_rng(0).random(shape) > 0.5
     model = GridICMModel(GridKernel(shape, "matern"), 1, 1, observed=observed, masked_solver="schur-cg")
-    from hyperspy_gp.gp.schur_iterative_prediction import _exact_increase_plan
-
     assert _exact_increase_plan(model, [torch.arange(n, dtype=torch.float64) for n in shape]) == "streamed"
     with pytest.raises(ValueError, match="separable"):
         schur_windows.windowed_increase(model.kernel, model.lengthscale, model.task_covariance, model.noise, [],
