@@ -97,6 +97,9 @@ MAX_WINDOW_MISSING_SQUARED = 2**24
 #: Largest window (pixels) of the windowed increase: a block of its fields and of its
 #: core's test points stays within 3 · ``STREAM_BLOCK`` · 2¹⁴ · (1 + upsampling^d) values.
 MAX_WINDOW_PIXELS = 2**14
+#: Test points (and Gram rows) per block of the iterative path's windows
+#: (:mod:`~hyperspy_gp.gp.window_variance`).
+WINDOW_BLOCK = 1024
 #: The same limits on a GPU (``device="cuda"``): ``|M|²`` up to ``2**30`` (8 GB per copy;
 #: the GPU memory check, :func:`check_device_memory`, bounds it further), and a cost
 #: limit as many times the CPU's as the iterative path's missing-pixel limit
@@ -427,6 +430,12 @@ def _iterative_bytes(grid_shape, upsampling, n_models, n_tasks, itemsize, n_miss
     # at 2× (length scale 3 px, 64 draws), where this gives 508, 636, 888, 888, 1516 and
     # 1392 MB.
     prediction = 40 * n_models * n_tasks * fine * _FLOAT64 + 6 * CHUNK_BYTES
+    # Or the exact variance window by window (:mod:`~hyperspy_gp.gp.window_variance`,
+    # chosen after the fit): a window's Gram matrix and factor and their copy in the
+    # factorisation, a block of its kernel's temporaries, and a few upsampled arrays.
+    largest = min(n_pixels**2, MAX_WINDOW_MISSING_SQUARED)
+    windowed = 3 * largest + 8 * math.isqrt(largest) * WINDOW_BLOCK + 8 * n_models * n_tasks * fine
+    prediction = max(prediction, windowed * _FLOAT64 + 6 * CHUNK_BYTES)
     return fitting + missing_fitting, prediction + missing_prediction
 
 

@@ -1,4 +1,4 @@
-r"""Prediction of the iterative path: exact mean, variance as an exact part plus a Monte-Carlo gap.
+r"""Prediction of the iterative path: exact mean; exact variance, or an exact part plus a Monte-Carlo gap.
 
 Mean.  ``μ(x*) = k*ᵀ (α B)`` with ``α = Σ^{-1} y`` from conjugate gradients.  On an
 ``u``-times denser grid the training pixels are every ``u``-th test pixel, so ``k*ᵀ v``
@@ -6,7 +6,10 @@ for all test pixels is one FFT convolution of ``v``, scattered onto the test gri
 the kernel sampled at spacing ``1/u``.  No ``n_test × n_train`` matrix is formed.
 
 Variance.  An exact per-pixel variance needs one solve per test pixel.  Instead it is
-split into a part known exactly and a small remainder estimated from ``S`` prior draws:
+split into a part known exactly and a small remainder near the edges and missing
+pixels.  Given the test grid (``test_coords``), the remainder is computed exactly,
+window by window, where that is affordable (:mod:`~hyperspy_gp.gp.window_variance`).
+Otherwise it is estimated from ``S`` prior draws:
 
 * The *periodic twin* (:mod:`~hyperspy_gp.gp.periodic_twin`) is the same model
   observing a draw at every coarse point of the torus that embeds the upsampled grid
@@ -34,6 +37,7 @@ estimated standard error of every pixel.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import warnings
@@ -50,6 +54,7 @@ from hyperspy_gp.gp.iterative import (
     operator_and_preconditioner,
     preconditioned_cg,
 )
+from hyperspy_gp.gp import window_variance
 from hyperspy_gp.gp.iterative_missing import observed_block_preconditioner
 from hyperspy_gp.gp.kernels import GridKernel
 from hyperspy_gp.gp.periodic_twin import PeriodicTwin
@@ -57,6 +62,8 @@ from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior, Poster
 from hyperspy_gp.gp.schur import columns_fit
 from hyperspy_gp.gp.toeplitz import ToeplitzKernel, irfftn_lattice
 from hyperspy_gp.memory import VARIANCE_DRAWS
+
+_logger = logging.getLogger(__name__)
 
 #: Joint prior draws of the variance estimate (``gp_reconstruct(variance_samples=...)``).
 DEFAULT_VARIANCE_SAMPLES = VARIANCE_DRAWS
@@ -73,6 +80,9 @@ EMBEDDING_LENGTHSCALES = 12.0
 #: embeddings of billions of points; the clipped part of the spectrum is then reported
 #: with a warning).
 MAX_EMBEDDING_POINTS = 2**21
+#: Fraction of the embedding's spectrum that may be clipped (negative) before its prior
+#: draws and periodic twin are taken as biased.
+CLIPPED_SPECTRUM_TOLERANCE = 1e-6
 
 
 def _embedding_shape(fine_shape, reach, cell: int = 1) -> list[int]:
@@ -153,12 +163,20 @@ class IterativePosterior(Posterior):
         ``(origin, shape)``: predictions cover ``shape`` pixels per axis, starting
         ``origin`` pixels before the training grid (which must lie inside), e.g. a whole
         scan around the box of its measured pixels.  The training grid by default.
+    test_coords
+        The test grid to be predicted (one 1-D tensor per axis, pixels of the training
+        grid).  Given, the variance is exact (:mod:`~hyperspy_gp.gp.window_variance`)
+        where its windows are affordable there (:attr:`variance_is_exact`); otherwise,
+        or without it, it is drawn.
+    exact_variance
+        Whether the exact variance may be chosen (``False``: always drawn).
     """
 
     variance_is_exact = False
 
     def __init__(self, model, targets: torch.Tensor, n_samples: int = DEFAULT_VARIANCE_SAMPLES,
-                 seed: int = 0, domain=None) -> None:
+                 seed: int = 0, domain=None, test_coords: Sequence[torch.Tensor] | None = None,
+                 exact_variance: bool = True) -> None:
         self.model = model
         self.n_samples, self.seed = int(n_samples), int(seed)
         grid = model.kernel.grid_shape
@@ -181,6 +199,37 @@ class IterativePosterior(Posterior):
             alpha = self._solve(y)
             #: ``α B`` in channel-first layout ``(P, T, *grid)``.
             self.mean_weights = self._operator.mix(alpha)[:, 0]
+        #: Per upsampling, the windows of the exact variance (:mod:`~hyperspy_gp.gp.window_variance`).
+        self._windows: dict[int, list] = {}
+        if exact_variance and test_coords is not None:
+            self._plan_exact_variance(test_coords)
+        if not self.variance_is_exact:
+            self._prepare_draws(model, targets, observed)
+        self.jitter = torch.zeros(targets.shape[0], dtype=targets.dtype, device=targets.device)
+        self._maps: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def _plan_exact_variance(self, test_coords: Sequence[torch.Tensor]) -> None:
+        """Take the exact variance on ``test_coords`` where its windows are affordable (logged either way)."""
+        kernel = self.model.kernel
+        windows = window_variance.plan_windows(kernel, self.lengthscale, self.mask, test_coords)
+        distinct = [group[0] for group in window_variance.distinct_windows(windows, kernel.points,
+                                                                           test_coords).values()]
+        p, t = self.task_covariance.shape[:2]
+        cost = window_variance.window_variance_cost(distinct, t, p)
+        if window_variance.window_variance_fits(distinct, t, p, str(self.noise.device)):
+            self._windows[lattice_upsampling(test_coords)] = windows
+            self.variance_is_exact, self.n_samples = True, 0
+            _logger.info("Iterative posterior: exact variance, the periodic twin's and, near the edges and missing "
+                         "pixels, %d windows (%d distinct, %.2g multiply-adds)", len(windows), len(distinct), cost)
+        else:
+            _logger.info("Iterative posterior: the exact variance's %d distinct windows (%.2g multiply-adds, largest "
+                         "%d pixels) are beyond its limits; Monte-Carlo variance from %d draws", len(distinct), cost,
+                         max((math.prod(w.shape) for w in distinct), default=0), self.n_samples)
+
+    def _prepare_draws(self, model, targets: torch.Tensor, observed) -> None:
+        """The Monte-Carlo variance's control variate: the separable model's exact posterior."""
+        with torch.no_grad():
             # The control variate's twin: Σ_sep⁻¹ exactly (the CG preconditioner's
             # eigenvalues are corrected towards K, the twin's are not); with missing
             # pixels Σ_sep,OO⁻¹ where the twin's exact variance (Schur columns) fits,
@@ -192,9 +241,6 @@ class IterativePosterior(Posterior):
             self._separable_inverse = observed_block_preconditioner(separable, observed).solve if masked_twin \
                 else separable.solve
         self._separable = _separable_twin(model, targets.masked_fill(self.mask[..., None] == 0, 0.0), masked_twin)
-        self.jitter = torch.zeros(targets.shape[0], dtype=targets.dtype, device=targets.device)
-        self._maps: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._lock = threading.Lock()
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -256,21 +302,53 @@ class IterativePosterior(Posterior):
         lattice = self._training_lattice(upsampling)
         with torch.no_grad():
             # The mean's products with k* are exact with the smallest embedding (2n per
-            # axis); the draws embed the kernel until it has decayed, so that their
-            # circulant stays PSD.
+            # axis); the variance's periodic twin and draws embed the kernel until it
+            # has decayed, so that their circulant stays PSD.
             mean = ToeplitzKernel(kernel, self.lengthscale, fine_shape, 1.0 / upsampling).matmul(
                 _scatter(self.mean_weights, lattice, fine_shape))
             reach = self.lengthscale.max(0).values * upsampling * EMBEDDING_LENGTHSCALES
             fft_shape = _embedding_shape(fine_shape, reach.tolist(), upsampling)
-            separable_kernel = GridKernel(kernel.grid_shape, "separable", dtype=kernel.dtype, device=kernel.device)
-            sampling = [ToeplitzKernel(k, self.lengthscale, fine_shape, 1.0 / upsampling, fft_shape)
-                        for k in (kernel, separable_kernel)]
-            exact_separable = self._separable.predict(
-                [kernel.axis_coordinates(n, upsampling) - o for n, o in zip(self.domain_shape, self.origin)]
-            )[1].movedim(-1, 1)
-            variance, error = self._estimate_variance(sampling, upsampling, fine_shape, exact_separable)
+            if self.variance_is_exact:
+                variance, error = self._exact_variance(upsampling, fine_shape, fft_shape)
+            else:
+                separable_kernel = GridKernel(kernel.grid_shape, "separable", dtype=kernel.dtype,
+                                              device=kernel.device)
+                sampling = [ToeplitzKernel(k, self.lengthscale, fine_shape, 1.0 / upsampling, fft_shape)
+                            for k in (kernel, separable_kernel)]
+                exact_separable = self._separable.predict(self._domain_coordinates(upsampling))[1].movedim(-1, 1)
+                variance, error = self._estimate_variance(sampling, upsampling, fine_shape, exact_separable)
         as_maps_last = [x.movedim(1, -1).cpu() for x in (mean, variance, error)]
         return tuple(as_maps_last)
+
+    def _domain_coordinates(self, upsampling: int) -> list[torch.Tensor]:
+        """The ``u``-times denser domain grid in pixels of the training grid, one 1-D tensor per axis."""
+        return [self.model.kernel.axis_coordinates(n, upsampling) - o for n, o in zip(self.domain_shape, self.origin)]
+
+    def _exact_variance(self, upsampling: int, fine_shape, fft_shape) -> tuple[torch.Tensor, torch.Tensor]:
+        """The periodic twin's variance, and each window's where the twin's is not the model's, ``(P, T, *fine)``.
+
+        See :mod:`~hyperspy_gp.gp.window_variance`.  The standard error is the rounding
+        floor of the exact parts (:data:`ROUNDING_FLOOR`).
+        """
+        kernel = self.model.kernel
+        coords = self._domain_coordinates(upsampling)
+        embedding = ToeplitzKernel(kernel, self.lengthscale, fine_shape, 1.0 / upsampling, fft_shape)
+        sqrt_spec, clipped = _circulant_sqrt_spectrum(embedding)
+        periodic = PeriodicTwin(sqrt_spec.pow(2), embedding.fft_shape, upsampling, self.task_covariance, self.noise)
+        # A clipped spectrum (length scales beyond the scan) leaves the twin's variance
+        # biased: then every core is a window (such scans are a margin wide anyway).
+        everywhere = clipped > CLIPPED_SPECTRUM_TOLERANCE
+        windows = self._windows.get(upsampling) if not everywhere else None
+        if windows is None:
+            windows = window_variance.plan_windows(kernel, self.lengthscale, self.mask, coords, everywhere)
+        covered = sum(math.prod(len(t) for t in w.test) for w in windows) == math.prod(fine_shape)
+        variance = periodic.variance(fine_shape) if not covered else \
+            self.noise.new_zeros(*self.task_covariance.shape[:2], *fine_shape)
+        window_variance.window_variance(kernel, self.lengthscale, self.task_covariance, self.noise, self.mask,
+                                        windows, coords, variance)
+        prior = periodic.prior_variance()
+        floor = (ROUNDING_FLOOR * torch.finfo(prior.dtype).eps * prior).reshape(*prior.shape, *([1] * len(fine_shape)))
+        return variance, floor.expand_as(variance).clone()
 
     def _estimate_variance(self, sampling, upsampling: int, fine_shape, exact_separable):
         r"""The variance and its standard error on the upsampled grid, ``(P, T, *fine)`` each.
@@ -290,7 +368,7 @@ class IterativePosterior(Posterior):
         fine = sampling[0]
         sqrt_spec, clipped = _circulant_sqrt_spectrum(fine)
         sqrt_spec_sep, clipped_sep = _circulant_sqrt_spectrum(sampling[1])
-        if max(clipped, clipped_sep) > 1e-6:
+        if max(clipped, clipped_sep) > CLIPPED_SPECTRUM_TOLERANCE:
             warnings.warn(
                 f"The circulant embedding of the prior clipped {max(clipped, clipped_sep):.2g} of its spectrum "
                 "(length scales long relative to the scan): the Monte-Carlo variance may be biased beyond its "

@@ -254,7 +254,8 @@ def make_posterior(model: GridICMModel, targets: torch.Tensor, domain=None, exac
     if model.iterative:
         from hyperspy_gp.gp.iterative_prediction import IterativePosterior
 
-        return IterativePosterior(model, targets, n_samples=n_samples, domain=domain)
+        return IterativePosterior(model, targets, n_samples=n_samples, domain=domain, test_coords=test_coords,
+                                  exact_variance=exact_variance)
     if model.observed is None:
         return GridPosterior(model, targets)
     if model.masked_solver in ("schur", "schur-cg"):

@@ -88,7 +88,7 @@ def margins(lengthscale: torch.Tensor) -> list[int]:
     return [max(1, math.ceil(WINDOW_LENGTHSCALES * float(ell))) for ell in longest]
 
 
-def _nearest(points: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+def nearest_pixels(points: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Index of the training point nearest each coordinate (``points`` increasing)."""
     points, coords = points.detach().cpu(), coords.detach().cpu().to(points.dtype)
     right = torch.searchsorted(points, coords).clamp(1, len(points) - 1) if len(points) > 1 \
@@ -108,7 +108,7 @@ def cut_windows(points: Sequence[torch.Tensor], missing_index: torch.Tensor, tes
     axes = []
     for pts, coords, m in zip(points, test_coords, margin):
         n, core = len(pts), max(m, MIN_CORE)
-        owner = torch.div(_nearest(pts, coords), core, rounding_mode="floor")
+        owner = torch.div(nearest_pixels(pts, coords), core, rounding_mode="floor")
         axes.append([((max(0, j * core - m), min(n, (j + 1) * core + m)), torch.nonzero(owner == j).reshape(-1))
                      for j in range(math.ceil(n / core)) if bool((owner == j).any())])
     missing = missing_index.detach().cpu()

@@ -144,3 +144,17 @@ def test_the_streamed_exact_variance_on_the_device_equals_the_dense_reference(de
     _, ref_mean, ref_var, _ = _reference(model, targets, observed, upsampling=2)
     assert _rel(mean[0], ref_mean) < RTOL
     assert _rel(variance[0], ref_var) < RTOL
+
+
+@pytest.mark.parametrize("device", AVAILABLE_DEVICES)
+@pytest.mark.parametrize("path", ["matern fft-cg", "missing, matern fft-cg"])
+def test_the_iterative_exact_variance_on_the_device_equals_the_dense_reference(path, device):
+    # Given the test grid, the iterative path's variance is exact, window by window.
+    model, targets, observed = _model(path, device)
+    coords = [model.kernel.axis_coordinates(n, 2) for n in model.kernel.grid_shape]
+    posterior = make_posterior(model, targets, test_coords=coords)
+    assert posterior.variance_is_exact
+    variance = posterior.predict(coords)[1]
+    assert variance.device.type == device
+    _, _, ref_var, _ = _reference(model, targets, observed, upsampling=2)
+    assert _rel(variance[0], ref_var) < RTOL

@@ -1,0 +1,150 @@
+"""The iterative path's exact variance, window by window, against dense algebra."""
+
+import itertools
+import logging
+
+import dask
+import numpy as np
+import pytest
+import torch
+
+from hyperspy_gp import memory
+from hyperspy_gp.gp import window_variance
+from hyperspy_gp.gp.iterative_prediction import IterativePosterior
+from hyperspy_gp.gp.kernels import GridKernel
+from hyperspy_gp.gp.model import GridICMModel
+from hyperspy_gp.gp.prediction import make_posterior
+from tests.gp.dense_reference import dense_icm
+
+#: The windows' stated accuracy, relative to each pixel's variance.
+WINDOW_RTOL = 1e-6
+
+
+def _model(shape, lengthscale, noise, observed=None, n_models=1, n_tasks=2, kind="matern", seed=0):
+    """An iterative-path model with set hyperparameters and random maps."""
+    gen = torch.Generator().manual_seed(seed)
+    model = GridICMModel(GridKernel(shape, kind), n_models, n_tasks, rank=1 if n_tasks > 1 else 0, iterative=True,
+                         observed=observed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.3 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
+        model._set("raw_lengthscale", torch.tensor(lengthscale, dtype=torch.float64))
+        model._set("raw_noise", torch.full_like(model.raw_noise, noise))
+    targets = torch.randn(n_models, *shape, n_tasks, generator=gen, dtype=torch.float64)
+    return model, targets
+
+
+def _dense(model, targets, upsampling, observed=None):
+    """Dense mean and variance of every model, ``(P, *fine, T)``."""
+    results = [dense_icm(targets[p], model.lengthscale[p].detach(), model.task_covariance[p].detach(),
+                         model.noise[p].detach(), model.kernel.kind, upsampling=upsampling, observed=observed)[1:]
+               for p in range(model.n_models)]
+    return [torch.stack(r) for r in zip(*results)]
+
+
+def _coords(shape, upsampling):
+    return [torch.arange(n * upsampling, dtype=torch.float64) / upsampling for n in shape]
+
+
+def _cluster(shape, corner, size):
+    observed = np.ones(shape, dtype=bool)
+    observed[corner[0] : corner[0] + size, corner[1] : corner[1] + size] = False
+    return observed
+
+
+@pytest.mark.parametrize("shape,lengthscale,noise,observed,n_models,n_tasks", [
+    ((40, 40), [[0.6, 0.7]], 1e-3, None, 1, 2),  # a complete scan: windows along the edges only
+    ((40, 40), [[0.6, 0.5]], 0.05, _cluster((40, 40), (4, 30), 3), 1, 2),  # missing pixels near a corner
+    ((24, 20), [[1.0, 1.3]], 1e-4, np.random.default_rng(1).random((24, 20)) > 0.1, 1, 2),  # little noise
+    ((24, 20), [[1.5, 1.2], [0.7, 0.9]], 0.05, np.random.default_rng(2).random((24, 20)) > 0.3, 2, 1),  # 2 models
+])
+def test_the_exact_variance_is_the_dense_one_within_its_tolerance(shape, lengthscale, noise, observed, n_models,
+                                                                 n_tasks):
+    upsampling = 2
+    model, targets = _model(shape, lengthscale, noise, observed, n_models, n_tasks)
+    coords = _coords(shape, upsampling)
+    posterior = IterativePosterior(model, targets, test_coords=coords)
+    assert posterior.variance_is_exact and posterior.n_samples == 0
+    mean, variance = posterior.predict(coords)
+    mean_ref, var_ref = _dense(model, targets, upsampling, observed)
+    assert float((mean - mean_ref).abs().max() / mean_ref.abs().max()) < 1e-8
+    assert float(((variance - var_ref).abs() / var_ref).max()) < WINDOW_RTOL
+    if shape == (40, 40):  # the middle core is left to the periodic twin, exact there too
+        assert len(posterior._windows[upsampling]) == 3 * 3 - 1
+
+
+def test_length_scales_beyond_the_scan_with_little_noise_are_exact():
+    # The hardest case of the draws (test_iterative.py: 32 px on a 12 × 10 scan, B/σ²
+    # about 10⁷, where the variance is 10⁻⁷ of the prior): the embedding's spectrum is
+    # clipped, so every point is in a window, here the whole scan.
+    model, targets = _model((12, 10), [[32.0, 32.0]], 5e-3)
+    with torch.no_grad():
+        model.task_factor.copy_(torch.tensor([90.0, 440.0], dtype=torch.float64).reshape(1, 2, 1))
+    coords = _coords((12, 10), 2)
+    variance = IterativePosterior(model, targets, test_coords=coords).predict(coords)[1]
+    var_ref = _dense(model, targets, 2)[1]
+    assert float((var_ref / model.task_covariance.detach().diagonal(dim1=-2, dim2=-1)[:, None, None]).min()) < 1e-5
+    assert float(((variance - var_ref).abs() / var_ref).max()) < WINDOW_RTOL
+
+
+def test_clean_pixels_have_a_measured_box_inside_the_scan():
+    observed = torch.as_tensor(np.random.default_rng(0).random((19, 23)) > 0.02)
+    margin = [2, 3]
+    clean = window_variance.clean_pixels(observed, margin)
+    for i, j in itertools.product(range(19), range(23)):
+        inside = i >= 2 and i + 2 < 19 and j >= 3 and j + 3 < 23
+        box = observed[max(0, i - 2) : i + 3, max(0, j - 3) : j + 4]
+        assert clean[i, j] == (inside and bool(box.all()))
+
+
+def test_only_cores_near_the_edges_and_missing_pixels_get_windows_and_equal_ones_are_factorised_once():
+    shape, upsampling = (128, 128), 2
+    model, _ = _model(shape, [[2.0, 2.0]], 0.05)
+    coords = _coords(shape, upsampling)
+    margin = 13  # ⌈6 ℓ⌉ + 1
+    observed = torch.ones(shape)
+    windows = window_variance.plan_windows(model.kernel, model.lengthscale, observed, coords)
+    assert len(windows) == 8 * 8 - 6 * 6  # the ring of 16-pixel cores along the edges
+    for window in windows:
+        near = [(t.min() < 2 * margin or t.max() >= 2 * (128 - margin)) for t in window.test]
+        assert any(near)
+    distinct = window_variance.distinct_windows(windows, model.kernel.points, coords)
+    assert len(distinct) == 8  # corners, and the same window along each edge
+    # A missing pixel in the middle adds the cores within a margin of it.
+    observed[64, 64] = 0
+    more = window_variance.plan_windows(model.kernel, model.lengthscale, observed, coords)
+    assert len(more) == len(windows) + 4  # pixel 64 is 13 px from cores 3 and 4 of each axis
+    # Every core, where the twin cannot be trusted.
+    assert len(window_variance.plan_windows(model.kernel, model.lengthscale, observed, coords, everywhere=True)) == 64
+
+
+def test_beyond_its_limits_or_when_declined_the_variance_is_drawn(monkeypatch, caplog):
+    model, targets = _model((24, 20), [[1.0, 1.3]], 0.05)
+    coords = _coords((24, 20), 2)
+    with caplog.at_level(logging.INFO, logger="hyperspy_gp.gp.iterative_prediction"):
+        assert make_posterior(model, targets, test_coords=coords).variance_is_exact
+    assert "exact variance" in caplog.text
+    declined = make_posterior(model, targets, test_coords=coords, exact_variance=False, n_samples=8)
+    assert not declined.variance_is_exact and declined.n_samples == 8
+    monkeypatch.setattr(memory, "MAX_STREAMED_INCREASE_COST", 0.0)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hyperspy_gp.gp.iterative_prediction"):
+        drawn = make_posterior(model, targets, test_coords=coords, n_samples=8)
+    assert not drawn.variance_is_exact and "beyond its limits" in caplog.text
+    assert (drawn.variance_standard_error(coords) > 0).any()
+
+
+def test_chunks_and_dask_slice_the_exact_maps():
+    model, targets = _model((24, 20), [[1.0, 1.3]], 0.05)
+    coords = _coords((24, 20), 2)
+    posterior = make_posterior(model, targets, test_coords=coords)
+    mean, variance = posterior.predict(coords)
+    parts = [torch.as_tensor(x) for x in dask.compute(*posterior.predict_dask(coords, chunk_rows=7))]
+    torch.testing.assert_close(parts[0], mean, rtol=0, atol=0)
+    torch.testing.assert_close(parts[1], variance, rtol=0, atol=0)
+
+
+def test_the_window_variance_memory_is_counted():
+    # The largest window allowed: its Gram matrix, factor and their copy, 3 × 2²⁴ values.
+    estimate = memory.estimate_memory((96, 96), 1, 100, upsampling=1, kernel="matern", iterative=True)
+    assert estimate.prediction >= 3 * memory.MAX_WINDOW_MISSING_SQUARED * 8
