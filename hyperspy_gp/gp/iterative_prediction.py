@@ -217,15 +217,19 @@ class IterativePosterior(Posterior):
                                                                            test_coords).values()]
         p, t = self.task_covariance.shape[:2]
         cost = window_variance.window_variance_cost(distinct, t, p)
-        if window_variance.window_variance_fits(distinct, t, p, str(self.noise.device)):
+        n_fine = math.prod(len(c) for c in test_coords)
+        drawn = window_variance.drawn_variance_cost(n_fine, t, p, self.n_samples)
+        if window_variance.window_variance_fits(distinct, t, p, str(self.noise.device), drawn):
             self._windows[lattice_upsampling(test_coords)] = windows
             self.variance_is_exact, self.n_samples = True, 0
             _logger.info("Iterative posterior: exact variance, the periodic twin's and, near the edges and missing "
-                         "pixels, %d windows (%d distinct, %.2g multiply-adds)", len(windows), len(distinct), cost)
+                         "pixels, %d windows (%d distinct, %.2g multiply-adds; the draws about %.2g)", len(windows),
+                         len(distinct), cost, drawn)
         else:
             _logger.info("Iterative posterior: the exact variance's %d distinct windows (%.2g multiply-adds, largest "
-                         "%d pixels) are beyond its limits; Monte-Carlo variance from %d draws", len(distinct), cost,
-                         max((math.prod(w.shape) for w in distinct), default=0), self.n_samples)
+                         "%d pixels; the draws about %.2g) are beyond its limits or not worth it; Monte-Carlo "
+                         "variance from %d draws", len(distinct), cost,
+                         max((math.prod(w.shape) for w in distinct), default=0), drawn, self.n_samples)
 
     def _prepare_draws(self, model, targets: torch.Tensor, observed) -> None:
         """The Monte-Carlo variance's control variate: the separable model's exact posterior."""

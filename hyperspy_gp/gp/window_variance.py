@@ -151,16 +151,38 @@ def window_variance_cost(windows: Sequence[Window], n_tasks: int, n_models: int)
                                            for w in windows)
 
 
-def window_variance_fits(windows: Sequence[Window], n_tasks: int, n_models: int, device: str = "cpu") -> bool:
-    """Whether :func:`window_variance` is affordable on ``device``.
+#: Multiply-adds of dense algebra that take as long as one draw of the Monte-Carlo
+#: variance per map and upsampled pixel (a CG solve and FFTs on the torus).  Measured
+#: on 2 CPU cores, 64 draws at 2×, Matérn-5/2 at 2–3 px: 64² × 6 in 3.3 s, 128² × 6 in
+#: 15.7 s, 256² × 6 in 71 s; dense factorisations and triangular solves run at about
+#: 35e9 multiply-adds per second.
+DRAW_COST_PER_PIXEL = 2e4
+#: The windows serve where they cost at most this many times the draws they replace ...
+WINDOWS_OVER_DRAWS = 2.0
+#: ... or at most this many multiply-adds (a few seconds on 2 CPU cores) in any case.
+WINDOWS_ALWAYS_AFFORDABLE = 1e11
+
+
+def drawn_variance_cost(n_fine: int, n_tasks: int, n_models: int, n_samples: int) -> float:
+    """The Monte-Carlo variance's time, in multiply-adds of dense algebra (:data:`DRAW_COST_PER_PIXEL`)."""
+    return DRAW_COST_PER_PIXEL * n_samples * n_tasks * n_models * n_fine
+
+
+def window_variance_fits(windows: Sequence[Window], n_tasks: int, n_models: int, device: str = "cpu",
+                         drawn_cost: float = math.inf) -> bool:
+    """Whether :func:`window_variance` is affordable on ``device``, and worth it against the draws.
 
     Every window's measured pixels squared at most
-    :data:`~hyperspy_gp.memory.MAX_WINDOW_MISSING_SQUARED` (two such matrices are held),
-    and the cost (:func:`window_variance_cost`) within
-    :func:`~hyperspy_gp.memory.increase_cost_limit`.
+    :data:`~hyperspy_gp.memory.MAX_WINDOW_MISSING_SQUARED` (two such matrices are held);
+    the cost (:func:`window_variance_cost`) within
+    :func:`~hyperspy_gp.memory.increase_cost_limit`, and within
+    :data:`WINDOWS_OVER_DRAWS` times ``drawn_cost`` (:func:`drawn_variance_cost`) unless
+    it is under :data:`WINDOWS_ALWAYS_AFFORDABLE`.
     """
     small = all(_measured(w) ** 2 <= memory.MAX_WINDOW_MISSING_SQUARED for w in windows)
-    return small and window_variance_cost(windows, n_tasks, n_models) <= memory.increase_cost_limit(device)
+    cost = window_variance_cost(windows, n_tasks, n_models)
+    worth_it = cost <= max(WINDOWS_ALWAYS_AFFORDABLE, WINDOWS_OVER_DRAWS * drawn_cost)
+    return small and worth_it and cost <= memory.increase_cost_limit(device)
 
 
 def window_variance(kernel: GridKernel, lengthscale: torch.Tensor, task_covariance: torch.Tensor,

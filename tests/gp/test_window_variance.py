@@ -126,6 +126,11 @@ def test_beyond_its_limits_or_when_declined_the_variance_is_drawn(monkeypatch, c
     assert "exact variance" in caplog.text
     declined = make_posterior(model, targets, test_coords=coords, exact_variance=False, n_samples=8)
     assert not declined.variance_is_exact and declined.n_samples == 8
+    # Windows costing more than twice the draws they replace are not worth it.
+    with monkeypatch.context() as patch:
+        patch.setattr(window_variance, "WINDOWS_ALWAYS_AFFORDABLE", 0.0)
+        patch.setattr(window_variance, "DRAW_COST_PER_PIXEL", 1e-3)
+        assert not make_posterior(model, targets, test_coords=coords).variance_is_exact
     monkeypatch.setattr(memory, "MAX_STREAMED_INCREASE_COST", 0.0)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="hyperspy_gp.gp.iterative_prediction"):
