@@ -46,6 +46,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from hyperspy_gp.gp import window_variance
 from hyperspy_gp.gp.iterative import (
     CG_TOLERANCE,
     ESTIMATE_CG_TOLERANCE,
@@ -54,7 +55,6 @@ from hyperspy_gp.gp.iterative import (
     operator_and_preconditioner,
     preconditioned_cg,
 )
-from hyperspy_gp.gp import window_variance
 from hyperspy_gp.gp.iterative_missing import observed_block_preconditioner
 from hyperspy_gp.gp.kernels import GridKernel
 from hyperspy_gp.gp.periodic_twin import PeriodicTwin

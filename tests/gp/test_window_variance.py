@@ -153,3 +153,28 @@ def test_the_window_variance_memory_is_counted():
     # The largest window allowed: its Gram matrix, factor and their copy, 3 × 2²⁴ values.
     estimate = memory.estimate_memory((96, 96), 1, 100, upsampling=1, kernel="matern", iterative=True)
     assert estimate.prediction >= 3 * memory.MAX_WINDOW_MISSING_SQUARED * 8
+
+
+def test_line_scans_and_a_domain_around_the_training_grid_are_exact():
+    # A line scan with three missing pixels, at 3×.
+    observed = np.ones(90, dtype=bool)
+    observed[40:43] = False
+    model, targets = _model((90,), [[1.5]], 1e-3, observed)
+    coords = _coords((90,), 3)
+    posterior = IterativePosterior(model, targets, test_coords=coords)
+    assert posterior.variance_is_exact
+    var_ref = _dense(model, targets, 3, observed)[1]
+    assert float(((posterior.predict(coords)[1] - var_ref).abs() / var_ref).max()) < WINDOW_RTOL
+    # A box fitted inside a larger scan: the test points beyond it are in windows too.
+    box, origin, scan = (30, 27), (2, 0), (33, 31)
+    model, targets = _model(box, [[1.0, 1.2]], 1e-2)
+    observed = np.zeros(scan, dtype=bool)
+    observed[2:32, :27] = True
+    full = torch.zeros(1, *scan, 2, dtype=torch.float64)
+    full[:, observed] = targets.reshape(1, -1, 2)
+    coords = [torch.arange(n * 2, dtype=torch.float64) / 2 - o for n, o in zip(scan, origin)]
+    posterior = IterativePosterior(model, targets, domain=(origin, scan), test_coords=coords)
+    assert posterior.variance_is_exact
+    var_ref = dense_icm(full[0], model.lengthscale[0].detach(), model.task_covariance[0].detach(),
+                        model.noise[0].detach(), "matern", upsampling=2, observed=observed)[2]
+    assert float(((posterior.predict(coords)[1][0] - var_ref).abs() / var_ref).max()) < WINDOW_RTOL
