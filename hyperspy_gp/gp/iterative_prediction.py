@@ -213,8 +213,7 @@ class IterativePosterior(Posterior):
         """Take the exact variance on ``test_coords`` where its windows are affordable (logged either way)."""
         kernel = self.model.kernel
         windows = window_variance.plan_windows(kernel, self.lengthscale, self.mask, test_coords)
-        distinct = [group[0] for group in window_variance.distinct_windows(windows, kernel.points,
-                                                                           test_coords).values()]
+        distinct = [window for window, _ in window_variance.distinct_windows(windows, kernel.points, test_coords)]
         p, t = self.task_covariance.shape[:2]
         cost = window_variance.window_variance_cost(distinct, t, p)
         n_fine = math.prod(len(c) for c in test_coords)
@@ -345,7 +344,8 @@ class IterativePosterior(Posterior):
         windows = self._windows.get(upsampling) if not everywhere else None
         if windows is None:
             windows = window_variance.plan_windows(kernel, self.lengthscale, self.mask, coords, everywhere)
-        covered = sum(math.prod(len(t) for t in w.test) for w in windows) == math.prod(fine_shape)
+        covered = not any(isinstance(w, window_variance.EdgeWindow) for w in windows) and \
+            sum(math.prod(len(t) for t in w.test) for w in windows) == math.prod(fine_shape)
         variance = periodic.variance(fine_shape) if not covered else \
             self.noise.new_zeros(*self.task_covariance.shape[:2], *fine_shape)
         window_variance.window_variance(kernel, self.lengthscale, self.task_covariance, self.noise, self.mask,

@@ -24,10 +24,14 @@ scales from the scan's edges and from every missing pixel
   solve with the core's test points (``|O|² m``), in float64, with any stationary
   kernel.
 
-Only windows holding a test point at a pixel that is not clean are computed, and of
-those only one per group of equal windows (:func:`distinct_windows`: the same shape,
-missing pixels and test points relative to it; the model is translation invariant):
-on a complete scan, the corners and one window per edge.  Where their cost exceeds
+The model is translation invariant, so away from the corners and missing pixels a
+test point's variance depends only on its distance to the nearest edge and its
+offset from its nearest pixel: one strip window serves a whole edge, one window each
+corner (:func:`edge_windows`: 8 on a complete scan, whatever its size).  Test points
+with a missing pixel within the margin get the windows of their cores, of which only
+one per group of equal windows is computed (:func:`distinct_windows`).  Where their
+cost exceeds :data:`WINDOWS_OVER_DRAWS` times the draws' (estimated; under
+:data:`WINDOWS_ALWAYS_AFFORDABLE` they always serve), or
 :func:`~hyperspy_gp.memory.increase_cost_limit` (long length scales, many scattered
 missing pixels), or a window exceeds :data:`~hyperspy_gp.memory.MAX_WINDOW_MISSING_SQUARED`
 measured pixels squared, the iterative posterior draws its variance instead.
@@ -41,8 +45,10 @@ the variance is 10⁻⁷ of the prior, within 1e-6 too (tested).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -57,7 +63,7 @@ from hyperspy_gp.gp.schur_windows import Window, cut_windows, margins, nearest_p
 TEST_BLOCK = memory.WINDOW_BLOCK
 
 
-def clean_pixels(observed: torch.Tensor, margin: Sequence[int]) -> np.ndarray:
+def clean_pixels(observed: torch.Tensor, margin: Sequence[int], edges: bool = True) -> np.ndarray:
     """Whether the box of ``margin`` pixels per side around each training pixel lies in the grid, all measured.
 
     Parameters
@@ -66,6 +72,9 @@ def clean_pixels(observed: torch.Tensor, margin: Sequence[int]) -> np.ndarray:
         ``(*grid)``, nonzero at the measured pixels.
     margin
         Pixels per axis.
+    edges
+        Whether a box reaching beyond the grid is unclean; ``False``: only missing
+        pixels in it count.
 
     Returns
     -------
@@ -76,16 +85,89 @@ def clean_pixels(observed: torch.Tensor, margin: Sequence[int]) -> np.ndarray:
     for axis, m in enumerate(margin):
         padding = [(0, 0)] * unmeasured.ndim
         padding[axis] = (m + 1, m)
-        total = np.pad(unmeasured, padding, constant_values=1).cumsum(axis)  # beyond the grid counts as unmeasured
+        total = np.pad(unmeasured, padding, constant_values=int(edges)).cumsum(axis)
         upper = np.take(total, np.arange(2 * m + 1, total.shape[axis]), axis=axis)
         lower = np.take(total, np.arange(0, total.shape[axis] - 2 * m - 1), axis=axis)
         unmeasured = upper - lower  # unmeasured pixels in the box along this axis
     return unmeasured == 0
 
 
+@dataclass(frozen=True)
+class EdgeWindow:
+    """A window along an edge (or at a corner) whose variances serve every test point of that band.
+
+    Away from the corners and from missing pixels, a test point's variance depends only
+    on its distance to the edge and its offset from its nearest pixel (the model is
+    translation invariant): one strip window, ``2 m`` pixels deep and ``2 m + 1`` wide,
+    serves the whole edge.
+
+    Attributes
+    ----------
+    window
+        The strip (its test points: one pixel's offsets along the edge, every depth).
+    targets
+        Per axis, the indices of the test coordinates that get its variances.
+    sources
+        Per axis, for each target, its position in ``window.test``.
+    """
+
+    window: Window
+    targets: tuple[torch.Tensor, ...]
+    sources: tuple[torch.Tensor, ...]
+
+
+def edge_windows(points: Sequence[torch.Tensor], test_coords: Sequence[torch.Tensor],
+                 margin: Sequence[int]) -> list[EdgeWindow] | None:
+    """The windows of the edges and corners of a complete scan (``3^d − 1``), or ``None`` where they do not apply.
+
+    Per axis a test coordinate is *low* (its nearest pixel within ``m`` of the first),
+    *high* (of the last) or *mid*; every combination but all-mid gets one window:
+    ``[0, 2m)`` for low, ``[n − 2m, n)`` for high, and ``2m + 1`` pixels around a middle
+    pixel for mid, whose test points stand for every mid coordinate at the same offset
+    from its nearest pixel.  ``None`` where an axis is shorter than ``2m + 2`` pixels
+    (no mid) or a mid coordinate's offset is not among the middle pixel's (test
+    coordinates that are not a lattice).
+    """
+    classes = []
+    for pts, coords, m in zip(points, test_coords, margin):
+        n = len(pts)
+        if n < 2 * m + 2:
+            return None
+        pts, coords = pts.detach().cpu().double(), coords.detach().cpu().double()
+        near = nearest_pixels(pts, coords)
+        low, high = torch.nonzero(near < m).reshape(-1), torch.nonzero(near >= n - m).reshape(-1)
+        middle = n // 2
+        rep = torch.nonzero(near == middle).reshape(-1)
+        mid = torch.nonzero((near >= m) & (near < n - m)).reshape(-1)
+        offsets = (coords[mid] - pts[near[mid]])[:, None] - (coords[rep] - pts[middle])[None, :]
+        if len(mid) and (not len(rep) or float(offsets.abs().min(1).values.max()) > 1e-9):
+            return None
+        source = offsets.abs().argmin(1) if len(mid) else mid
+        classes.append([((0, 2 * m), low, low, torch.arange(len(low))),
+                        ((n - 2 * m, n), high, high, torch.arange(len(high))),
+                        ((middle - m, middle + m + 1), rep, mid, source)])
+    out = []
+    no_missing = torch.zeros(0, len(points), dtype=torch.long)
+    for combination in itertools.product(*[range(3)] * len(points)):
+        if all(c == 2 for c in combination):  # the interior: the periodic twin's
+            continue
+        parts = [classes[a][c] for a, c in enumerate(combination)]
+        if any(not len(target) for _, _, target, _ in parts):
+            continue
+        window = Window(tuple(r for r, _, _, _ in parts), tuple(t for _, t, _, _ in parts), no_missing)
+        out.append(EdgeWindow(window, tuple(t for _, _, t, _ in parts), tuple(s for _, _, _, s in parts)))
+    return out
+
+
 def plan_windows(kernel: GridKernel, lengthscale: torch.Tensor, observed: torch.Tensor,
-                 test_coords: Sequence[torch.Tensor], everywhere: bool = False) -> list[Window]:
-    """The windows whose cores hold a test point at a pixel that is not clean (:func:`clean_pixels`).
+                 test_coords: Sequence[torch.Tensor], everywhere: bool = False) -> list[Window | EdgeWindow]:
+    """The windows of every test point at a pixel that is not clean (:func:`clean_pixels`).
+
+    The edges and corners get :func:`edge_windows`, where they apply, and every core
+    (:func:`~hyperspy_gp.gp.schur_windows.cut_windows`) that holds a test point with a
+    missing pixel within the margin gets its own window (computed after the edge
+    windows, so its values stand).  Otherwise every core that holds a test point at a
+    pixel that is not clean gets its window.
 
     Parameters
     ----------
@@ -106,14 +188,15 @@ def plan_windows(kernel: GridKernel, lengthscale: torch.Tensor, observed: torch.
     windows = cut_windows(kernel.points, missing, test_coords, margin)
     if everywhere:
         return windows
-    clean = torch.from_numpy(clean_pixels(observed, margin))
+    edges = edge_windows(kernel.points, test_coords, margin)
+    clean = torch.from_numpy(clean_pixels(observed, margin, edges=edges is None))
     nearest = [nearest_pixels(p, c) for p, c in zip(kernel.points, test_coords)]
     needed = []
     for window in windows:
         pixels = [n[t] for n, t in zip(nearest, window.test)]
         if not bool(clean[torch.meshgrid(*pixels, indexing="ij")].all()):
             needed.append(window)
-    return needed
+    return (edges or []) + needed
 
 
 def _measured(window: Window) -> int:
@@ -132,14 +215,27 @@ def _key(window: Window, points: Sequence[torch.Tensor], test_coords: Sequence[t
     return window.shape, window.missing.numpy().tobytes(), relative
 
 
-def distinct_windows(windows: Sequence[Window], points: Sequence[torch.Tensor],
-                     test_coords: Sequence[torch.Tensor]) -> dict[tuple, list[Window]]:
-    """The windows grouped by :func:`_key`: one factorisation per group (regular grids only)."""
+#: Where a window's variances go: per axis the test indices that get them, and their
+#: positions in the window's test points (``None``: all of them, in order).
+Placement = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]
+
+
+def distinct_windows(windows: Sequence[Window | EdgeWindow], points: Sequence[torch.Tensor],
+                     test_coords: Sequence[torch.Tensor]) -> list[tuple[Window, list[Placement]]]:
+    """The windows to compute, in order, each with its placements.
+
+    Windows with the same :func:`_key` (regular grids only) are computed once; an
+    :class:`EdgeWindow` is placed along its edge.
+    """
     uniform = all(torch.allclose(p[1:] - p[:-1], torch.ones_like(p[1:])) for p in points)
-    groups: dict[tuple, list[Window]] = {}
-    for i, window in enumerate(windows):
-        groups.setdefault(_key(window, points, test_coords) if uniform else i, []).append(window)
-    return groups
+    groups: dict = {}
+    for i, item in enumerate(windows):
+        if isinstance(item, EdgeWindow):
+            groups[("edge", i)] = (item.window, [(item.targets, item.sources)])
+            continue
+        key = _key(item, points, test_coords) if uniform else i
+        groups.setdefault(key, (item, []))[1].append((item.test, None))
+    return list(groups.values())
 
 
 def window_variance_cost(windows: Sequence[Window], n_tasks: int, n_models: int) -> float:
@@ -186,7 +282,7 @@ def window_variance_fits(windows: Sequence[Window], n_tasks: int, n_models: int,
 
 
 def window_variance(kernel: GridKernel, lengthscale: torch.Tensor, task_covariance: torch.Tensor,
-                    noise: torch.Tensor, observed: torch.Tensor, windows: Sequence[Window],
+                    noise: torch.Tensor, observed: torch.Tensor, windows: Sequence[Window | EdgeWindow],
                     test_coords: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
     """Write each window's exact posterior variance of its core's test points into ``out``.
 
@@ -219,8 +315,7 @@ def window_variance(kernel: GridKernel, lengthscale: torch.Tensor, task_covarian
         points = [p.detach().to(device, dtype) for p in kernel.points]
         coords = [c.detach().to(device, dtype) for c in test_coords]
         mask = observed.detach().to(device) != 0
-        for group in distinct_windows(windows, kernel.points, test_coords).values():
-            window = group[0]
+        for window, placements in distinct_windows(windows, kernel.points, test_coords):
             box = tuple(slice(start, stop) for start, stop in window.ranges)
             local = torch.nonzero(mask[box])
             starts = [start for start, _ in window.ranges]
@@ -230,9 +325,14 @@ def window_variance(kernel: GridKernel, lengthscale: torch.Tensor, task_covarian
             values = torch.stack([_whitened_variances(kernel, ell[j : j + 1], gamma[j], train, test)
                                   for j in range(ell.shape[0])])  # (P, K, m)
             variance = torch.einsum("ptk,pkm->ptm", loadings, values).to(out.dtype)
-            for same in group:
-                index = torch.meshgrid(*[i.to(device) for i in same.test], indexing="ij")
-                out[(slice(None), slice(None), *index)] = variance.reshape(*variance.shape[:2], *index[0].shape)
+            variance = variance.reshape(*variance.shape[:2], *(len(i) for i in test_index))
+            for targets, sources in placements:
+                index = torch.meshgrid(*[i.to(device) for i in targets], indexing="ij")
+                if sources is None:
+                    out[(slice(None), slice(None), *index)] = variance
+                else:
+                    spread = torch.meshgrid(*[i.to(device) for i in sources], indexing="ij")
+                    out[(slice(None), slice(None), *index)] = variance[(slice(None), slice(None), *spread)]
     return out
 
 

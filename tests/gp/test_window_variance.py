@@ -14,6 +14,7 @@ from hyperspy_gp.gp.iterative_prediction import IterativePosterior
 from hyperspy_gp.gp.kernels import GridKernel
 from hyperspy_gp.gp.model import GridICMModel
 from hyperspy_gp.gp.prediction import make_posterior
+from hyperspy_gp.gp.schur_windows import nearest_pixels
 from tests.gp.dense_reference import dense_icm
 
 #: The windows' stated accuracy, relative to each pixel's variance.
@@ -69,8 +70,11 @@ def test_the_exact_variance_is_the_dense_one_within_its_tolerance(shape, lengths
     mean_ref, var_ref = _dense(model, targets, upsampling, observed)
     assert float((mean - mean_ref).abs().max() / mean_ref.abs().max()) < 1e-8
     assert float(((variance - var_ref).abs() / var_ref).max()) < WINDOW_RTOL
-    if shape == (40, 40):  # the middle core is left to the periodic twin, exact there too
-        assert len(posterior._windows[upsampling]) == 3 * 3 - 1
+    if shape == (40, 40):  # edge windows; the periodic twin's variance inside, exact there too
+        windows = posterior._windows[upsampling]
+        edges = [w for w in windows if isinstance(w, window_variance.EdgeWindow)]
+        assert len(edges) == 3**2 - 1  # 4 edges and 4 corners
+        assert len(windows) - len(edges) == (0 if observed is None else 2)  # the cores near the cluster
 
 
 def test_length_scales_beyond_the_scan_with_little_noise_are_exact():
@@ -97,23 +101,29 @@ def test_clean_pixels_have_a_measured_box_inside_the_scan():
         assert clean[i, j] == (inside and bool(box.all()))
 
 
-def test_only_cores_near_the_edges_and_missing_pixels_get_windows_and_equal_ones_are_factorised_once():
+def test_edges_get_strip_windows_and_missing_pixels_the_cores_around_them_equal_ones_computed_once():
     shape, upsampling = (128, 128), 2
     model, _ = _model(shape, [[2.0, 2.0]], 0.05)
     coords = _coords(shape, upsampling)
     margin = 13  # ⌈6 ℓ⌉ + 1
     observed = torch.ones(shape)
     windows = window_variance.plan_windows(model.kernel, model.lengthscale, observed, coords)
-    assert len(windows) == 8 * 8 - 6 * 6  # the ring of 16-pixel cores along the edges
-    for window in windows:
-        near = [(t.min() < 2 * margin or t.max() >= 2 * (128 - margin)) for t in window.test]
-        assert any(near)
-    distinct = window_variance.distinct_windows(windows, model.kernel.points, coords)
-    assert len(distinct) == 8  # corners, and the same window along each edge
-    # A missing pixel in the middle adds the cores within a margin of it.
-    observed[64, 64] = 0
-    more = window_variance.plan_windows(model.kernel, model.lengthscale, observed, coords)
-    assert len(more) == len(windows) + 4  # pixel 64 is 13 px from cores 3 and 4 of each axis
+    assert len(windows) == 8 and all(isinstance(w, window_variance.EdgeWindow) for w in windows)
+    assert max(np.prod(w.window.shape) for w in windows) == 2 * margin * (2 * margin + 1)  # the edge strips
+    # Every test point within a margin of an edge, and only those, is placed once per
+    # edge window it belongs to (corners: both axes near an edge).
+    nearest = [nearest_pixels(model.kernel.points[a], c) for a, c in enumerate(coords)]
+    near = [((n < margin) | (n >= 128 - margin)).to(torch.int64) for n in nearest]
+    placed = torch.zeros(len(coords[0]), len(coords[1]), dtype=torch.int64)
+    for w in windows:
+        placed[torch.meshgrid(*w.targets, indexing="ij")] += 1
+    assert torch.equal(placed, near[0][:, None] | near[1][None, :])
+    # Two missing pixels at the same place within their cores: 3 × 3 cores each, 9 distinct.
+    observed[40, 40] = observed[40, 88] = 0
+    more = [w for w in window_variance.plan_windows(model.kernel, model.lengthscale, observed, coords)
+            if not isinstance(w, window_variance.EdgeWindow)]
+    assert len(more) == 18
+    assert len(window_variance.distinct_windows(more, model.kernel.points, coords)) == 9
     # Every core, where the twin cannot be trusted.
     assert len(window_variance.plan_windows(model.kernel, model.lengthscale, observed, coords, everywhere=True)) == 64
 
