@@ -348,8 +348,8 @@ class IterativePosterior(Posterior):
             sum(math.prod(len(t) for t in w.test) for w in windows) == math.prod(fine_shape)
         variance = periodic.variance(fine_shape) if not covered else \
             self.noise.new_zeros(*self.task_covariance.shape[:2], *fine_shape)
-        window_variance.window_variance(kernel, self.lengthscale, self.task_covariance, self.noise, self.mask,
-                                        windows, coords, variance)
+        window_variance.window_variance(kernel, self.lengthscale, self.task_covariance, self.noise, windows, coords,
+                                        variance)
         prior = periodic.prior_variance()
         floor = (ROUNDING_FLOOR * torch.finfo(prior.dtype).eps * prior).reshape(*prior.shape, *([1] * len(fine_shape)))
         return variance, floor.expand_as(variance).clone()

@@ -125,15 +125,17 @@ def edge_windows(points: Sequence[torch.Tensor], test_coords: Sequence[torch.Ten
     ``[0, 2m)`` for low, ``[n − 2m, n)`` for high, and ``2m + 1`` pixels around a middle
     pixel for mid, whose test points stand for every mid coordinate at the same offset
     from its nearest pixel.  ``None`` where an axis is shorter than ``2m + 2`` pixels
-    (no mid) or a mid coordinate's offset is not among the middle pixel's (test
-    coordinates that are not a lattice).
+    (no mid), the grid is not regular, or a mid coordinate's offset is not among the
+    middle pixel's (test coordinates that are not a lattice).  The windows stand for
+    boxes without missing pixels: test points with one within the margin need the
+    windows of :func:`plan_windows`.
     """
     classes = []
     for pts, coords, m in zip(points, test_coords, margin):
         n = len(pts)
-        if n < 2 * m + 2:
-            return None
         pts, coords = pts.detach().cpu().double(), coords.detach().cpu().double()
+        if n < 2 * m + 2 or not torch.allclose(pts[1:] - pts[:-1], torch.ones(n - 1, dtype=pts.dtype)):
+            return None  # (translation invariance needs a regular grid)
         near = nearest_pixels(pts, coords)
         low, high = torch.nonzero(near < m).reshape(-1), torch.nonzero(near >= n - m).reshape(-1)
         middle = n // 2
@@ -207,7 +209,7 @@ def _key(window: Window, points: Sequence[torch.Tensor], test_coords: Sequence[t
     """What a window's variances depend on: its shape, its missing pixels and its test points, all relative to it.
 
     On a regular grid the model is translation invariant, so windows with the same key
-    (along the edges of a scan, away from its corners and missing pixels) have the same
+    (e.g. around missing pixels at the same place in their cores) have the same
     variances, and only one of them is factorised.
     """
     relative = tuple(np.round((c.detach().cpu().double()[t] - float(p[start])).numpy(), 9).tobytes()
@@ -282,7 +284,7 @@ def window_variance_fits(windows: Sequence[Window], n_tasks: int, n_models: int,
 
 
 def window_variance(kernel: GridKernel, lengthscale: torch.Tensor, task_covariance: torch.Tensor,
-                    noise: torch.Tensor, observed: torch.Tensor, windows: Sequence[Window | EdgeWindow],
+                    noise: torch.Tensor, windows: Sequence[Window | EdgeWindow],
                     test_coords: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
     """Write each window's exact posterior variance of its core's test points into ``out``.
 
@@ -292,8 +294,6 @@ def window_variance(kernel: GridKernel, lengthscale: torch.Tensor, task_covarian
         The model's kernel, any kind (its training points and :meth:`~hyperspy_gp.gp.kernels.GridKernel.point_kernel`).
     lengthscale, task_covariance, noise
         The fitted ``(P, d)``, ``(P, T, T)`` and ``(P, T)``.
-    observed
-        ``(*grid)``, nonzero at the measured pixels.
     windows
         From :func:`plan_windows` (or :func:`~hyperspy_gp.gp.schur_windows.cut_windows`)
         for the same test grid.
@@ -314,10 +314,8 @@ def window_variance(kernel: GridKernel, lengthscale: torch.Tensor, task_covarian
         loadings = (root[:, :, None] * rotation).pow(2) * gamma[:, None, :]  # U_tk² γ_k, (P, T, K)
         points = [p.detach().to(device, dtype) for p in kernel.points]
         coords = [c.detach().to(device, dtype) for c in test_coords]
-        mask = observed.detach().to(device) != 0
         for window, placements in distinct_windows(windows, kernel.points, test_coords):
-            box = tuple(slice(start, stop) for start, stop in window.ranges)
-            local = torch.nonzero(mask[box])
+            local = window.observed().to(device)  # (an edge window stands for a box without missing pixels)
             starts = [start for start, _ in window.ranges]
             train = torch.stack([p[start + local[:, a]] for a, (p, start) in enumerate(zip(points, starts))], -1)
             test_index = [i.to(device) for i in window.test]

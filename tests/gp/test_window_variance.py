@@ -56,6 +56,7 @@ def _cluster(shape, corner, size):
 @pytest.mark.parametrize("shape,lengthscale,noise,observed,n_models,n_tasks", [
     ((40, 40), [[0.6, 0.7]], 1e-3, None, 1, 2),  # a complete scan: windows along the edges only
     ((40, 40), [[0.6, 0.5]], 0.05, _cluster((40, 40), (4, 30), 3), 1, 2),  # missing pixels near a corner
+    ((40, 40), [[0.6, 0.7]], 1e-3, _cluster((40, 40), (8, 20), 1), 1, 1),  # one in the top edge's strip window
     ((24, 20), [[1.0, 1.3]], 1e-4, np.random.default_rng(1).random((24, 20)) > 0.1, 1, 2),  # little noise
     ((24, 20), [[1.5, 1.2], [0.7, 0.9]], 0.05, np.random.default_rng(2).random((24, 20)) > 0.3, 2, 1),  # 2 models
 ])
@@ -74,7 +75,7 @@ def test_the_exact_variance_is_the_dense_one_within_its_tolerance(shape, lengths
         windows = posterior._windows[upsampling]
         edges = [w for w in windows if isinstance(w, window_variance.EdgeWindow)]
         assert len(edges) == 3**2 - 1  # 4 edges and 4 corners
-        assert len(windows) - len(edges) == (0 if observed is None else 2)  # the cores near the cluster
+        assert len(windows) - len(edges) == (0 if observed is None else 2)  # the cores near the missing pixels
 
 
 def test_length_scales_beyond_the_scan_with_little_noise_are_exact():
