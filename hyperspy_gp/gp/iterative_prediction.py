@@ -201,6 +201,8 @@ class IterativePosterior(Posterior):
             self.mean_weights = self._operator.mix(alpha)[:, 0]
         #: Per upsampling, the windows of the exact variance (:mod:`~hyperspy_gp.gp.window_variance`).
         self._windows: dict[int, list] = {}
+        #: ... and the test points that get the periodic twin's missing-pixel increase.
+        self._twin_points: dict[int, torch.Tensor] = {}
         if exact_variance and test_coords is not None:
             self._plan_exact_variance(test_coords)
         if not self.variance_is_exact:
@@ -213,16 +215,21 @@ class IterativePosterior(Posterior):
         """Take the exact variance on ``test_coords`` where its windows are affordable (logged either way)."""
         kernel = self.model.kernel
         windows = window_variance.plan_windows(kernel, self.lengthscale, self.mask, test_coords)
+        points = window_variance.twin_points(kernel, self.lengthscale, self.mask, test_coords)
         distinct = [window for window, _ in window_variance.distinct_windows(windows, kernel.points, test_coords)]
         p, t = self.task_covariance.shape[:2]
-        cost = window_variance.window_variance_cost(distinct, t, p)
+        n_missing = int((self.mask == 0).sum()) if len(points) else 0
+        cost = window_variance.window_variance_cost(distinct, t, p, n_missing, len(points))
         n_fine = math.prod(len(c) for c in test_coords)
         drawn = window_variance.drawn_variance_cost(n_fine, t, p, self.n_samples)
-        if window_variance.window_variance_fits(distinct, t, p, str(self.noise.device), drawn):
-            self._windows[lattice_upsampling(test_coords)] = windows
+        if window_variance.window_variance_fits(distinct, t, p, str(self.noise.device), drawn, n_missing,
+                                                len(points)):
+            upsampling = lattice_upsampling(test_coords)
+            self._windows[upsampling], self._twin_points[upsampling] = windows, points
             self.variance_is_exact, self.n_samples = True, 0
-            _logger.info("Iterative posterior: exact variance, the periodic twin's and, near the edges and missing "
-                         "pixels, %d windows (%d distinct, %.2g multiply-adds; the draws about %.2g)", len(windows),
+            _logger.info("Iterative posterior: exact variance, the periodic twin's, its increase from %d missing "
+                         "pixels at %d test points, and %d windows near the edges and missing pixels (%d distinct; "
+                         "%.2g multiply-adds, the draws about %.2g)", n_missing, len(points), len(windows),
                          len(distinct), cost, drawn)
         else:
             _logger.info("Iterative posterior: the exact variance's %d distinct windows (%.2g multiply-adds, largest "
@@ -341,13 +348,20 @@ class IterativePosterior(Posterior):
         # A clipped spectrum (length scales beyond the scan) leaves the twin's variance
         # biased: then every core is a window (such scans are a margin wide anyway).
         everywhere = clipped > CLIPPED_SPECTRUM_TOLERANCE
-        windows = self._windows.get(upsampling) if not everywhere else None
+        windows, points = (self._windows.get(upsampling), self._twin_points.get(upsampling)) if not everywhere \
+            else (None, None)
         if windows is None:
             windows = window_variance.plan_windows(kernel, self.lengthscale, self.mask, coords, everywhere)
+            points = window_variance.twin_points(kernel, self.lengthscale, self.mask, coords) if not everywhere \
+                else torch.zeros(0, len(fine_shape), dtype=torch.long)
         covered = not any(isinstance(w, window_variance.EdgeWindow) for w in windows) and \
             sum(math.prod(len(t) for t in w.test) for w in windows) == math.prod(fine_shape)
         variance = periodic.variance(fine_shape) if not covered else \
             self.noise.new_zeros(*self.task_covariance.shape[:2], *fine_shape)
+        if len(points):
+            missing = torch.nonzero(self.mask == 0) + torch.tensor(self.origin, device=self.mask.device)
+            index = (slice(None), slice(None), *points.to(variance.device).unbind(-1))
+            variance[index] += periodic.missing_increase(missing, points).to(variance.dtype)
         window_variance.window_variance(kernel, self.lengthscale, self.task_covariance, self.noise, windows, coords,
                                         variance)
         prior = periodic.prior_variance()

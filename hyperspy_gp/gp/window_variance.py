@@ -192,6 +192,8 @@ def plan_windows(kernel: GridKernel, lengthscale: torch.Tensor, observed: torch.
         return windows
     edges = edge_windows(kernel.points, test_coords, margin)
     clean = torch.from_numpy(clean_pixels(observed, margin, edges=edges is None))
+    if edges is not None:  # missing pixels away from the edges: the periodic twin's increase
+        clean |= torch.from_numpy(clean_pixels(torch.ones_like(observed), margin))
     nearest = [nearest_pixels(p, c) for p, c in zip(kernel.points, test_coords)]
     needed = []
     for window in windows:
@@ -199,6 +201,25 @@ def plan_windows(kernel: GridKernel, lengthscale: torch.Tensor, observed: torch.
         if not bool(clean[torch.meshgrid(*pixels, indexing="ij")].all()):
             needed.append(window)
     return (edges or []) + needed
+
+
+def twin_points(kernel: GridKernel, lengthscale: torch.Tensor, observed: torch.Tensor,
+                test_coords: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The test points whose variance is the periodic twin's plus its missing-pixel increase, ``(m, d)`` indices.
+
+    Those with a missing pixel within the margin of their nearest pixel, a margin
+    inside the scan, where :func:`plan_windows` gives edge windows
+    (:meth:`~hyperspy_gp.gp.periodic_twin.PeriodicTwin.missing_increase`: the twin
+    differs from the model there only beyond the margin and at the missing pixels).
+    """
+    margin = [m + 1 for m in margins(lengthscale)]
+    if edge_windows(kernel.points, test_coords, margin) is None:
+        return torch.zeros(0, len(test_coords), dtype=torch.long)
+    inside = torch.from_numpy(clean_pixels(torch.ones_like(observed), margin))
+    near_missing = ~torch.from_numpy(clean_pixels(observed, margin, edges=False))
+    nearest = [nearest_pixels(p, c) for p, c in zip(kernel.points, test_coords)]
+    chosen = (inside & near_missing)[torch.meshgrid(*nearest, indexing="ij")]
+    return torch.nonzero(chosen)
 
 
 def _measured(window: Window) -> int:
@@ -240,13 +261,15 @@ def distinct_windows(windows: Sequence[Window | EdgeWindow], points: Sequence[to
     return list(groups.values())
 
 
-def window_variance_cost(windows: Sequence[Window], n_tasks: int, n_models: int) -> float:
-    """Multiply-adds of :func:`window_variance` for these (distinct) windows.
+def window_variance_cost(windows: Sequence[Window], n_tasks: int, n_models: int, n_missing: int = 0,
+                         n_twin_points: int = 0) -> float:
+    """Multiply-adds of :func:`window_variance` for these (distinct) windows, and of the twin's increase.
 
-    Per model, whitened map and window ``|O|³ / 3 + |O|² m``.
+    Per model, whitened map and window ``|O|³ / 3 + |O|² m``; for the increase of
+    :func:`twin_points` over ``|M|`` missing pixels ``|M|³ / 3 + |M|² m``.
     """
-    return float(n_models * n_tasks) * sum(_measured(w) ** 3 / 3 + _measured(w) ** 2 * math.prod(len(t) for t in w.test)
-                                           for w in windows)
+    sizes = [(_measured(w), math.prod(len(t) for t in w.test)) for w in windows] + [(n_missing, n_twin_points)]
+    return float(n_models * n_tasks) * sum(float(o) ** 3 / 3 + float(o) ** 2 * m for o, m in sizes)
 
 
 #: Multiply-adds of dense algebra that take as long as one draw of the Monte-Carlo
@@ -267,18 +290,18 @@ def drawn_variance_cost(n_fine: int, n_tasks: int, n_models: int, n_samples: int
 
 
 def window_variance_fits(windows: Sequence[Window], n_tasks: int, n_models: int, device: str = "cpu",
-                         drawn_cost: float = math.inf) -> bool:
-    """Whether :func:`window_variance` is affordable on ``device``, and worth it against the draws.
+                         drawn_cost: float = math.inf, n_missing: int = 0, n_twin_points: int = 0) -> bool:
+    """Whether :func:`window_variance` (and the twin's increase) is affordable on ``device``, and worth it.
 
-    Every window's measured pixels squared at most
-    :data:`~hyperspy_gp.memory.MAX_WINDOW_MISSING_SQUARED` (two such matrices are held);
-    the cost (:func:`window_variance_cost`) within
+    Every window's measured pixels squared, and the twin's missing pixels squared, at
+    most :data:`~hyperspy_gp.memory.MAX_WINDOW_MISSING_SQUARED` (two such matrices are
+    held); the cost (:func:`window_variance_cost`) within
     :func:`~hyperspy_gp.memory.increase_cost_limit`, and within
     :data:`WINDOWS_OVER_DRAWS` times ``drawn_cost`` (:func:`drawn_variance_cost`) unless
     it is under :data:`WINDOWS_ALWAYS_AFFORDABLE`.
     """
-    small = all(_measured(w) ** 2 <= memory.MAX_WINDOW_MISSING_SQUARED for w in windows)
-    cost = window_variance_cost(windows, n_tasks, n_models)
+    small = all(size**2 <= memory.MAX_WINDOW_MISSING_SQUARED for size in [*map(_measured, windows), n_missing])
+    cost = window_variance_cost(windows, n_tasks, n_models, n_missing, n_twin_points)
     worth_it = cost <= max(WINDOWS_ALWAYS_AFFORDABLE, WINDOWS_OVER_DRAWS * drawn_cost)
     return small and worth_it and cost <= memory.increase_cost_limit(device)
 

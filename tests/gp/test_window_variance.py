@@ -57,6 +57,8 @@ def _cluster(shape, corner, size):
     ((40, 40), [[0.6, 0.7]], 1e-3, None, 1, 2),  # a complete scan: windows along the edges only
     ((40, 40), [[0.6, 0.5]], 0.05, _cluster((40, 40), (4, 30), 3), 1, 2),  # missing pixels near a corner
     ((40, 40), [[0.6, 0.7]], 1e-3, _cluster((40, 40), (8, 20), 1), 1, 1),  # one in the top edge's strip window
+    ((40, 40), [[0.6, 0.7]], 1e-3, _cluster((40, 40), (18, 20), 3), 1, 2),  # inside: the twin's increase
+    ((48, 44), [[1.0, 0.8]], 0.05, np.random.default_rng(3).random((48, 44)) > 0.02, 1, 1),  # dead pixels
     ((24, 20), [[1.0, 1.3]], 1e-4, np.random.default_rng(1).random((24, 20)) > 0.1, 1, 2),  # little noise
     ((24, 20), [[1.5, 1.2], [0.7, 0.9]], 0.05, np.random.default_rng(2).random((24, 20)) > 0.3, 2, 1),  # 2 models
 ])
@@ -75,7 +77,10 @@ def test_the_exact_variance_is_the_dense_one_within_its_tolerance(shape, lengths
         windows = posterior._windows[upsampling]
         edges = [w for w in windows if isinstance(w, window_variance.EdgeWindow)]
         assert len(edges) == 3**2 - 1  # 4 edges and 4 corners
-        assert len(windows) - len(edges) == (0 if observed is None else 2)  # the cores near the missing pixels
+        # Near the missing pixels: the cores also near an edge (at most 2 here), and the
+        # twin's increase at the other test points.
+        assert len(windows) - len(edges) <= (0 if observed is None else 2)
+        assert (len(posterior._twin_points[upsampling]) > 0) == (observed is not None)
 
 
 def test_length_scales_beyond_the_scan_with_little_noise_are_exact():
@@ -102,7 +107,7 @@ def test_clean_pixels_have_a_measured_box_inside_the_scan():
         assert clean[i, j] == (inside and bool(box.all()))
 
 
-def test_edges_get_strip_windows_and_missing_pixels_the_cores_around_them_equal_ones_computed_once():
+def test_edges_get_strip_windows_missing_pixels_the_twins_increase_or_near_an_edge_their_cores():
     shape, upsampling = (128, 128), 2
     model, _ = _model(shape, [[2.0, 2.0]], 0.05)
     coords = _coords(shape, upsampling)
@@ -119,12 +124,16 @@ def test_edges_get_strip_windows_and_missing_pixels_the_cores_around_them_equal_
     for w in windows:
         placed[torch.meshgrid(*w.targets, indexing="ij")] += 1
     assert torch.equal(placed, near[0][:, None] | near[1][None, :])
-    # Two missing pixels at the same place within their cores: 3 × 3 cores each, 9 distinct.
-    observed[40, 40] = observed[40, 88] = 0
+    # A missing pixel inside: the test points within a margin of it get the twin's increase.
+    observed[64, 64] = 0
+    assert len(window_variance.twin_points(model.kernel, model.lengthscale, observed, coords)) == (2 * 27) ** 2
+    assert len(window_variance.plan_windows(model.kernel, model.lengthscale, observed, coords)) == 8
+    # Two near the top edge, at the same place within their cores: 3 cores each, 3 distinct.
+    observed[5, 40] = observed[5, 88] = 0
     more = [w for w in window_variance.plan_windows(model.kernel, model.lengthscale, observed, coords)
             if not isinstance(w, window_variance.EdgeWindow)]
-    assert len(more) == 18
-    assert len(window_variance.distinct_windows(more, model.kernel.points, coords)) == 9
+    assert len(more) == 6
+    assert len(window_variance.distinct_windows(more, model.kernel.points, coords)) == 3
     # Every core, where the twin cannot be trusted.
     assert len(window_variance.plan_windows(model.kernel, model.lengthscale, observed, coords, everywhere=True)) == 64
 
