@@ -28,8 +28,11 @@ The model is translation invariant, so away from the corners and missing pixels 
 test point's variance depends only on its distance to the nearest edge and its
 offset from its nearest pixel: one strip window serves a whole edge, one window each
 corner (:func:`edge_windows`: 8 on a complete scan, whatever its size).  Test points
-with a missing pixel within the margin get the windows of their cores, of which only
-one per group of equal windows is computed (:func:`distinct_windows`).  Where their
+with a missing pixel within the margin, a margin inside the scan (:func:`twin_points`),
+get the twin's variance plus its Schur increase over the missing pixels
+(:meth:`~hyperspy_gp.gp.periodic_twin.PeriodicTwin.missing_increase`); those also near
+an edge get the windows of their cores, of which only one per group of equal windows
+is computed (:func:`distinct_windows`).  Where their
 cost exceeds :data:`WINDOWS_OVER_DRAWS` times the draws' (estimated; under
 :data:`WINDOWS_ALWAYS_AFFORDABLE` they always serve), or
 :func:`~hyperspy_gp.memory.increase_cost_limit` (long length scales, many scattered
