@@ -199,10 +199,8 @@ class IterativePosterior(Posterior):
             alpha = self._solve(y)
             #: ``α B`` in channel-first layout ``(P, T, *grid)``.
             self.mean_weights = self._operator.mix(alpha)[:, 0]
-        #: Per upsampling, the windows of the exact variance (:mod:`~hyperspy_gp.gp.window_variance`).
-        self._windows: dict[int, list] = {}
-        #: ... and the test points that get the periodic twin's missing-pixel increase.
-        self._twin_points: dict[int, torch.Tensor] = {}
+        #: Per upsampling, the plan of the exact variance (:mod:`~hyperspy_gp.gp.window_variance`).
+        self._plans: dict[int, window_variance.VariancePlan] = {}
         if exact_variance and test_coords is not None:
             self._plan_exact_variance(test_coords)
         if not self.variance_is_exact:
@@ -214,8 +212,8 @@ class IterativePosterior(Posterior):
     def _plan_exact_variance(self, test_coords: Sequence[torch.Tensor]) -> None:
         """Take the exact variance on ``test_coords`` where its windows are affordable (logged either way)."""
         kernel = self.model.kernel
-        windows = window_variance.plan_windows(kernel, self.lengthscale, self.mask, test_coords)
-        points = window_variance.twin_points(kernel, self.lengthscale, self.mask, test_coords)
+        plan = window_variance.plan_exact_variance(kernel, self.lengthscale, self.mask, test_coords)
+        windows, points = plan.windows, plan.twin_points
         distinct = [window for window, _ in window_variance.distinct_windows(windows, kernel.points, test_coords)]
         p, t = self.task_covariance.shape[:2]
         n_missing = int((self.mask == 0).sum()) if len(points) else 0
@@ -224,8 +222,7 @@ class IterativePosterior(Posterior):
         drawn = window_variance.drawn_variance_cost(n_fine, t, p, self.n_samples)
         if window_variance.window_variance_fits(distinct, t, p, str(self.noise.device), drawn, n_missing,
                                                 len(points)):
-            upsampling = lattice_upsampling(test_coords)
-            self._windows[upsampling], self._twin_points[upsampling] = windows, points
+            self._plans[lattice_upsampling(test_coords)] = plan
             self.variance_is_exact, self.n_samples = True, 0
             _logger.info("Iterative posterior: exact variance, the periodic twin's, its increase from %d missing "
                          "pixels at %d test points, and %d windows near the edges and missing pixels (%d distinct; "
@@ -348,12 +345,10 @@ class IterativePosterior(Posterior):
         # A clipped spectrum (length scales beyond the scan) leaves the twin's variance
         # biased: then every core is a window (such scans are a margin wide anyway).
         everywhere = clipped > CLIPPED_SPECTRUM_TOLERANCE
-        windows, points = (self._windows.get(upsampling), self._twin_points.get(upsampling)) if not everywhere \
-            else (None, None)
-        if windows is None:
-            windows = window_variance.plan_windows(kernel, self.lengthscale, self.mask, coords, everywhere)
-            points = window_variance.twin_points(kernel, self.lengthscale, self.mask, coords) if not everywhere \
-                else torch.zeros(0, len(fine_shape), dtype=torch.long)
+        plan = None if everywhere else self._plans.get(upsampling)
+        if plan is None:
+            plan = window_variance.plan_exact_variance(kernel, self.lengthscale, self.mask, coords, everywhere)
+        windows, points = plan.windows, plan.twin_points
         covered = not any(isinstance(w, window_variance.EdgeWindow) for w in windows) and \
             sum(math.prod(len(t) for t in w.test) for w in windows) == math.prod(fine_shape)
         variance = periodic.variance(fine_shape) if not covered else \

@@ -28,7 +28,7 @@ The model is translation invariant, so away from the corners and missing pixels 
 test point's variance depends only on its distance to the nearest edge and its
 offset from its nearest pixel: one strip window serves a whole edge, one window each
 corner (:func:`edge_windows`: 8 on a complete scan, whatever its size).  Test points
-with a missing pixel within the margin, a margin inside the scan (:func:`twin_points`),
+with a missing pixel within the margin, a margin inside the scan (:func:`plan_exact_variance`),
 get the twin's variance plus its Schur increase over the missing pixels
 (:meth:`~hyperspy_gp.gp.periodic_twin.PeriodicTwin.missing_increase`); those also near
 an edge get the windows of their cores, of which only one per group of equal windows
@@ -131,7 +131,7 @@ def edge_windows(points: Sequence[torch.Tensor], test_coords: Sequence[torch.Ten
     (no mid), the grid is not regular, or a mid coordinate's offset is not among the
     middle pixel's (test coordinates that are not a lattice).  The windows stand for
     boxes without missing pixels: test points with one within the margin need the
-    windows of :func:`plan_windows`.
+    windows of :func:`plan_exact_variance`.
     """
     classes = []
     for pts, coords, m in zip(points, test_coords, margin):
@@ -164,14 +164,34 @@ def edge_windows(points: Sequence[torch.Tensor], test_coords: Sequence[torch.Ten
     return out
 
 
-def plan_windows(kernel: GridKernel, lengthscale: torch.Tensor, observed: torch.Tensor,
-                 test_coords: Sequence[torch.Tensor], everywhere: bool = False) -> list[Window | EdgeWindow]:
-    """The windows of every test point at a pixel that is not clean (:func:`clean_pixels`).
+@dataclass(frozen=True)
+class VariancePlan:
+    """Where the exact variance of each test point that is not clean comes from.
 
-    The edges and corners get :func:`edge_windows`, where they apply, and every core
-    (:func:`~hyperspy_gp.gp.schur_windows.cut_windows`) that holds a test point with a
-    missing pixel within the margin gets its own window (computed after the edge
-    windows, so its values stand).  Otherwise every core that holds a test point at a
+    Attributes
+    ----------
+    windows
+        The windows (:func:`edge_windows`, then the cores of
+        :func:`~hyperspy_gp.gp.schur_windows.cut_windows`, whose values stand).
+    twin_points
+        ``(m, d)`` indices of the test points that get the periodic twin's variance plus
+        its missing-pixel increase
+        (:meth:`~hyperspy_gp.gp.periodic_twin.PeriodicTwin.missing_increase`).
+    """
+
+    windows: list[Window | EdgeWindow]
+    twin_points: torch.Tensor
+
+
+def plan_exact_variance(kernel: GridKernel, lengthscale: torch.Tensor, observed: torch.Tensor,
+                        test_coords: Sequence[torch.Tensor], everywhere: bool = False) -> VariancePlan:
+    """The windows and twin points of every test point at a pixel that is not clean (:func:`clean_pixels`).
+
+    Where :func:`edge_windows` apply, the edges and corners get them; the test points
+    with a missing pixel within the margin of their nearest pixel get the twin's
+    increase where that pixel is a margin inside the scan (the twin differs from the
+    model there only beyond the margin and at the missing pixels), and the window of
+    their core where it is not.  Otherwise every core that holds a test point at a
     pixel that is not clean gets its window.
 
     Parameters
@@ -185,44 +205,27 @@ def plan_windows(kernel: GridKernel, lengthscale: torch.Tensor, observed: torch.
     test_coords
         One 1-D tensor of test coordinates per axis (pixel units of the training grid).
     everywhere
-        Every core, not only those near edges and missing pixels (where the periodic
-        twin's variance cannot be trusted).
+        Every core a window, no twin points (where the periodic twin's variance cannot
+        be trusted).
     """
     margin = [m + 1 for m in margins(lengthscale)]  # test points lie up to half a pixel beyond their nearest pixel
     missing = torch.nonzero(observed.detach().cpu() == 0)
     windows = cut_windows(kernel.points, missing, test_coords, margin)
+    no_twin = torch.zeros(0, len(test_coords), dtype=torch.long)
     if everywhere:
-        return windows
+        return VariancePlan(windows, no_twin)
     edges = edge_windows(kernel.points, test_coords, margin)
+    nearest = torch.meshgrid(*[nearest_pixels(p, c) for p, c in zip(kernel.points, test_coords)], indexing="ij")
     clean = torch.from_numpy(clean_pixels(observed, margin, edges=edges is None))
-    if edges is not None:  # missing pixels away from the edges: the periodic twin's increase
-        clean |= torch.from_numpy(clean_pixels(torch.ones_like(observed), margin))
-    nearest = [nearest_pixels(p, c) for p, c in zip(kernel.points, test_coords)]
-    needed = []
-    for window in windows:
-        pixels = [n[t] for n, t in zip(nearest, window.test)]
-        if not bool(clean[torch.meshgrid(*pixels, indexing="ij")].all()):
-            needed.append(window)
-    return (edges or []) + needed
-
-
-def twin_points(kernel: GridKernel, lengthscale: torch.Tensor, observed: torch.Tensor,
-                test_coords: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The test points whose variance is the periodic twin's plus its missing-pixel increase, ``(m, d)`` indices.
-
-    Those with a missing pixel within the margin of their nearest pixel, a margin
-    inside the scan, where :func:`plan_windows` gives edge windows
-    (:meth:`~hyperspy_gp.gp.periodic_twin.PeriodicTwin.missing_increase`: the twin
-    differs from the model there only beyond the margin and at the missing pixels).
-    """
-    margin = [m + 1 for m in margins(lengthscale)]
-    if edge_windows(kernel.points, test_coords, margin) is None:
-        return torch.zeros(0, len(test_coords), dtype=torch.long)
-    inside = torch.from_numpy(clean_pixels(torch.ones_like(observed), margin))
-    near_missing = ~torch.from_numpy(clean_pixels(observed, margin, edges=False))
-    nearest = [nearest_pixels(p, c) for p, c in zip(kernel.points, test_coords)]
-    chosen = (inside & near_missing)[torch.meshgrid(*nearest, indexing="ij")]
-    return torch.nonzero(chosen)
+    twin = no_twin
+    if edges is not None:  # missing pixels a margin inside the scan: the periodic twin's increase
+        inside = torch.from_numpy(clean_pixels(torch.ones_like(observed), margin))
+        twin = torch.nonzero((inside & ~clean)[nearest])
+        clean |= inside
+    clean_test = clean[nearest]
+    needed = [window for window in windows
+              if not bool(clean_test[torch.meshgrid(*window.test, indexing="ij")].all())]
+    return VariancePlan((edges or []) + needed, twin)
 
 
 def _measured(window: Window) -> int:
@@ -269,7 +272,7 @@ def window_variance_cost(windows: Sequence[Window], n_tasks: int, n_models: int,
     """Multiply-adds of :func:`window_variance` for these (distinct) windows, and of the twin's increase.
 
     Per model, whitened map and window ``|O|³ / 3 + |O|² m``; for the increase of
-    :func:`twin_points` over ``|M|`` missing pixels ``|M|³ / 3 + |M|² m``.
+    :attr:`VariancePlan.twin_points` over ``|M|`` missing pixels ``|M|³ / 3 + |M|² m``.
     """
     sizes = [(_measured(w), math.prod(len(t) for t in w.test)) for w in windows] + [(n_missing, n_twin_points)]
     return float(n_models * n_tasks) * sum(float(o) ** 3 / 3 + float(o) ** 2 * m for o, m in sizes)
@@ -321,7 +324,7 @@ def window_variance(kernel: GridKernel, lengthscale: torch.Tensor, task_covarian
     lengthscale, task_covariance, noise
         The fitted ``(P, d)``, ``(P, T, T)`` and ``(P, T)``.
     windows
-        From :func:`plan_windows` (or :func:`~hyperspy_gp.gp.schur_windows.cut_windows`)
+        From :func:`plan_exact_variance` (or :func:`~hyperspy_gp.gp.schur_windows.cut_windows`)
         for the same test grid.
     test_coords
         One 1-D tensor of test coordinates per axis.

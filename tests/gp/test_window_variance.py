@@ -74,13 +74,13 @@ def test_the_exact_variance_is_the_dense_one_within_its_tolerance(shape, lengths
     assert float((mean - mean_ref).abs().max() / mean_ref.abs().max()) < 1e-8
     assert float(((variance - var_ref).abs() / var_ref).max()) < WINDOW_RTOL
     if shape == (40, 40):  # edge windows; the periodic twin's variance inside, exact there too
-        windows = posterior._windows[upsampling]
+        windows = posterior._plans[upsampling].windows
         edges = [w for w in windows if isinstance(w, window_variance.EdgeWindow)]
         assert len(edges) == 3**2 - 1  # 4 edges and 4 corners
         # Near the missing pixels: the cores also near an edge (at most 2 here), and the
         # twin's increase at the other test points.
         assert len(windows) - len(edges) <= (0 if observed is None else 2)
-        assert (len(posterior._twin_points[upsampling]) > 0) == (observed is not None)
+        assert (len(posterior._plans[upsampling].twin_points) > 0) == (observed is not None)
 
 
 def test_length_scales_beyond_the_scan_with_little_noise_are_exact():
@@ -113,7 +113,7 @@ def test_edges_get_strip_windows_missing_pixels_the_twins_increase_or_near_an_ed
     coords = _coords(shape, upsampling)
     margin = 13  # ⌈6 ℓ⌉ + 1
     observed = torch.ones(shape)
-    windows = window_variance.plan_windows(model.kernel, model.lengthscale, observed, coords)
+    windows = window_variance.plan_exact_variance(model.kernel, model.lengthscale, observed, coords).windows
     assert len(windows) == 8 and all(isinstance(w, window_variance.EdgeWindow) for w in windows)
     assert max(np.prod(w.window.shape) for w in windows) == 2 * margin * (2 * margin + 1)  # the edge strips
     # Every test point within a margin of an edge, and only those, is placed once per
@@ -126,16 +126,18 @@ def test_edges_get_strip_windows_missing_pixels_the_twins_increase_or_near_an_ed
     assert torch.equal(placed, near[0][:, None] | near[1][None, :])
     # A missing pixel inside: the test points within a margin of it get the twin's increase.
     observed[64, 64] = 0
-    assert len(window_variance.twin_points(model.kernel, model.lengthscale, observed, coords)) == (2 * 27) ** 2
-    assert len(window_variance.plan_windows(model.kernel, model.lengthscale, observed, coords)) == 8
+    plan = window_variance.plan_exact_variance(model.kernel, model.lengthscale, observed, coords)
+    assert len(plan.twin_points) == (2 * 27) ** 2
+    assert len(plan.windows) == 8
     # Two near the top edge, at the same place within their cores: 3 cores each, 3 distinct.
     observed[5, 40] = observed[5, 88] = 0
-    more = [w for w in window_variance.plan_windows(model.kernel, model.lengthscale, observed, coords)
+    more = [w for w in window_variance.plan_exact_variance(model.kernel, model.lengthscale, observed, coords).windows
             if not isinstance(w, window_variance.EdgeWindow)]
     assert len(more) == 6
     assert len(window_variance.distinct_windows(more, model.kernel.points, coords)) == 3
     # Every core, where the twin cannot be trusted.
-    assert len(window_variance.plan_windows(model.kernel, model.lengthscale, observed, coords, everywhere=True)) == 64
+    everywhere = window_variance.plan_exact_variance(model.kernel, model.lengthscale, observed, coords, everywhere=True)
+    assert len(everywhere.windows) == 64 and not len(everywhere.twin_points)
 
 
 def test_beyond_its_limits_or_when_declined_the_variance_is_drawn(monkeypatch, caplog):
