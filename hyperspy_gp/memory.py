@@ -97,6 +97,10 @@ MAX_WINDOW_MISSING_SQUARED = 2**24
 #: Largest window (pixels) of the windowed increase: a block of its fields and of its
 #: core's test points stays within 3 · ``STREAM_BLOCK`` · 2¹⁴ · (1 + upsampling^d) values.
 MAX_WINDOW_PIXELS = 2**14
+#: Largest number of measured pixels, squared, of a window of the iterative path's
+#: exact variance (:mod:`~hyperspy_gp.gp.window_variance`): 256 MB per copy of its Gram
+#: matrix (three are held), 5792 pixels, the edge strips of length scales up to about 6 px.
+MAX_VARIANCE_WINDOW_SQUARED = 2**25
 #: Test points (and Gram rows) per block of the iterative path's windows
 #: (:mod:`~hyperspy_gp.gp.window_variance`).
 WINDOW_BLOCK = 1024
@@ -433,7 +437,7 @@ def _iterative_bytes(grid_shape, upsampling, n_models, n_tasks, itemsize, n_miss
     # Or the exact variance window by window (:mod:`~hyperspy_gp.gp.window_variance`,
     # chosen after the fit): a window's Gram matrix and factor and their copy in the
     # factorisation, a block of its kernel's temporaries, and a few upsampled arrays.
-    largest = min(n_pixels**2, MAX_WINDOW_MISSING_SQUARED)
+    largest = min(n_pixels**2, MAX_VARIANCE_WINDOW_SQUARED)
     windowed = 3 * largest + 8 * math.isqrt(largest) * WINDOW_BLOCK + 8 * n_models * n_tasks * fine
     prediction = max(prediction, windowed * _FLOAT64 + 6 * CHUNK_BYTES)
     return fitting + missing_fitting, prediction + missing_prediction

@@ -27,7 +27,9 @@ scales from the scan's edges and from every missing pixel
 The model is translation invariant, so away from the corners and missing pixels a
 test point's variance depends only on its distance to the nearest edge and its
 offset from its nearest pixel: one strip window serves a whole edge, one window each
-corner (:func:`edge_windows`: 8 on a complete scan, whatever its size).  Test points
+corner; and it is symmetric under the reflection of each axis, so one window serves
+both ends of an axis (:func:`edge_windows`: 3 on a complete 2-D scan, whatever its
+size: the four corners, the low and high rows, the low and high columns).  Test points
 with a missing pixel within the margin, a margin inside the scan (:func:`plan_exact_variance`),
 get the twin's variance plus its Schur increase over the missing pixels
 (:meth:`~hyperspy_gp.gp.periodic_twin.PeriodicTwin.missing_increase`); those also near
@@ -36,8 +38,9 @@ is computed (:func:`distinct_windows`).  Where their
 cost exceeds :data:`WINDOWS_OVER_DRAWS` times the draws' (estimated; under
 :data:`WINDOWS_ALWAYS_AFFORDABLE` they always serve), or
 :func:`~hyperspy_gp.memory.increase_cost_limit` (long length scales, many scattered
-missing pixels), or a window exceeds :data:`~hyperspy_gp.memory.MAX_WINDOW_MISSING_SQUARED`
-measured pixels squared, the iterative posterior draws its variance instead.
+missing pixels), or a window exceeds :data:`~hyperspy_gp.memory.MAX_VARIANCE_WINDOW_SQUARED`
+measured pixels squared (or the missing pixels of the twin's increase
+:data:`~hyperspy_gp.memory.MAX_WINDOW_MISSING_SQUARED`), the iterative posterior draws its variance instead.
 
 Accuracy against dense algebra (Matérn-5/2, 2× upsampling, 40² and 24 × 20 scans,
 length scales 0.6–1.5 px, noise 1e-4 to 0.05 of the prior, complete, a cluster of
@@ -97,70 +100,92 @@ def clean_pixels(observed: torch.Tensor, margin: Sequence[int], edges: bool = Tr
 
 @dataclass(frozen=True)
 class EdgeWindow:
-    """A window along an edge (or at a corner) whose variances serve every test point of that band.
+    """A window at the low end of one or more axes whose variances serve every test point of those bands.
 
     Away from the corners and from missing pixels, a test point's variance depends only
     on its distance to the edge and its offset from its nearest pixel (the model is
     translation invariant): one strip window, ``2 m`` pixels deep and ``2 m + 1`` wide,
-    serves the whole edge.
+    serves the whole edge.  The kernel is also symmetric under the reflection of each
+    axis about the scan's centre, which maps the high end's window onto the low end's:
+    the window also serves the opposite edge, at the reflected test coordinates.
 
     Attributes
     ----------
     window
-        The strip (its test points: one pixel's offsets along the edge, every depth).
+        Its pixels (``window.test`` indexes :attr:`coordinates`).
+    coordinates
+        Per axis, the test coordinates solved in the window (pixels of the training
+        grid; the high end's reflected).
     targets
         Per axis, the indices of the test coordinates that get its variances.
     sources
-        Per axis, for each target, its position in ``window.test``.
+        Per axis, for each target, its position in :attr:`coordinates`.
     """
 
     window: Window
+    coordinates: tuple[torch.Tensor, ...]
     targets: tuple[torch.Tensor, ...]
     sources: tuple[torch.Tensor, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.window.shape
+
+
+def _edge_classes(pts: torch.Tensor, coords: torch.Tensor, m: int) -> list[tuple] | None:
+    """One axis' two classes of :func:`edge_windows`: ``(range, coordinates, targets, sources)`` each.
+
+    *Edge*: the test coordinates whose nearest pixel is within ``m`` of the first pixel,
+    and those within ``m`` of the last, reflected (``x → p_0 + p_{n−1} − x``); solved
+    in the window ``[0, 2m)``.  *Mid*: every other coordinate, represented by those of
+    the middle pixel at the same offset, solved in ``2m + 1`` pixels around it.
+    """
+    n = len(pts)
+    pts, coords = pts.detach().cpu().double(), coords.detach().cpu().double()
+    if n < 2 * m + 2 or not torch.allclose(pts[1:] - pts[:-1], torch.ones(n - 1, dtype=pts.dtype)):
+        return None  # (translation invariance needs a regular grid)
+    near = nearest_pixels(pts, coords)
+    low, high = torch.nonzero(near < m).reshape(-1), torch.nonzero(near >= n - m).reshape(-1)
+    reflected = torch.cat([coords[low], float(pts[0] + pts[-1]) - coords[high]])
+    _, first, sources = np.unique(np.round(reflected.numpy(), 9), return_index=True, return_inverse=True)
+    edge = ((0, 2 * m), reflected[first], torch.cat([low, high]), torch.from_numpy(sources.reshape(-1)))
+    middle = n // 2
+    rep = torch.nonzero(near == middle).reshape(-1)
+    mid = torch.nonzero((near >= m) & (near < n - m)).reshape(-1)
+    offsets = (coords[mid] - pts[near[mid]])[:, None] - (coords[rep] - pts[middle])[None, :]
+    if len(mid) and (not len(rep) or float(offsets.abs().min(1).values.max()) > 1e-9):
+        return None
+    source = offsets.abs().argmin(1) if len(mid) else mid
+    return [edge, ((middle - m, middle + m + 1), coords[rep], mid, source)]
 
 
 def edge_windows(points: Sequence[torch.Tensor], test_coords: Sequence[torch.Tensor],
                  margin: Sequence[int]) -> list[EdgeWindow] | None:
-    """The windows of the edges and corners of a complete scan (``3^d − 1``), or ``None`` where they do not apply.
+    """The windows of the edges and corners of a complete scan (``2^d − 1``), or ``None`` where they do not apply.
 
-    Per axis a test coordinate is *low* (its nearest pixel within ``m`` of the first),
-    *high* (of the last) or *mid*; every combination but all-mid gets one window:
-    ``[0, 2m)`` for low, ``[n − 2m, n)`` for high, and ``2m + 1`` pixels around a middle
-    pixel for mid, whose test points stand for every mid coordinate at the same offset
-    from its nearest pixel.  ``None`` where an axis is shorter than ``2m + 2`` pixels
-    (no mid), the grid is not regular, or a mid coordinate's offset is not among the
-    middle pixel's (test coordinates that are not a lattice).  The windows stand for
-    boxes without missing pixels: test points with one within the margin need the
-    windows of :func:`plan_exact_variance`.
+    Per axis a test coordinate is *edge* (its nearest pixel within ``m`` of the first or
+    the last pixel) or *mid* (:func:`_edge_classes`); every combination but all-mid gets
+    one window, which serves both ends of its edge axes by reflection: on a 2-D scan one
+    window for the four corners and one per pair of opposite edges.  ``None`` where an
+    axis is shorter than ``2m + 2`` pixels (no mid), the grid is not regular, or a mid
+    coordinate's offset is not among the middle pixel's (test coordinates that are not
+    a lattice).  The windows stand for boxes without missing pixels: test points with
+    one within the margin need the windows of :func:`plan_exact_variance`.
     """
-    classes = []
-    for pts, coords, m in zip(points, test_coords, margin):
-        n = len(pts)
-        pts, coords = pts.detach().cpu().double(), coords.detach().cpu().double()
-        if n < 2 * m + 2 or not torch.allclose(pts[1:] - pts[:-1], torch.ones(n - 1, dtype=pts.dtype)):
-            return None  # (translation invariance needs a regular grid)
-        near = nearest_pixels(pts, coords)
-        low, high = torch.nonzero(near < m).reshape(-1), torch.nonzero(near >= n - m).reshape(-1)
-        middle = n // 2
-        rep = torch.nonzero(near == middle).reshape(-1)
-        mid = torch.nonzero((near >= m) & (near < n - m)).reshape(-1)
-        offsets = (coords[mid] - pts[near[mid]])[:, None] - (coords[rep] - pts[middle])[None, :]
-        if len(mid) and (not len(rep) or float(offsets.abs().min(1).values.max()) > 1e-9):
-            return None
-        source = offsets.abs().argmin(1) if len(mid) else mid
-        classes.append([((0, 2 * m), low, low, torch.arange(len(low))),
-                        ((n - 2 * m, n), high, high, torch.arange(len(high))),
-                        ((middle - m, middle + m + 1), rep, mid, source)])
+    classes = [_edge_classes(pts, coords, m) for pts, coords, m in zip(points, test_coords, margin)]
+    if any(c is None for c in classes):
+        return None
     out = []
     no_missing = torch.zeros(0, len(points), dtype=torch.long)
-    for combination in itertools.product(*[range(3)] * len(points)):
-        if all(c == 2 for c in combination):  # the interior: the periodic twin's
+    for combination in itertools.product(*[range(2)] * len(points)):
+        if all(c == 1 for c in combination):  # the interior: the periodic twin's
             continue
         parts = [classes[a][c] for a, c in enumerate(combination)]
         if any(not len(target) for _, _, target, _ in parts):
             continue
-        window = Window(tuple(r for r, _, _, _ in parts), tuple(t for _, t, _, _ in parts), no_missing)
-        out.append(EdgeWindow(window, tuple(t for _, _, t, _ in parts), tuple(s for _, _, _, s in parts)))
+        window = Window(tuple(r for r, _, _, _ in parts), tuple(torch.arange(len(c)) for _, c, _, _ in parts),
+                        no_missing)
+        out.append(EdgeWindow(window, *(tuple(part[i] for part in parts) for i in (1, 2, 3))))
     return out
 
 
@@ -228,8 +253,15 @@ def plan_exact_variance(kernel: GridKernel, lengthscale: torch.Tensor, observed:
     return VariancePlan((edges or []) + needed, twin)
 
 
-def _measured(window: Window) -> int:
+def _measured(window: Window | EdgeWindow) -> int:
+    window = window.window if isinstance(window, EdgeWindow) else window
     return math.prod(window.shape) - len(window.missing)
+
+
+def _n_test(window: Window | EdgeWindow) -> int:
+    """Test points solved in the window."""
+    window = window.window if isinstance(window, EdgeWindow) else window
+    return math.prod(len(t) for t in window.test)
 
 
 def _key(window: Window, points: Sequence[torch.Tensor], test_coords: Sequence[torch.Tensor]) -> tuple:
@@ -250,31 +282,31 @@ Placement = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]
 
 
 def distinct_windows(windows: Sequence[Window | EdgeWindow], points: Sequence[torch.Tensor],
-                     test_coords: Sequence[torch.Tensor]) -> list[tuple[Window, list[Placement]]]:
+                     test_coords: Sequence[torch.Tensor]) -> list[tuple[Window | EdgeWindow, list[Placement]]]:
     """The windows to compute, in order, each with its placements.
 
     Windows with the same :func:`_key` (regular grids only) are computed once; an
-    :class:`EdgeWindow` is placed along its edge.
+    :class:`EdgeWindow` is placed along its edges.
     """
     uniform = all(torch.allclose(p[1:] - p[:-1], torch.ones_like(p[1:])) for p in points)
     groups: dict = {}
     for i, item in enumerate(windows):
         if isinstance(item, EdgeWindow):
-            groups[("edge", i)] = (item.window, [(item.targets, item.sources)])
+            groups[("edge", i)] = (item, [(item.targets, item.sources)])
             continue
         key = _key(item, points, test_coords) if uniform else i
         groups.setdefault(key, (item, []))[1].append((item.test, None))
     return list(groups.values())
 
 
-def window_variance_cost(windows: Sequence[Window], n_tasks: int, n_models: int, n_missing: int = 0,
+def window_variance_cost(windows: Sequence[Window | EdgeWindow], n_tasks: int, n_models: int, n_missing: int = 0,
                          n_twin_points: int = 0) -> float:
     """Multiply-adds of :func:`window_variance` for these (distinct) windows, and of the twin's increase.
 
     Per model, whitened map and window ``|O|³ / 3 + |O|² m``; for the increase of
     :attr:`VariancePlan.twin_points` over ``|M|`` missing pixels ``|M|³ / 3 + |M|² m``.
     """
-    sizes = [(_measured(w), math.prod(len(t) for t in w.test)) for w in windows] + [(n_missing, n_twin_points)]
+    sizes = [(_measured(w), _n_test(w)) for w in windows] + [(n_missing, n_twin_points)]
     return float(n_models * n_tasks) * sum(float(o) ** 3 / 3 + float(o) ** 2 * m for o, m in sizes)
 
 
@@ -295,18 +327,20 @@ def drawn_variance_cost(n_fine: int, n_tasks: int, n_models: int, n_samples: int
     return DRAW_COST_PER_PIXEL * n_samples * n_tasks * n_models * n_fine
 
 
-def window_variance_fits(windows: Sequence[Window], n_tasks: int, n_models: int, device: str = "cpu",
+def window_variance_fits(windows: Sequence[Window | EdgeWindow], n_tasks: int, n_models: int, device: str = "cpu",
                          drawn_cost: float = math.inf, n_missing: int = 0, n_twin_points: int = 0) -> bool:
     """Whether :func:`window_variance` (and the twin's increase) is affordable on ``device``, and worth it.
 
-    Every window's measured pixels squared, and the twin's missing pixels squared, at
-    most :data:`~hyperspy_gp.memory.MAX_WINDOW_MISSING_SQUARED` (two such matrices are
-    held); the cost (:func:`window_variance_cost`) within
+    Every window's measured pixels squared at most
+    :data:`~hyperspy_gp.memory.MAX_VARIANCE_WINDOW_SQUARED` (three such matrices are
+    held), the twin's missing pixels squared at most
+    :data:`~hyperspy_gp.memory.MAX_WINDOW_MISSING_SQUARED` (two); the cost (:func:`window_variance_cost`) within
     :func:`~hyperspy_gp.memory.increase_cost_limit`, and within
     :data:`WINDOWS_OVER_DRAWS` times ``drawn_cost`` (:func:`drawn_variance_cost`) unless
     it is under :data:`WINDOWS_ALWAYS_AFFORDABLE`.
     """
-    small = all(size**2 <= memory.MAX_WINDOW_MISSING_SQUARED for size in [*map(_measured, windows), n_missing])
+    small = all(_measured(w) ** 2 <= memory.MAX_VARIANCE_WINDOW_SQUARED for w in windows) and \
+        n_missing**2 <= memory.MAX_WINDOW_MISSING_SQUARED
     cost = window_variance_cost(windows, n_tasks, n_models, n_missing, n_twin_points)
     worth_it = cost <= max(WINDOWS_ALWAYS_AFFORDABLE, WINDOWS_OVER_DRAWS * drawn_cost)
     return small and worth_it and cost <= memory.increase_cost_limit(device)
@@ -343,16 +377,18 @@ def window_variance(kernel: GridKernel, lengthscale: torch.Tensor, task_covarian
         loadings = (root[:, :, None] * rotation).pow(2) * gamma[:, None, :]  # U_tk² γ_k, (P, T, K)
         points = [p.detach().to(device, dtype) for p in kernel.points]
         coords = [c.detach().to(device, dtype) for c in test_coords]
-        for window, placements in distinct_windows(windows, kernel.points, test_coords):
+        for item, placements in distinct_windows(windows, kernel.points, test_coords):
+            window = item.window if isinstance(item, EdgeWindow) else item
             local = window.observed().to(device)  # (an edge window stands for a box without missing pixels)
             starts = [start for start, _ in window.ranges]
             train = torch.stack([p[start + local[:, a]] for a, (p, start) in enumerate(zip(points, starts))], -1)
-            test_index = [i.to(device) for i in window.test]
-            test = grid_points([c[i] for c, i in zip(coords, test_index)])
+            solved = [c.to(device, dtype) for c in item.coordinates] if isinstance(item, EdgeWindow) else \
+                [c[i.to(device)] for c, i in zip(coords, window.test)]
+            test = grid_points(solved)
             values = torch.stack([_whitened_variances(kernel, ell[j : j + 1], gamma[j], train, test)
                                   for j in range(ell.shape[0])])  # (P, K, m)
             variance = torch.einsum("ptk,pkm->ptm", loadings, values).to(out.dtype)
-            variance = variance.reshape(*variance.shape[:2], *(len(i) for i in test_index))
+            variance = variance.reshape(*variance.shape[:2], *(len(c) for c in solved))
             for targets, sources in placements:
                 index = torch.meshgrid(*[i.to(device) for i in targets], indexing="ij")
                 if sources is None:

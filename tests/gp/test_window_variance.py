@@ -76,11 +76,29 @@ def test_the_exact_variance_is_the_dense_one_within_its_tolerance(shape, lengths
     if shape == (40, 40):  # edge windows; the periodic twin's variance inside, exact there too
         windows = posterior._plans[upsampling].windows
         edges = [w for w in windows if isinstance(w, window_variance.EdgeWindow)]
-        assert len(edges) == 3**2 - 1  # 4 edges and 4 corners
+        assert len(edges) == 2**2 - 1  # the 4 corners, the low and high rows, the columns (by reflection)
         # Near the missing pixels: the cores also near an edge (at most 2 here), and the
         # twin's increase at the other test points.
         assert len(windows) - len(edges) <= (0 if observed is None else 2)
         assert (len(posterior._plans[upsampling].twin_points) > 0) == (observed is not None)
+
+
+def test_one_window_serves_both_ends_of_an_axis_by_reflection():
+    # At 3× the test points are not symmetric about the scan's centre (0, 1/3, ...,
+    # n − 1/3): the high ends' reflections add a coordinate to the low windows.
+    shape, upsampling = (30, 26), 3
+    model, targets = _model(shape, [[0.8, 0.6]], 1e-3)
+    coords = _coords(shape, upsampling)
+    posterior = IterativePosterior(model, targets, test_coords=coords)
+    edges = posterior._plans[upsampling].windows
+    assert len(edges) == 3 and all(isinstance(w, window_variance.EdgeWindow) for w in edges)
+    corner = next(w for w in edges if all(start == 0 for start, _ in w.window.ranges))
+    margin = [6, 5]  # ⌈6 ℓ⌉ + 1
+    # Low: 0 to m − 2/3 (nearest pixel below m); high reflected: −2/3 to m − 2/3.
+    assert [len(c) for c in corner.coordinates] == [upsampling * m + 1 for m in margin]
+    assert [float(c.min()) for c in corner.coordinates] == pytest.approx([-2 / 3, -2 / 3])
+    var_ref = _dense(model, targets, upsampling)[1]
+    assert float(((posterior.predict(coords)[1] - var_ref).abs() / var_ref).max()) < WINDOW_RTOL
 
 
 def test_length_scales_beyond_the_scan_with_little_noise_are_exact():
@@ -114,10 +132,10 @@ def test_edges_get_strip_windows_missing_pixels_the_twins_increase_or_near_an_ed
     margin = 13  # ⌈6 ℓ⌉ + 1
     observed = torch.ones(shape)
     windows = window_variance.plan_exact_variance(model.kernel, model.lengthscale, observed, coords).windows
-    assert len(windows) == 8 and all(isinstance(w, window_variance.EdgeWindow) for w in windows)
+    assert len(windows) == 3 and all(isinstance(w, window_variance.EdgeWindow) for w in windows)
     assert max(np.prod(w.window.shape) for w in windows) == 2 * margin * (2 * margin + 1)  # the edge strips
-    # Every test point within a margin of an edge, and only those, is placed once per
-    # edge window it belongs to (corners: both axes near an edge).
+    # Every test point within a margin of an edge, and only those, is placed once: the
+    # corners by the corner window, the rest of each edge by its axis' strip window.
     nearest = [nearest_pixels(model.kernel.points[a], c) for a, c in enumerate(coords)]
     near = [((n < margin) | (n >= 128 - margin)).to(torch.int64) for n in nearest]
     placed = torch.zeros(len(coords[0]), len(coords[1]), dtype=torch.int64)
@@ -128,7 +146,7 @@ def test_edges_get_strip_windows_missing_pixels_the_twins_increase_or_near_an_ed
     observed[64, 64] = 0
     plan = window_variance.plan_exact_variance(model.kernel, model.lengthscale, observed, coords)
     assert len(plan.twin_points) == (2 * 27) ** 2
-    assert len(plan.windows) == 8
+    assert len(plan.windows) == 3
     # Two near the top edge, at the same place within their cores: 3 cores each, 3 distinct.
     observed[5, 40] = observed[5, 88] = 0
     more = [w for w in window_variance.plan_exact_variance(model.kernel, model.lengthscale, observed, coords).windows
@@ -172,9 +190,9 @@ def test_chunks_and_dask_slice_the_exact_maps():
 
 
 def test_the_window_variance_memory_is_counted():
-    # The largest window allowed: its Gram matrix, factor and their copy, 3 × 2²⁴ values.
+    # The largest window allowed: its Gram matrix, factor and their copy, 3 × 2²⁵ values.
     estimate = memory.estimate_memory((96, 96), 1, 100, upsampling=1, kernel="matern", iterative=True)
-    assert estimate.prediction >= 3 * memory.MAX_WINDOW_MISSING_SQUARED * 8
+    assert estimate.prediction >= 3 * memory.MAX_VARIANCE_WINDOW_SQUARED * 8
 
 
 def test_line_scans_and_a_domain_around_the_training_grid_are_exact():
