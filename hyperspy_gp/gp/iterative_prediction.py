@@ -316,14 +316,15 @@ class IterativePosterior(Posterior):
             reach = self.lengthscale.max(0).values * upsampling * EMBEDDING_LENGTHSCALES
             fft_shape = _embedding_shape(fine_shape, reach.tolist(), upsampling)
             if self.variance_is_exact:
-                variance, error = self._exact_variance(upsampling, fine_shape, fft_shape)
-            else:
-                separable_kernel = GridKernel(kernel.grid_shape, "separable", dtype=kernel.dtype,
-                                              device=kernel.device)
-                sampling = [ToeplitzKernel(k, self.lengthscale, fine_shape, 1.0 / upsampling, fft_shape)
-                            for k in (kernel, separable_kernel)]
-                exact_separable = self._separable.predict(self._domain_coordinates(upsampling))[1].movedim(-1, 1)
-                variance, error = self._estimate_variance(sampling, upsampling, fine_shape, exact_separable)
+                variance, floor = self._exact_variance(upsampling, fine_shape, fft_shape)
+                mean, variance = (x.movedim(1, -1).cpu() for x in (mean, variance))
+                # The standard error is one number per map: a view of it, not a copy per pixel.
+                return mean, variance, floor.movedim(1, -1).cpu().expand_as(variance)
+            separable_kernel = GridKernel(kernel.grid_shape, "separable", dtype=kernel.dtype, device=kernel.device)
+            sampling = [ToeplitzKernel(k, self.lengthscale, fine_shape, 1.0 / upsampling, fft_shape)
+                        for k in (kernel, separable_kernel)]
+            exact_separable = self._separable.predict(self._domain_coordinates(upsampling))[1].movedim(-1, 1)
+            variance, error = self._estimate_variance(sampling, upsampling, fine_shape, exact_separable)
         as_maps_last = [x.movedim(1, -1).cpu() for x in (mean, variance, error)]
         return tuple(as_maps_last)
 
@@ -334,8 +335,8 @@ class IterativePosterior(Posterior):
     def _exact_variance(self, upsampling: int, fine_shape, fft_shape) -> tuple[torch.Tensor, torch.Tensor]:
         """The periodic twin's variance, and each window's where the twin's is not the model's, ``(P, T, *fine)``.
 
-        See :mod:`~hyperspy_gp.gp.window_variance`.  The standard error is the rounding
-        floor of the exact parts (:data:`ROUNDING_FLOOR`).
+        See :mod:`~hyperspy_gp.gp.window_variance`.  Also the standard error, the rounding
+        floor of the exact parts (:data:`ROUNDING_FLOOR`), ``(P, T, 1, ..., 1)``.
         """
         kernel = self.model.kernel
         coords = self._domain_coordinates(upsampling)
@@ -361,7 +362,7 @@ class IterativePosterior(Posterior):
                                         variance)
         prior = periodic.prior_variance()
         floor = (ROUNDING_FLOOR * torch.finfo(prior.dtype).eps * prior).reshape(*prior.shape, *([1] * len(fine_shape)))
-        return variance, floor.expand_as(variance).clone()
+        return variance, floor
 
     def _estimate_variance(self, sampling, upsampling: int, fine_shape, exact_separable):
         r"""The variance and its standard error on the upsampled grid, ``(P, T, *fine)`` each.

@@ -40,7 +40,8 @@ cost exceeds :data:`WINDOWS_OVER_DRAWS` times the draws' (estimated; under
 :func:`~hyperspy_gp.memory.increase_cost_limit` (long length scales, many scattered
 missing pixels), or a window exceeds :data:`~hyperspy_gp.memory.MAX_VARIANCE_WINDOW_SQUARED`
 measured pixels squared (or the missing pixels of the twin's increase
-:data:`~hyperspy_gp.memory.MAX_WINDOW_MISSING_SQUARED`), the iterative posterior draws its variance instead.
+:data:`~hyperspy_gp.memory.MAX_WINDOW_MISSING_SQUARED`), the iterative posterior draws
+its variance instead.
 
 Accuracy against dense algebra (Matérn-5/2, 2× upsampling, 40² and 24 × 20 scans,
 length scales 0.6–1.5 px, noise 1e-4 to 0.05 of the prior, complete, a cluster of
@@ -253,15 +254,19 @@ def plan_exact_variance(kernel: GridKernel, lengthscale: torch.Tensor, observed:
     return VariancePlan((edges or []) + needed, twin)
 
 
-def _measured(window: Window | EdgeWindow) -> int:
-    window = window.window if isinstance(window, EdgeWindow) else window
+def _pixels(item: Window | EdgeWindow) -> Window:
+    """The window whose pixels are factorised (an edge window's own)."""
+    return item.window if isinstance(item, EdgeWindow) else item
+
+
+def _measured(item: Window | EdgeWindow) -> int:
+    window = _pixels(item)
     return math.prod(window.shape) - len(window.missing)
 
 
-def _n_test(window: Window | EdgeWindow) -> int:
+def _n_test(item: Window | EdgeWindow) -> int:
     """Test points solved in the window."""
-    window = window.window if isinstance(window, EdgeWindow) else window
-    return math.prod(len(t) for t in window.test)
+    return math.prod(len(t) for t in _pixels(item).test)
 
 
 def _key(window: Window, points: Sequence[torch.Tensor], test_coords: Sequence[torch.Tensor]) -> tuple:
@@ -334,8 +339,8 @@ def window_variance_fits(windows: Sequence[Window | EdgeWindow], n_tasks: int, n
     Every window's measured pixels squared at most
     :data:`~hyperspy_gp.memory.MAX_VARIANCE_WINDOW_SQUARED` (three such matrices are
     held), the twin's missing pixels squared at most
-    :data:`~hyperspy_gp.memory.MAX_WINDOW_MISSING_SQUARED` (two); the cost (:func:`window_variance_cost`) within
-    :func:`~hyperspy_gp.memory.increase_cost_limit`, and within
+    :data:`~hyperspy_gp.memory.MAX_WINDOW_MISSING_SQUARED` (two); the cost
+    (:func:`window_variance_cost`) within :func:`~hyperspy_gp.memory.increase_cost_limit`, and within
     :data:`WINDOWS_OVER_DRAWS` times ``drawn_cost`` (:func:`drawn_variance_cost`) unless
     it is under :data:`WINDOWS_ALWAYS_AFFORDABLE`.
     """
@@ -378,7 +383,7 @@ def window_variance(kernel: GridKernel, lengthscale: torch.Tensor, task_covarian
         points = [p.detach().to(device, dtype) for p in kernel.points]
         coords = [c.detach().to(device, dtype) for c in test_coords]
         for item, placements in distinct_windows(windows, kernel.points, test_coords):
-            window = item.window if isinstance(item, EdgeWindow) else item
+            window = _pixels(item)
             local = window.observed().to(device)  # (an edge window stands for a box without missing pixels)
             starts = [start for start, _ in window.ranges]
             train = torch.stack([p[start + local[:, a]] for a, (p, start) in enumerate(zip(points, starts))], -1)

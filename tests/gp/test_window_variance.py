@@ -187,6 +187,12 @@ def test_chunks_and_dask_slice_the_exact_maps():
     parts = [torch.as_tensor(x) for x in dask.compute(*posterior.predict_dask(coords, chunk_rows=7))]
     torch.testing.assert_close(parts[0], mean, rtol=0, atol=0)
     torch.testing.assert_close(parts[1], variance, rtol=0, atol=0)
+    # The cached maps hold the exact variance's standard error (a rounding floor, one
+    # number per map) as a view, not as a third upsampled array.
+    cached_mean, _, error = posterior.upsampled_maps(2)
+    assert error.shape == cached_mean.shape
+    assert error.untyped_storage().nbytes() == 8 * model.n_models * 2
+    assert torch.equal(posterior.variance_standard_error(coords), error)
 
 
 def test_the_window_variance_memory_is_counted():
