@@ -176,15 +176,16 @@ class PeriodicTwin:
         if not len(missing) or not len(test):
             return out
         differences = (missing[:, None, :] - missing[None, :, :]) % shape  # (|M|, |M|, d)
+        # The test points of each coset and the spectrum of the kernel's coset: the same for every whitened map.
+        cosets = [(torch.nonzero((coset == offset).all(-1)).reshape(-1),
+                   torch.fft.rfftn(self._coset(values, offset.tolist()), dim=dims))
+                  for offset in torch.unique(coset, dim=0)]
         for k in range(gamma.shape[1]):
             inverse = 1.0 / (lam * gamma[:, k].reshape(-1, *([1] * d)) + 1.0)  # (P, *rfft)
             a = torch.fft.irfftn(inverse, s=self.coarse_shape, dim=dims)
             factor = torch.linalg.cholesky(a[(slice(None), *differences.unbind(-1))])  # C_k, (P, |M|, |M|)
-            for offset in torch.unique(coset, dim=0):
-                at = torch.nonzero((coset == offset).all(-1)).reshape(-1)
-                kernel = self._coset(values, offset.tolist())
-                filtered = torch.fft.irfftn(torch.fft.rfftn(kernel, dim=dims) * inverse, s=self.coarse_shape,
-                                            dim=dims)  # a_k * k_c
+            for at, spectrum in cosets:
+                filtered = torch.fft.irfftn(spectrum * inverse, s=self.coarse_shape, dim=dims)  # a_k * k_c
                 for start in range(0, len(at), block):
                     points = at[start : start + block]
                     lags = (cell[points][:, None, :] - missing[None, :, :]) % shape  # (b, |M|, d)
