@@ -132,7 +132,9 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
     test_coords = [kernel.axis_coordinates(n, request.upsampling) - start for n, start in zip(grid, origin)]
     posterior = make_posterior(model, targets_t, domain=(origin, grid), exact_variance=request.exact_posterior,
                                test_coords=test_coords, n_samples=request.variance_samples)
-    drawn = not posterior.variance_is_exact  # a Monte-Carlo variance: its standard error from the same draws
+    # A Monte-Carlo variance (its standard error from the same draws) or windows with a
+    # shorter margin (their error bound).
+    drawn = not posterior.variance_is_exact
     with hsglue.dask_progressbar(show_progressbar):
         mean, variance, *error = dask.compute(*posterior.predict_dask(test_coords, chunk_rows=request.chunks,
                                                                       standard_error=drawn))
@@ -146,7 +148,10 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
         hyper["warm_start_iterations"] = warm.n_iterations
     hyper["jitter"] = _report_jitter(posterior.jitter.detach().cpu().numpy(), request.mode, scale)
     if drawn:
-        hyper["variance_samples"] = posterior.n_samples
+        if posterior.n_samples:
+            hyper["variance_samples"] = posterior.n_samples
+        else:
+            hyper["variance_window_lengthscales"] = posterior.window_lengthscales
         hyper["variance_standard_error"] = _per_map(error[0], request.mode) * scale**2
     return MapsFit(mean, variance, hyper, result.history)
 

@@ -197,9 +197,13 @@ def gp_reconstruct(
         :func:`~hyperspy_gp.gp.iterative_missing.max_missing_pixels`; forced, it serves
         any mask, with a warning of its time per evaluation): FFT products,
         preconditioned conjugate gradients and a stochastic log-determinant; the mean
-        is exact, the variance a Monte-Carlo estimate whose standard error is returned
-        as ``hyperparameters["variance_standard_error"]`` (see
-        :mod:`hyperspy_gp.gp.iterative`).  ``"auto"`` takes ``"kronecker"`` for complete
+        is exact, the variance exact window by window near the edges and missing
+        pixels where that is affordable, else within a stated bound by shorter windows
+        (the bound of every pixel returned as
+        ``hyperparameters["variance_standard_error"]``, the windows' margin as
+        ``hyperparameters["variance_window_lengthscales"]``), else a Monte-Carlo
+        estimate whose standard error is returned there (see
+        :mod:`hyperspy_gp.gp.iterative_prediction`).  ``"auto"`` takes ``"kronecker"`` for complete
         grids and the cheaper exact path that fits otherwise; for ``kernel="matern"``
         beyond 4096 pixels it takes ``"iterative"``, or ``"dense"`` for a sparse scan
         where that is cheaper.  Missing pixels are predicted like
@@ -238,14 +242,15 @@ def gp_reconstruct(
         ``device="cuda"`` the GP's working memory is also checked against the memory
         free on the GPU (``float("inf")`` turns that check off too).
     variance_samples : int
-        Draws of the Monte-Carlo variance, where the variance is not exact
-        (``kernel="matern"`` on the iterative path; the Schur complement by CG beyond
-        the limits of its exact variance).  Its standard error, returned as
+        Draws of the Monte-Carlo variance, where the variance is neither exact nor
+        bounded by windows (``kernel="matern"`` on the iterative path with length
+        scales beyond its windows' reach; the Schur complement by CG beyond the limits
+        of its exact variance).  Its standard error, returned as
         ``hyperparameters["variance_standard_error"]``, falls as
         ``1/√variance_samples`` (on the iterative path with the default 64 a few per
         cent of the variance within a few length scales of the edges and missing pixels,
         nearly nothing further inside), and the prediction's time grows in proportion.
-        Exact variances ignore it.  With fewer than 8 draws the iterative path's
+        Exact and windowed variances ignore it.  With fewer than 8 draws the iterative path's
         variance leaves out its control variate (and so many draws give an unreliable
         standard error).
 

@@ -719,6 +719,23 @@ def test_variance_samples_sets_the_draws_of_a_monte_carlo_variance(decomposed, u
     assert "variance_samples" not in exact.hyperparameters
 
 
+def test_windows_of_a_shorter_margin_report_their_bound_per_pixel(decomposed, unchanged, monkeypatch):
+    # The iterative path's variance by windows of 3 length scales only (the full margin
+    # taken as unavailable): not exact, no draws, its bound reported for every pixel.
+    from hyperspy_gp.gp import window_variance
+
+    monkeypatch.setattr(window_variance, "MARGIN_ERROR_BOUNDS", {3.0: 1e-3})
+    with unchanged(decomposed):
+        rec = gp_reconstruct(decomposed, components=2, upsampling=2, solver="iterative")
+    hyper = rec.hyperparameters
+    assert hyper["variance_window_lengthscales"] == 3.0 and "variance_samples" not in hyper
+    error = np.moveaxis(hyper["variance_standard_error"], -1, 0)
+    assert error.shape == rec.variance.data.shape
+    np.testing.assert_allclose(error, 1e-3 * rec.variance.data, rtol=1e-6)
+    stored = rec.signal.metadata.GP_reconstruction.hyperparameters
+    assert stored.variance_window_lengthscales == 3.0
+
+
 def test_iterative_solver_reproduces_the_exact_matern_reconstruction(decomposed, unchanged):
     options = {"components": 2, "upsampling": 2, "kernel": "matern"}
     exact = gp_reconstruct(decomposed, **options)  # dense eigendecomposition (360 pixels)

@@ -8,7 +8,8 @@ the kernel sampled at spacing ``1/u``.  No ``n_test × n_train`` matrix is forme
 Variance.  An exact per-pixel variance needs one solve per test pixel.  Instead it is
 split into a part known exactly and a small remainder near the edges and missing
 pixels.  Given the test grid (``test_coords``), the remainder is computed exactly,
-window by window, where that is affordable (:mod:`~hyperspy_gp.gp.window_variance`).
+window by window, where that is affordable (:mod:`~hyperspy_gp.gp.window_variance`),
+or within a stated bound by windows with shorter margins where those are.
 Otherwise it is estimated from ``S`` prior draws:
 
 * The *periodic twin* (:mod:`~hyperspy_gp.gp.periodic_twin`) is the same model
@@ -60,6 +61,7 @@ from hyperspy_gp.gp.kernels import GridKernel
 from hyperspy_gp.gp.periodic_twin import PeriodicTwin
 from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior, Posterior
 from hyperspy_gp.gp.schur import columns_fit
+from hyperspy_gp.gp.schur_windows import WINDOW_LENGTHSCALES
 from hyperspy_gp.gp.toeplitz import ToeplitzKernel, irfftn_lattice
 from hyperspy_gp.memory import VARIANCE_DRAWS
 
@@ -166,13 +168,20 @@ class IterativePosterior(Posterior):
     test_coords
         The test grid to be predicted (one 1-D tensor per axis, pixels of the training
         grid).  Given, the variance is exact (:mod:`~hyperspy_gp.gp.window_variance`)
-        where its windows are affordable there (:attr:`variance_is_exact`); otherwise,
-        or without it, it is drawn.
+        where its windows are affordable there (:attr:`variance_is_exact`), else
+        within the stated bound of windows with a shorter margin where those are
+        (:attr:`window_lengthscales`, :attr:`variance_error_bound`); otherwise, or
+        without it, it is drawn.
     exact_variance
-        Whether the exact variance may be chosen (``False``: always drawn).
+        Whether the windows' variance may be chosen (``False``: always drawn).
     """
 
     variance_is_exact = False
+    #: Margin of the windows that serve the variance, in length scales (``None``: drawn).
+    window_lengthscales: float | None = None
+    #: Bound on the relative error of the windows' variance at a margin shorter than the
+    #: exact one (:data:`~hyperspy_gp.gp.window_variance.MARGIN_ERROR_BOUNDS`); ``0``: exact or drawn.
+    variance_error_bound = 0.0
 
     def __init__(self, model, targets: torch.Tensor, n_samples: int = DEFAULT_VARIANCE_SAMPLES,
                  seed: int = 0, domain=None, test_coords: Sequence[torch.Tensor] | None = None,
@@ -203,36 +212,47 @@ class IterativePosterior(Posterior):
         self._plans: dict[int, window_variance.VariancePlan] = {}
         if exact_variance and test_coords is not None:
             self._plan_exact_variance(test_coords)
-        if not self.variance_is_exact:
+        if self.window_lengthscales is None:
             self._prepare_draws(model, targets, observed)
         self.jitter = torch.zeros(targets.shape[0], dtype=targets.dtype, device=targets.device)
         self._maps: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
     def _plan_exact_variance(self, test_coords: Sequence[torch.Tensor]) -> None:
-        """Take the exact variance on ``test_coords`` where its windows are affordable (logged either way)."""
+        """Take the windows' variance on ``test_coords``, with the longest margin that is affordable (logged).
+
+        The margins of :data:`~hyperspy_gp.gp.window_variance.MARGIN_ERROR_BOUNDS` are
+        tried longest first; the full one is exact (:attr:`variance_is_exact`), a shorter
+        one within its stated bound (:attr:`variance_error_bound`).  Where none is
+        affordable the variance is drawn.
+        """
         kernel = self.model.kernel
-        plan = window_variance.plan_exact_variance(kernel, self.lengthscale, self.mask, test_coords)
-        windows, points = plan.windows, plan.twin_points
-        distinct = [window for window, _ in window_variance.distinct_windows(windows, kernel.points, test_coords)]
         p, t = self.task_covariance.shape[:2]
-        n_missing = int((self.mask == 0).sum()) if len(points) else 0
-        cost = window_variance.window_variance_cost(distinct, t, p, n_missing, len(points))
         n_fine = math.prod(len(c) for c in test_coords)
         drawn = window_variance.drawn_variance_cost(n_fine, t, p, self.n_samples)
-        if window_variance.window_variance_fits(distinct, t, p, str(self.noise.device), drawn, n_missing,
-                                                len(points)):
-            self._plans[lattice_upsampling(test_coords)] = plan
-            self.variance_is_exact, self.n_samples = True, 0
-            _logger.info("Iterative posterior: exact variance, the periodic twin's, its increase from %d missing "
-                         "pixels at %d test points, and %d windows near the edges and missing pixels (%d distinct; "
-                         "%.2g multiply-adds, the draws about %.2g)", n_missing, len(points), len(windows),
-                         len(distinct), cost, drawn)
-        else:
-            _logger.info("Iterative posterior: the exact variance's %d distinct windows (%.2g multiply-adds, largest "
-                         "%d pixels; the draws about %.2g) are beyond its limits or not worth it; Monte-Carlo "
-                         "variance from %d draws", len(distinct), cost,
-                         max((math.prod(w.shape) for w in distinct), default=0), drawn, self.n_samples)
+        for lengthscales, bound in window_variance.MARGIN_ERROR_BOUNDS.items():
+            plan = window_variance.plan_exact_variance(kernel, self.lengthscale, self.mask, test_coords,
+                                                       lengthscales=lengthscales)
+            windows, points = plan.windows, plan.twin_points
+            distinct = [window for window, _ in window_variance.distinct_windows(windows, kernel.points, test_coords)]
+            n_missing = int((self.mask == 0).sum()) if len(points) else 0
+            cost = window_variance.window_variance_cost(distinct, t, p, n_missing, len(points))
+            if window_variance.window_variance_fits(distinct, t, p, str(self.noise.device), drawn, n_missing,
+                                                    len(points)):
+                self._plans[lattice_upsampling(test_coords)] = plan
+                self.window_lengthscales, self.n_samples = lengthscales, 0
+                self.variance_is_exact = lengthscales == WINDOW_LENGTHSCALES
+                self.variance_error_bound = 0.0 if self.variance_is_exact else bound
+                _logger.info("Iterative posterior: %s variance, the periodic twin's, its increase from %d missing "
+                             "pixels at %d test points, and %d windows of %g length scales near the edges and missing "
+                             "pixels (%d distinct; %.2g multiply-adds, the draws about %.2g)",
+                             "exact" if self.variance_is_exact else f"windowed (within {bound:g} relative)",
+                             n_missing, len(points), len(windows), lengthscales, len(distinct), cost, drawn)
+                return
+        _logger.info("Iterative posterior: the variance's %d distinct windows even at %g length scales (%.2g "
+                     "multiply-adds, largest %d pixels; the draws about %.2g) are beyond its limits or not worth it; "
+                     "Monte-Carlo variance from %d draws", len(distinct), lengthscales, cost,
+                     max((math.prod(w.shape) for w in distinct), default=0), drawn, self.n_samples)
 
     def _prepare_draws(self, model, targets: torch.Tensor, observed) -> None:
         """The Monte-Carlo variance's control variate: the separable model's exact posterior."""
@@ -315,11 +335,16 @@ class IterativePosterior(Posterior):
                 _scatter(self.mean_weights, lattice, fine_shape))
             reach = self.lengthscale.max(0).values * upsampling * EMBEDDING_LENGTHSCALES
             fft_shape = _embedding_shape(fine_shape, reach.tolist(), upsampling)
-            if self.variance_is_exact:
+            if self.window_lengthscales is not None:
                 variance, floor = self._exact_variance(upsampling, fine_shape, fft_shape)
                 mean, variance = (x.movedim(1, -1).cpu() for x in (mean, variance))
-                # The standard error is one number per map: a view of it, not a copy per pixel.
-                return mean, variance, floor.movedim(1, -1).cpu().expand_as(variance)
+                # Exact, the standard error is one number per map: a view of it, not a copy per pixel.
+                floor = floor.movedim(1, -1).cpu().expand_as(variance)
+                if self.variance_is_exact:
+                    return mean, variance, floor
+                bounds = window_variance.error_bounds(self.lengthscale, self.mask, kernel.points,
+                                                      self._domain_coordinates(upsampling), self.window_lengthscales)
+                return mean, variance, variance * bounds.to(variance.dtype)[..., None] + floor
             separable_kernel = GridKernel(kernel.grid_shape, "separable", dtype=kernel.dtype, device=kernel.device)
             sampling = [ToeplitzKernel(k, self.lengthscale, fine_shape, 1.0 / upsampling, fft_shape)
                         for k in (kernel, separable_kernel)]
@@ -348,7 +373,8 @@ class IterativePosterior(Posterior):
         everywhere = clipped > CLIPPED_SPECTRUM_TOLERANCE
         plan = None if everywhere else self._plans.get(upsampling)
         if plan is None:
-            plan = window_variance.plan_exact_variance(kernel, self.lengthscale, self.mask, coords, everywhere)
+            plan = window_variance.plan_exact_variance(kernel, self.lengthscale, self.mask, coords, everywhere,
+                                                       self.window_lengthscales)
         windows, points = plan.windows, plan.twin_points
         covered = not any(isinstance(w, window_variance.EdgeWindow) for w in windows) and \
             sum(math.prod(len(t) for t in w.test) for w in windows) == math.prod(fine_shape)

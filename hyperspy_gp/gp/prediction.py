@@ -42,11 +42,12 @@ class Posterior:
     ``mean_weights`` (whose first dimension is the batch ``P``, last the maps ``T``)
     and ``jitter`` (``(P,)``, the diagonal added to factorise the training covariance,
     see :mod:`~hyperspy_gp.gp.cholesky`).  Posteriors whose variance is a Monte-Carlo
-    estimate set :attr:`variance_is_exact` to false and define
-    ``variance_standard_error(test_coords)`` and ``n_samples``.
+    estimate (or an approximation within a stated bound) set :attr:`variance_is_exact`
+    to false and define ``variance_standard_error(test_coords)`` and ``n_samples``
+    (``0`` for an approximation).
     """
 
-    #: Whether :meth:`predict` returns the exact variance (else an estimate with a standard error).
+    #: Whether :meth:`predict` returns the exact variance (else an estimate with a standard error, or a bound).
     variance_is_exact = True
 
     def predict_in_chunks(

@@ -9,6 +9,8 @@ variance is the full-grid variance plus the increase ``g(x*)ᵀ C^{-1} g(x*)`` w
   affordable on the test grid (:func:`~hyperspy_gp.memory.streamed_increase_fits`);
 - exact (to 1e-6 relative), window by window (:mod:`~hyperspy_gp.gp.schur_windows`),
   where that is affordable and cheaper;
+- where neither is affordable, window by window with a shorter margin, within its
+  stated bound (:data:`~hyperspy_gp.gp.schur_windows.MARGIN_ERROR_BOUNDS`), where that is;
 - otherwise estimated from ``S`` draws ``v_s ~ N(0, C^{-1})`` (``v = C^{-1} w`` with
   ``w = (Σ^{-1/2} ε)_M``, exact draws of ``N(0, C)``), as the mean of ``(g(x*)ᵀ v_s)^2``,
   a structured prediction per draw, with its standard error per pixel.
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
+from hyperspy_gp.gp import schur_windows
 from hyperspy_gp.gp.iterative import ESTIMATE_CG_TOLERANCE
 from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior
 from hyperspy_gp.gp.schur_iterative import MaskedOperator, SchurCGSolve
@@ -37,15 +40,16 @@ DEFAULT_VARIANCE_SAMPLES = VARIANCE_DRAWS
 _logger = logging.getLogger(__name__)
 
 
-def _exact_increase_plan(model, test_coords: Sequence[torch.Tensor]) -> str | list:
+def _exact_increase_plan(model, test_coords: Sequence[torch.Tensor]) -> str | schur_windows.WindowPlan:
     """How the variance increase on ``test_coords`` is computed: ``"streamed"``, windows or ``"drawn"``.
 
     The exact increase of the whole grid is streamed where that is affordable
     (:func:`~hyperspy_gp.memory.streamed_increase_fits`); the windows of
     :mod:`~hyperspy_gp.gp.schur_windows` serve where they are affordable and cheaper
-    (:func:`~hyperspy_gp.gp.schur_windows.windows_fit`); otherwise the increase is drawn.
+    (:func:`~hyperspy_gp.gp.schur_windows.windows_fit`).  Where neither is, windows of
+    shorter margins are tried in turn (:data:`~hyperspy_gp.gp.schur_windows.MARGIN_ERROR_BOUNDS`,
+    within their stated bound); otherwise the increase is drawn.
     """
-    from hyperspy_gp.gp import schur_windows
     from hyperspy_gp.memory import streamed_increase_cost, streamed_increase_fits
 
     n_missing, n_test = int((~model.observed).sum()), math.prod(len(c) for c in test_coords)
@@ -55,17 +59,23 @@ def _exact_increase_plan(model, test_coords: Sequence[torch.Tensor]) -> str | li
     cost = streamed_increase_cost(shape, n_missing, tasks, models, n_test)
     plan = "streamed" if streams else "drawn"
     if model.kernel.kind == "separable":  # (windows need the per-axis factors)
-        windows = schur_windows.cut_windows(model.kernel.points, model.missing_index, test_coords,
-                                            schur_windows.margins(model.lengthscale))
-        windowed_cost = schur_windows.windowed_cost(windows, tasks, models)
-        if schur_windows.windows_fit(windows, tasks, models, device) and (not streams or windowed_cost < cost):
-            plan, cost = windows, windowed_cost
+        # The exact windows where cheaper than the streamed increase; shorter ones only instead of the draws.
+        margins = list(schur_windows.MARGIN_ERROR_BOUNDS)[: 1 if streams else None]
+        for lengthscales in margins:
+            windows = schur_windows.cut_windows(model.kernel.points, model.missing_index, test_coords,
+                                                schur_windows.margins(model.lengthscale, lengthscales))
+            windowed_cost = schur_windows.windowed_cost(windows, tasks, models)
+            if schur_windows.windows_fit(windows, tasks, models, device) and (not streams or windowed_cost < cost):
+                plan, cost = schur_windows.WindowPlan(windows, lengthscales), windowed_cost
+                break
     if plan == "streamed":
         described = "exact, streamed"
     elif plan == "drawn":
         described = "Monte-Carlo, the exact one beyond its limits"
     else:
-        described = f"exact, in {len(plan)} windows of {schur_windows.WINDOW_LENGTHSCALES:g} length scales"
+        exact = plan.lengthscales == schur_windows.WINDOW_LENGTHSCALES
+        bound = "exact" if exact else f"within {schur_windows.MARGIN_ERROR_BOUNDS[plan.lengthscales]:g} relative"
+        described = f"{bound}, in {len(plan.windows)} windows of {plan.lengthscales:g} length scales"
     _logger.info("Variance after the fit by CG: %s (%d missing pixels, %.2g multiply-adds for the exact one)",
                  described, n_missing, cost)
     return plan
@@ -95,6 +105,11 @@ class SchurCGPosterior(GridPosterior):
     """
 
     variance_is_exact = False
+    #: Margin of the windows that serve the variance increase, in length scales (``None``: streamed or drawn).
+    window_lengthscales: float | None = None
+    #: Bound on the relative error of the variance with windows shorter than the exact
+    #: ones (:data:`~hyperspy_gp.gp.schur_windows.MARGIN_ERROR_BOUNDS`); ``0``: exact or drawn.
+    variance_error_bound = 0.0
 
     def __init__(self, model, targets: torch.Tensor, n_samples: int = DEFAULT_VARIANCE_SAMPLES,
                  seed: int = 0, test_coords: Sequence[torch.Tensor] | None = None) -> None:
@@ -149,10 +164,14 @@ class SchurCGPosterior(GridPosterior):
                                              rotated)
             else:
                 increase = windowed_increase(model.kernel, model.lengthscale.detach(), model.task_covariance.detach(),
-                                             model.noise.detach(), plan, test_coords)
+                                             model.noise.detach(), plan.windows, test_coords)
+                self.window_lengthscales = plan.lengthscales
         shape = (increase.shape[0], *(len(c) for c in test_coords), increase.shape[-1])
         self.exact_grid = ([c.detach().cpu() for c in test_coords], increase.reshape(shape))
-        self.variance_is_exact, self.n_samples, self.draw_weights = True, 0, None
+        self.n_samples, self.draw_weights = 0, None
+        self.variance_is_exact = self.window_lengthscales in (None, schur_windows.WINDOW_LENGTHSCALES)
+        if not self.variance_is_exact:
+            self.variance_error_bound = schur_windows.MARGIN_ERROR_BOUNDS[self.window_lengthscales]
 
     def _exact_rows(self, test_coords: Sequence[torch.Tensor]) -> torch.Tensor:
         """The exact increase at ``test_coords``: a chunk of rows of the test grid given at construction."""
@@ -184,8 +203,14 @@ class SchurCGPosterior(GridPosterior):
     def predict_with_standard_error(
         self, test_coords: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean, Monte-Carlo variance and its standard error from one set of draws, ``(P, m_1, ..., m_d, T)`` each."""
+        """Mean, Monte-Carlo variance and its standard error from one set of draws, ``(P, m_1, ..., m_d, T)`` each.
+
+        With windows of a shorter margin, the windows' variance and its bound instead.
+        """
         self._require_drawn_variance()
+        if self.exact_grid is not None:
+            mean, variance = self.predict(test_coords)
+            return mean, variance, variance * self.variance_error_bound
         mean, variance = super().predict(test_coords)
         increase, error = self._drawn_increase(test_coords)
         return mean, variance + increase, error
@@ -197,7 +222,10 @@ class SchurCGPosterior(GridPosterior):
         return increase, (spread / self.n_samples).sqrt()
 
     def variance_standard_error(self, test_coords: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Standard error of the Monte-Carlo variance of each test point, ``(P, m_1, ..., m_d, T)``."""
+        """Standard error of the Monte-Carlo variance of each test point, ``(P, m_1, ..., m_d, T)`` (or its bound)."""
+        self._require_drawn_variance()
+        if self.exact_grid is not None:
+            return self.predict_with_standard_error(test_coords)[2]
         rows = self.default_chunk_rows(test_coords)
         parts = []
         for start in range(0, len(test_coords[0]), rows):

@@ -1,5 +1,6 @@
 """The variance increase of missing pixels window by window, against the whole grid's exact one."""
 
+import dask
 import numpy as np
 import pytest
 import torch
@@ -122,6 +123,31 @@ def test_the_posterior_takes_the_windows_where_they_are_cheaper(monkeypatch, cap
     # Beyond both exact increases' limits, the draws.
     monkeypatch.setattr(memory, "MAX_STREAMED_INCREASE_COST", 0.0)
     assert not make_posterior(model, targets, test_coords=coords).variance_is_exact
+
+
+def test_beyond_the_exact_increases_shorter_windows_serve_within_their_bound(monkeypatch, caplog):
+    # The streamed increase refused, windows of 6, 5 and 4 length scales (896, 780 and
+    # 672 pixels here) too large, those of 3 (528) not: they serve, with their bound.
+    monkeypatch.setattr(memory, "MAX_SCHUR_ENTRIES", 0)
+    monkeypatch.setattr(memory, "MAX_STREAMED_MISSING_SQUARED", 0)
+    monkeypatch.setattr(memory, "MAX_WINDOW_PIXELS", 600)
+    shape = (60, 56)
+    model = _model(shape, [[1.0, 1.3]], 1e-3, 0.5)
+    targets = torch.randn(1, *shape, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    coords = [torch.arange(n * 2, dtype=torch.float64) / 2 for n in shape]
+    with caplog.at_level("INFO", logger="hyperspy_gp.gp.schur_iterative_prediction"):
+        posterior = make_posterior(model, targets, test_coords=coords)
+    assert "within 0.01 relative, in 16 windows of 3 length scales" in caplog.text
+    assert isinstance(posterior, SchurCGPosterior) and not posterior.variance_is_exact
+    assert posterior.window_lengthscales == 3.0 and posterior.n_samples == 0
+    mean, variance, error = posterior.predict_with_standard_error(coords)
+    grid = GridPosterior(model, torch.zeros(1, *shape, 2, dtype=torch.float64)).predict(coords)[1]
+    var_ref = grid + _exact_increase(model, coords)
+    assert bool(((variance - var_ref).abs() <= error).all())  # the bound holds at every pixel
+    torch.testing.assert_close(error, 1e-2 * variance)
+    torch.testing.assert_close(posterior.variance_standard_error(coords), error)
+    parts = dask.compute(*posterior.predict_dask(coords, chunk_rows=7, standard_error=True))
+    torch.testing.assert_close(torch.as_tensor(parts[2]), error)
 
 
 def test_windows_that_would_cover_the_grid_leave_it_to_the_streamed_increase(caplog):

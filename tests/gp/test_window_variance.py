@@ -101,6 +101,26 @@ def test_one_window_serves_both_ends_of_an_axis_by_reflection():
     assert float(((posterior.predict(coords)[1] - var_ref).abs() / var_ref).max()) < WINDOW_RTOL
 
 
+@pytest.mark.parametrize("observed", [None, _cluster((30, 26), (13, 11), 3)])
+def test_where_the_full_margin_is_beyond_its_limits_shorter_windows_serve_within_their_bound(monkeypatch, observed):
+    # Windows of 6, 5 and 4 length scales (at most 11 × 8 pixels here) taken as too
+    # large, those of 3 (at most 8 × 7) not: they serve, with their bound.
+    shape, upsampling = (30, 26), 2
+    model, targets = _model(shape, [[0.8, 0.6]], 1e-3, observed)
+    coords = _coords(shape, upsampling)
+    monkeypatch.setattr(memory, "MAX_VARIANCE_WINDOW_SQUARED", 60**2)
+    posterior = IterativePosterior(model, targets, test_coords=coords)
+    assert posterior.window_lengthscales == 3.0 and posterior.n_samples == 0
+    assert not posterior.variance_is_exact and posterior.variance_error_bound == 1e-3
+    variance, error = posterior.predict(coords)[1], posterior.variance_standard_error(coords)
+    var_ref = _dense(model, targets, upsampling, observed)[1]
+    relative = (variance - var_ref).abs() / var_ref
+    assert float(relative.max()) < 1e-3
+    assert bool(((variance - var_ref).abs() <= error).all())  # the reported bound holds at every pixel
+    # Deeper inside the scan the periodic twin's variance holds a longer margin's bound.
+    assert float(error.min() / variance.max()) < 1e-5 < float(relative.max())
+
+
 def test_length_scales_beyond_the_scan_with_little_noise_are_exact():
     # The hardest case of the draws (test_iterative.py: 32 px on a 12 × 10 scan, B/σ²
     # about 10⁷, where the variance is 10⁻⁷ of the prior): the embedding's spectrum is
