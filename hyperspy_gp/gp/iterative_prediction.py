@@ -177,11 +177,6 @@ class IterativePosterior(Posterior):
     """
 
     variance_is_exact = False
-    #: Margin of the windows that serve the variance, in length scales (``None``: drawn).
-    window_lengthscales: float | None = None
-    #: Bound on the relative error of the windows' variance at a margin shorter than the
-    #: exact one (:data:`~hyperspy_gp.gp.window_variance.MARGIN_ERROR_BOUNDS`); ``0``: exact or drawn.
-    variance_error_bound = 0.0
 
     def __init__(self, model, targets: torch.Tensor, n_samples: int = DEFAULT_VARIANCE_SAMPLES,
                  seed: int = 0, domain=None, test_coords: Sequence[torch.Tensor] | None = None,

@@ -49,6 +49,10 @@ class Posterior:
 
     #: Whether :meth:`predict` returns the exact variance (else an estimate with a standard error, or a bound).
     variance_is_exact = True
+    #: Margin of the windows that serve the variance, in length scales (``None``: no windows).
+    window_lengthscales: float | None = None
+    #: Bound on the relative error of a variance by windows shorter than the exact ones; ``0``: exact or drawn.
+    variance_error_bound = 0.0
 
     def predict_in_chunks(
         self, test_coords: Sequence[torch.Tensor], chunk_rows: int | None = None

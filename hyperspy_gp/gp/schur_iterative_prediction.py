@@ -105,11 +105,6 @@ class SchurCGPosterior(GridPosterior):
     """
 
     variance_is_exact = False
-    #: Margin of the windows that serve the variance increase, in length scales (``None``: streamed or drawn).
-    window_lengthscales: float | None = None
-    #: Bound on the relative error of the variance with windows shorter than the exact
-    #: ones (:data:`~hyperspy_gp.gp.schur_windows.MARGIN_ERROR_BOUNDS`); ``0``: exact or drawn.
-    variance_error_bound = 0.0
 
     def __init__(self, model, targets: torch.Tensor, n_samples: int = DEFAULT_VARIANCE_SAMPLES,
                  seed: int = 0, test_coords: Sequence[torch.Tensor] | None = None) -> None:

@@ -51,7 +51,8 @@ WINDOW_LENGTHSCALES = 6.0
 #: tolerance), about ten times the largest measured against the streamed increase
 #: (60 × 56 and 64 × 60 scans at 2×, ℓ = 0.7–2.5 px, noise 1e-4 to 0.05 of the prior,
 #: 20 %, 50 % and 90 % missing at random, a masked disc): at 6 length scales 7.7e-7,
-#: at 5 1.3e-5, at 4 1.1e-4, at 3 1.1e-3 (at 2, 1.5e-2: not offered).
+#: at 5 1.3e-5, at 4 1.1e-4, at 3 1.1e-3 (at 2, 1.5e-2: not offered); smaller at longer
+#: length scales (96 × 90, half missing at 4.8/4 px: 3.0e-6 at 4, 7.7e-5 at 3).
 MARGIN_ERROR_BOUNDS = {WINDOW_LENGTHSCALES: 1e-6, 5.0: 1e-4, 4.0: 1e-3, 3.0: 1e-2}
 #: Smallest core, in training pixels per axis: short length scales would otherwise make
 #: thousands of tiny windows, each a few Python-level steps.

@@ -80,7 +80,8 @@ TEST_BLOCK = memory.WINDOW_BLOCK
 #: variance (Matérn-5/2, 2× and 3×, 44 × 40 and 64 × 60 scans, ℓ = 1–3 px, noise 1e-4
 #: to 0.3 of the prior; complete, clusters of missing pixels inside and at an edge, 10 %
 #: missing at random): at 6 length scales 1.7e-7, at 5 1.5e-6, at 4 1.4e-5, at 3
-#: 1.2e-4, at 2 1.1e-3 (largest at ℓ = 1 px, 100 to 1000 times smaller at 3 px).  The
+#: 1.2e-4, at 2 1.1e-3 (largest at ℓ = 1 px, 100 to 1000 times smaller at 3 px, and at
+#: 2 length scales 4.2e-8 at 8/6.5 px on 72 × 64: the bounds are loose there).  The
 #: shorter windows see less data, so their variance errs upwards, the periodic twin's
 #: beyond them downwards.
 MARGIN_ERROR_BOUNDS = {WINDOW_LENGTHSCALES: 1e-6, 5.0: 1e-5, 4.0: 1e-4, 3.0: 1e-3, 2.0: 1e-2}
