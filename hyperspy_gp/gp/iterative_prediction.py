@@ -331,14 +331,14 @@ class IterativePosterior(Posterior):
             reach = self.lengthscale.max(0).values * upsampling * EMBEDDING_LENGTHSCALES
             fft_shape = _embedding_shape(fine_shape, reach.tolist(), upsampling)
             if self.window_lengthscales is not None:
-                variance, floor = self._exact_variance(upsampling, fine_shape, fft_shape)
+                variance, floor, plan = self._exact_variance(upsampling, fine_shape, fft_shape)
                 mean, variance = (x.movedim(1, -1).cpu() for x in (mean, variance))
                 # Exact, the standard error is one number per map: a view of it, not a copy per pixel.
                 floor = floor.movedim(1, -1).cpu().expand_as(variance)
                 if self.variance_is_exact:
                     return mean, variance, floor
                 bounds = window_variance.error_bounds(self.lengthscale, self.mask, kernel.points,
-                                                      self._domain_coordinates(upsampling), self.window_lengthscales)
+                                                      self._domain_coordinates(upsampling), plan)
                 return mean, variance, variance * bounds.to(variance.dtype)[..., None] + floor
             separable_kernel = GridKernel(kernel.grid_shape, "separable", dtype=kernel.dtype, device=kernel.device)
             sampling = [ToeplitzKernel(k, self.lengthscale, fine_shape, 1.0 / upsampling, fft_shape)
@@ -352,11 +352,12 @@ class IterativePosterior(Posterior):
         """The ``u``-times denser domain grid in pixels of the training grid, one 1-D tensor per axis."""
         return [self.model.kernel.axis_coordinates(n, upsampling) - o for n, o in zip(self.domain_shape, self.origin)]
 
-    def _exact_variance(self, upsampling: int, fine_shape, fft_shape) -> tuple[torch.Tensor, torch.Tensor]:
+    def _exact_variance(self, upsampling: int, fine_shape, fft_shape):
         """The periodic twin's variance, and each window's where the twin's is not the model's, ``(P, T, *fine)``.
 
         See :mod:`~hyperspy_gp.gp.window_variance`.  Also the standard error, the rounding
-        floor of the exact parts (:data:`ROUNDING_FLOOR`), ``(P, T, 1, ..., 1)``.
+        floor of the exact parts (:data:`ROUNDING_FLOOR`), ``(P, T, 1, ..., 1)``, and the
+        :class:`~hyperspy_gp.gp.window_variance.VariancePlan` that served.
         """
         kernel = self.model.kernel
         coords = self._domain_coordinates(upsampling)
@@ -383,7 +384,7 @@ class IterativePosterior(Posterior):
                                         variance)
         prior = periodic.prior_variance()
         floor = (ROUNDING_FLOOR * torch.finfo(prior.dtype).eps * prior).reshape(*prior.shape, *([1] * len(fine_shape)))
-        return variance, floor
+        return variance, floor, plan
 
     def _estimate_variance(self, sampling, upsampling: int, fine_shape, exact_separable):
         r"""The variance and its standard error on the upsampled grid, ``(P, T, *fine)`` each.

@@ -278,13 +278,13 @@ def plan_exact_variance(kernel: GridKernel, lengthscale: torch.Tensor, observed:
 
 
 def error_bounds(lengthscale: torch.Tensor, observed: torch.Tensor, points: Sequence[torch.Tensor],
-                 test_coords: Sequence[torch.Tensor], lengthscales: float) -> torch.Tensor:
-    """The bound on the relative error of every test point's variance with windows of ``lengthscales``.
+                 test_coords: Sequence[torch.Tensor], plan: VariancePlan) -> torch.Tensor:
+    """The bound on the relative error of every test point's variance as ``plan`` computes it.
 
-    A test point whose nearest pixel has a box of a longer margin of
-    :data:`MARGIN_ERROR_BOUNDS` measured and inside the scan gets that margin's bound
-    (the periodic twin's variance there is the model's within it, whatever windows serve
-    the points nearer the edges); every other point the bound of ``lengthscales``.
+    The windows and twin points of ``plan`` hold its margin's bound
+    (:data:`MARGIN_ERROR_BOUNDS`); so does every test point whose nearest pixel is not
+    clean at a longer margin.  The other test points get the periodic twin's variance,
+    which there is the model's within that longer margin's bound (the longest such).
 
     Returns
     -------
@@ -292,11 +292,14 @@ def error_bounds(lengthscale: torch.Tensor, observed: torch.Tensor, points: Sequ
         ``(*test)``, float64 on the CPU.
     """
     nearest = torch.meshgrid(*[nearest_pixels(p, c) for p, c in zip(points, test_coords)], indexing="ij")
-    bound = torch.full(nearest[0].shape, MARGIN_ERROR_BOUNDS[lengthscales], dtype=torch.float64)
-    for longer in (c for c in MARGIN_ERROR_BOUNDS if c > lengthscales):  # (the dict runs longest first)
+    bound = torch.full(nearest[0].shape, MARGIN_ERROR_BOUNDS[plan.lengthscales], dtype=torch.float64)
+    for longer in (c for c in MARGIN_ERROR_BOUNDS if c > plan.lengthscales):  # (the dict runs longest first)
         margin = [m + 1 for m in margins(lengthscale, longer)]
         clean = torch.from_numpy(clean_pixels(observed, margin))[nearest]
-        bound[clean] = torch.minimum(bound[clean], torch.tensor(MARGIN_ERROR_BOUNDS[longer], dtype=torch.float64))
+        bound[clean] = torch.clamp_max(bound[clean], MARGIN_ERROR_BOUNDS[longer])
+    for window in plan.windows:  # a core's window overwrites its clean test points too
+        if not isinstance(window, EdgeWindow):
+            bound[torch.meshgrid(*window.test, indexing="ij")] = MARGIN_ERROR_BOUNDS[plan.lengthscales]
     return bound
 
 

@@ -101,14 +101,24 @@ def test_one_window_serves_both_ends_of_an_axis_by_reflection():
     assert float(((posterior.predict(coords)[1] - var_ref).abs() / var_ref).max()) < WINDOW_RTOL
 
 
-@pytest.mark.parametrize("observed", [None, _cluster((30, 26), (13, 11), 3)])
+@pytest.mark.parametrize("observed", [
+    None,
+    _cluster((30, 26), (13, 11), 3),  # inside: the twin's increase
+    _cluster((30, 26), (2, 10), 3),  # near an edge: the windows of their cores, over clean test points too
+])
 def test_where_the_full_margin_is_beyond_its_limits_shorter_windows_serve_within_their_bound(monkeypatch, observed):
-    # Windows of 6, 5 and 4 length scales (at most 11 × 8 pixels here) taken as too
-    # large, those of 3 (at most 8 × 7) not: they serve, with their bound.
+    # Edge windows of 6, 5 and 4 length scales (at most 11 × 8 pixels here) taken as
+    # too large, those of 3 (at most 8 × 7) not: they serve, with their bound.
     shape, upsampling = (30, 26), 2
     model, targets = _model(shape, [[0.8, 0.6]], 1e-3, observed)
     coords = _coords(shape, upsampling)
-    monkeypatch.setattr(memory, "MAX_VARIANCE_WINDOW_SQUARED", 60**2)
+    fits = window_variance.window_variance_fits
+
+    def small_edges(windows, *args, **kwargs):
+        edges = [w for w in windows if isinstance(w, window_variance.EdgeWindow)]
+        return max(np.prod(w.shape) for w in edges) <= 60 and fits(windows, *args, **kwargs)
+
+    monkeypatch.setattr(window_variance, "window_variance_fits", small_edges)
     posterior = IterativePosterior(model, targets, test_coords=coords)
     assert posterior.window_lengthscales == 3.0 and posterior.n_samples == 0
     assert not posterior.variance_is_exact and posterior.variance_error_bound == 1e-3
