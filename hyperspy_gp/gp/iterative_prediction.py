@@ -225,7 +225,7 @@ class IterativePosterior(Posterior):
         p, t = self.task_covariance.shape[:2]
         n_fine = math.prod(len(c) for c in test_coords)
         drawn = window_variance.drawn_variance_cost(n_fine, t, p, self.n_samples)
-        for lengthscales, bound in window_variance.MARGIN_ERROR_BOUNDS.items():
+        for lengthscales in window_variance.MARGIN_ERROR_BOUNDS:
             plan = window_variance.plan_exact_variance(kernel, self.lengthscale, self.mask, test_coords,
                                                        lengthscales=lengthscales)
             windows, points = plan.windows, plan.twin_points
@@ -237,6 +237,7 @@ class IterativePosterior(Posterior):
                 self._plans[lattice_upsampling(test_coords)] = plan
                 self.window_lengthscales, self.n_samples = lengthscales, 0
                 self.variance_is_exact = lengthscales == WINDOW_LENGTHSCALES
+                bound = window_variance.margin_error_bound(lengthscales, self.lengthscale)
                 self.variance_error_bound = 0.0 if self.variance_is_exact else bound
                 _logger.info("Iterative posterior: %s variance, the periodic twin's, its increase from %d missing "
                              "pixels at %d test points, and %d windows of %g length scales near the edges and missing "

@@ -80,11 +80,31 @@ TEST_BLOCK = memory.WINDOW_BLOCK
 #: variance (Matérn-5/2, 2× and 3×, 44 × 40 and 64 × 60 scans, ℓ = 1–3 px, noise 1e-4
 #: to 0.3 of the prior; complete, clusters of missing pixels inside and at an edge, 10 %
 #: missing at random): at 6 length scales 1.7e-7, at 5 1.5e-6, at 4 1.4e-5, at 3
-#: 1.2e-4, at 2 1.1e-3 (largest at ℓ = 1 px, 100 to 1000 times smaller at 3 px, and at
-#: 2 length scales 4.2e-8 at 8/6.5 px on 72 × 64: the bounds are loose there).  The
+#: 1.2e-4, at 2 1.1e-3 (largest at ℓ = 1 px, 100 to 1000 times smaller at 3 px: see
+#: :data:`LONG_LENGTHSCALE_FACTORS`).  The
 #: shorter windows see less data, so their variance errs upwards, the periodic twin's
 #: beyond them downwards.
 MARGIN_ERROR_BOUNDS = {WINDOW_LENGTHSCALES: 1e-6, 5.0: 1e-5, 4.0: 1e-4, 3.0: 1e-3, 2.0: 1e-2}
+#: ``(shortest length scale in pixels, factor)``: with every length scale of every model
+#: at least that long, the bounds of :data:`MARGIN_ERROR_BOUNDS` shrink by that factor
+#: (:func:`margin_error_bound`).  The error falls with the pixels per length scale:
+#: measured as above at noise 1e-4 and 1e-3 of the prior, 2× (64 × 60 and 80 × 72
+#: scans; complete, a cluster of missing pixels at an edge, 10 % missing at random),
+#: with the shortest length scale 3 px the largest errors were 7.8e-5 at 2 length
+#: scales, 5.4e-7 at 3 and 2.0e-8 at 4; with 4 px, 5.5e-6, 1.0e-8 and 5.2e-11; with
+#: 6.5 px, 4.3e-8 at 2.
+LONG_LENGTHSCALE_FACTORS = ((4.0, 1e-2), (3.0, 1e-1))
+
+
+def margin_error_bound(lengthscales: float, lengthscale: torch.Tensor) -> float:
+    """The bound on the relative error of the variance with windows of ``lengthscales`` for these length scales.
+
+    :data:`MARGIN_ERROR_BOUNDS`, shrunk by :data:`LONG_LENGTHSCALE_FACTORS` where the
+    shortest of ``lengthscale`` (``(P, d)``, pixels) is long enough.
+    """
+    shortest = float(lengthscale.detach().min())
+    factor = next((f for ell, f in LONG_LENGTHSCALE_FACTORS if shortest >= ell), 1.0)
+    return MARGIN_ERROR_BOUNDS[lengthscales] * factor
 
 
 def clean_pixels(observed: torch.Tensor, margin: Sequence[int], edges: bool = True) -> np.ndarray:
@@ -282,7 +302,7 @@ def error_bounds(lengthscale: torch.Tensor, observed: torch.Tensor, points: Sequ
     """The bound on the relative error of every test point's variance as ``plan`` computes it.
 
     The windows and twin points of ``plan`` hold its margin's bound
-    (:data:`MARGIN_ERROR_BOUNDS`); so does every test point whose nearest pixel is not
+    (:func:`margin_error_bound`); so does every test point whose nearest pixel is not
     clean at a longer margin.  The other test points get the periodic twin's variance,
     which there is the model's within that longer margin's bound (the longest such).
 
@@ -292,14 +312,15 @@ def error_bounds(lengthscale: torch.Tensor, observed: torch.Tensor, points: Sequ
         ``(*test)``, float64 on the CPU.
     """
     nearest = torch.meshgrid(*[nearest_pixels(p, c) for p, c in zip(points, test_coords)], indexing="ij")
-    bound = torch.full(nearest[0].shape, MARGIN_ERROR_BOUNDS[plan.lengthscales], dtype=torch.float64)
+    own = margin_error_bound(plan.lengthscales, lengthscale)
+    bound = torch.full(nearest[0].shape, own, dtype=torch.float64)
     for longer in (c for c in MARGIN_ERROR_BOUNDS if c > plan.lengthscales):  # (the dict runs longest first)
         margin = [m + 1 for m in margins(lengthscale, longer)]
         clean = torch.from_numpy(clean_pixels(observed, margin))[nearest]
-        bound[clean] = torch.clamp_max(bound[clean], MARGIN_ERROR_BOUNDS[longer])
+        bound[clean] = torch.clamp_max(bound[clean], margin_error_bound(longer, lengthscale))
     for window in plan.windows:  # a core's window overwrites its clean test points too
         if not isinstance(window, EdgeWindow):
-            bound[torch.meshgrid(*window.test, indexing="ij")] = MARGIN_ERROR_BOUNDS[plan.lengthscales]
+            bound[torch.meshgrid(*window.test, indexing="ij")] = own
     return bound
 
 

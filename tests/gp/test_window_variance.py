@@ -101,34 +101,40 @@ def test_one_window_serves_both_ends_of_an_axis_by_reflection():
     assert float(((posterior.predict(coords)[1] - var_ref).abs() / var_ref).max()) < WINDOW_RTOL
 
 
-@pytest.mark.parametrize("observed", [
-    None,
-    _cluster((30, 26), (13, 11), 3),  # inside: the twin's increase
-    _cluster((30, 26), (2, 10), 3),  # near an edge: the windows of their cores, over clean test points too
-])
-def test_where_the_full_margin_is_beyond_its_limits_shorter_windows_serve_within_their_bound(monkeypatch, observed):
+@pytest.mark.parametrize("shape,lengthscale,observed,largest_edge,margin,bound", [
     # Edge windows of 6, 5 and 4 length scales (at most 11 × 8 pixels here) taken as
-    # too large, those of 3 (at most 8 × 7) not: they serve, with their bound.
-    shape, upsampling = (30, 26), 2
-    model, targets = _model(shape, [[0.8, 0.6]], 1e-3, observed)
+    # too large (and every plan without edge windows), those of 3 (at most 8 × 7) not:
+    # they serve, with their bound.
+    ((30, 26), [[0.8, 0.6]], None, 60, 3.0, 1e-3),
+    ((30, 26), [[0.8, 0.6]], _cluster((30, 26), (13, 11), 3), 60, 3.0, 1e-3),  # inside: the twin's increase
+    # Near an edge: the windows of their cores, over clean test points too.
+    ((30, 26), [[0.8, 0.6]], _cluster((30, 26), (2, 10), 3), 60, 3.0, 1e-3),
+    # Length scales of 3 px and more: a tenth of the bound (windows of 2 length scales,
+    # at most 16 × 15 pixels).
+    ((40, 36), [[3.2, 3.0]], None, 240, 2.0, 1e-3),
+])
+def test_where_the_full_margin_is_beyond_its_limits_shorter_windows_serve_within_their_bound(
+        monkeypatch, shape, lengthscale, observed, largest_edge, margin, bound):
+    upsampling = 2
+    model, targets = _model(shape, lengthscale, 1e-4, observed)
     coords = _coords(shape, upsampling)
     fits = window_variance.window_variance_fits
 
     def small_edges(windows, *args, **kwargs):
         edges = [w for w in windows if isinstance(w, window_variance.EdgeWindow)]
-        return max(np.prod(w.shape) for w in edges) <= 60 and fits(windows, *args, **kwargs)
+        return bool(edges) and max(np.prod(w.shape) for w in edges) <= largest_edge and fits(windows, *args, **kwargs)
 
     monkeypatch.setattr(window_variance, "window_variance_fits", small_edges)
     posterior = IterativePosterior(model, targets, test_coords=coords)
-    assert posterior.window_lengthscales == 3.0 and posterior.n_samples == 0
-    assert not posterior.variance_is_exact and posterior.variance_error_bound == 1e-3
+    assert posterior.window_lengthscales == margin and posterior.n_samples == 0
+    assert not posterior.variance_is_exact and posterior.variance_error_bound == pytest.approx(bound)
     variance, error = posterior.predict(coords)[1], posterior.variance_standard_error(coords)
     var_ref = _dense(model, targets, upsampling, observed)[1]
     relative = (variance - var_ref).abs() / var_ref
-    assert float(relative.max()) < 1e-3
+    assert float(relative.max()) < bound
     assert bool(((variance - var_ref).abs() <= error).all())  # the reported bound holds at every pixel
-    # Deeper inside the scan the periodic twin's variance holds a longer margin's bound.
-    assert float(error.min() / variance.max()) < 1e-5 < float(relative.max())
+    if margin == 3.0:  # deeper inside the scan the periodic twin's variance holds a longer margin's bound
+        assert float(error.min() / variance.max()) < 1e-5 < float(relative.max())
 
 
 def test_length_scales_beyond_the_scan_with_little_noise_are_exact():
