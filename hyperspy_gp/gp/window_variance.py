@@ -70,7 +70,7 @@ from hyperspy_gp.gp.schur_windows import WINDOW_LENGTHSCALES, Window, cut_window
 #: block of its Gram matrix: the kernel's temporaries stay a few times ``|O| × block``.
 TEST_BLOCK = memory.WINDOW_BLOCK
 #: Margins of the windows, in length scales, tried in turn: the first whose windows are
-#: affordable serves (:meth:`~hyperspy_gp.gp.iterative_prediction.IterativePosterior`),
+#: affordable serves (:class:`~hyperspy_gp.gp.iterative_prediction.IterativePosterior`),
 #: each with the bound on the relative error of every pixel's variance stated here.
 #: The full margin is exact within the equivalence tolerance (1e-6); the shorter ones
 #: are an approximation, about ten times coarser per length scale less, that still
