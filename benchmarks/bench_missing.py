@@ -7,7 +7,8 @@ log-determinant, ``dense``: Cholesky on the measured pixels), the seconds per
 likelihood + gradient evaluation, the CG iterations of that evaluation, the time of the
 whole reconstruction of the maps (fit and 2× upsampled prediction with variance) with
 the most CG iterations any of its solves needed (they grow as the fit lowers the noise),
-whether its variance is exact or a Monte-Carlo estimate (``MC``), the peak RSS of the
+whether its variance is exact, a Monte-Carlo estimate (``MC``) or from windows of ``C``
+length scales within their stated bound (``winC``), the peak RSS of the
 process that ran the case, and the evaluation's cost relative to the complete grid (the
 first row of each size, run in the same way); where the fit started from the optimum on
 the largest complete rectangle (:mod:`hyperspy_gp.gp.warm_start`), the row says so,
@@ -128,9 +129,17 @@ def run_case(side: int, n_tasks: int, pattern: str, device: str = "cpu", kernel:
         "warm_start_iterations": fit.hyperparameters.get("warm_start_iterations"),
         "lengthscale_px": fit.hyperparameters["lengthscale_px"][0].tolist(),
         "log_likelihood": float(fit.hyperparameters["log_likelihood"].sum()),
-        "variance": "MC" if "variance_standard_error" in fit.hyperparameters else "exact",
+        "variance": _variance_label(fit.hyperparameters),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+
+
+def _variance_label(hyper: dict) -> str:
+    """``exact``, ``MC`` (drawn) or ``winC`` (windows of ``C`` length scales, within their stated bound)."""
+    if "variance_samples" in hyper:
+        return "MC"
+    margin = hyper.get("variance_window_lengthscales")
+    return "exact" if margin is None else f"win{margin:g}"
 
 
 HEADER = (
