@@ -81,7 +81,6 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
     >>> fit.mean.shape, fit.variance.shape
     ((20, 20, 2), (20, 20, 2))
     """
-    import dask
     import torch
 
     from hyperspy_gp.gp.iterative import CGConvergenceError
@@ -136,8 +135,8 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
     # shorter margin (their error bound).
     drawn = not posterior.variance_is_exact
     with hsglue.dask_progressbar(show_progressbar):
-        mean, variance, *error = dask.compute(*posterior.predict_dask(test_coords, chunk_rows=request.chunks,
-                                                                      standard_error=drawn))
+        mean, variance, *error = posterior.predict_arrays(test_coords, chunk_rows=request.chunks,
+                                                          standard_error=drawn)
     mean, variance = _per_map(mean, request.mode), _per_map(variance, request.mode)
     mean = centre + scale * mean
     variance = scale**2 * variance

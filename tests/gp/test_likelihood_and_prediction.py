@@ -199,3 +199,23 @@ def test_dask_prediction_equals_one_shot_and_is_chunked():
     np.testing.assert_allclose(dvar.compute(), var.numpy(), rtol=1e-10, atol=1e-14)
     with pytest.raises(ValueError, match="exact: it has no standard error"):
         post.predict_dask(coords, standard_error=True)
+
+
+@pytest.mark.parametrize("scheduler", [None, "sync", "processes"])
+def test_arrays_are_the_dask_chunks_written_in_place_or_gathered(scheduler, monkeypatch):
+    import dask
+    import dask.array as da
+
+    model, targets = _random_model("separable", (10, 12), 3, 1, seed=9)
+    post = GridPosterior(model, targets)
+    coords = [model.kernel.axis_coordinates(n, 2) for n in (10, 12)]
+    mean, var = post.predict(coords)
+    stored = []
+    store = da.store
+    monkeypatch.setattr(da, "store", lambda *args, **kwargs: stored.append(1) or store(*args, **kwargs))
+    with dask.config.set(scheduler=scheduler):
+        arrays = post.predict_arrays(coords, chunk_rows=7)
+    assert bool(stored) == (scheduler != "processes")  # in place where the workers share the outputs' memory
+    assert all(isinstance(a, np.ndarray) and a.dtype == np.float64 for a in arrays)
+    np.testing.assert_allclose(arrays[0], mean.numpy(), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(arrays[1], var.numpy(), rtol=1e-10, atol=1e-14)
