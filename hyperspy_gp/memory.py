@@ -20,8 +20,9 @@ pixels × ``upsampling`` per axis), ``T`` maps, ``P`` models (1 in parallel mode
   path, the conjugate-gradient vectors of the targets and the probes and the FFT
   buffers;
 - **prediction**: the temporaries of the chunks that dask runs at once, plus the
-  computed chunks and their concatenation; iterative path, the whole upsampled
-  mean, variance and its error and one batch of prior draws.
+  predicted maps and their copies in the maps' units; iterative path, where its
+  variance is drawn, the whole upsampled mean, variance and its error and one batch of
+  prior draws (with windows, chunks of rows and the windows' factors).
 
 It is an estimate of the peak, accurate to a small factor, not an accounting of
 every allocation.

@@ -1,9 +1,12 @@
 r"""Prediction of the iterative path: exact mean; exact variance, or an exact part plus a Monte-Carlo gap.
 
 Mean.  ``μ(x*) = k*ᵀ (α B)`` with ``α = Σ^{-1} y`` from conjugate gradients.  On an
-``u``-times denser grid the training pixels are every ``u``-th test pixel, so ``k*ᵀ v``
-for all test pixels is one FFT convolution of ``v``, scattered onto the test grid, with
-the kernel sampled at spacing ``1/u``.  No ``n_test × n_train`` matrix is formed.
+``u``-times denser grid the test pixels at one offset from the training pixels form a
+grid of the training spacing, so ``k*ᵀ v`` for them is an FFT product on the training
+grid with the kernel shifted by that offset, for any chunk of test rows from the
+training rows within the kernel's reach
+(:func:`~hyperspy_gp.gp.toeplitz.lattice_product_rows`).  No ``n_test × n_train``
+matrix is formed.
 
 Variance.  An exact per-pixel variance needs one solve per test pixel.  Instead it is
 split into a part known exactly and a small remainder near the edges and missing
@@ -62,7 +65,7 @@ from hyperspy_gp.gp.periodic_twin import PeriodicTwin
 from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior, Posterior
 from hyperspy_gp.gp.schur import columns_fit
 from hyperspy_gp.gp.schur_windows import WINDOW_LENGTHSCALES
-from hyperspy_gp.gp.toeplitz import ToeplitzKernel, irfftn_lattice
+from hyperspy_gp.gp.toeplitz import ToeplitzKernel, fast_length, halo_rows, irfftn_lattice, lattice_product_rows
 from hyperspy_gp.memory import VARIANCE_DRAWS
 
 _logger = logging.getLogger(__name__)
@@ -96,23 +99,7 @@ def _embedding_shape(fine_shape, reach, cell: int = 1) -> list[int]:
     """
     wanted = [2 * max(m, math.ceil(r)) for m, r in zip(fine_shape, reach)]
     shrink = min(1.0, (MAX_EMBEDDING_POINTS / math.prod(wanted)) ** (1 / len(wanted)))
-    return [cell * _fast_length(math.ceil(max(2 * m, int(w * shrink)) / cell)) for m, w in zip(fine_shape, wanted)]
-
-
-def _fast_length(n: int) -> int:
-    """The smallest ``2^a 3^b 5^c ≥ n`` (an efficient FFT length)."""
-    best = 2 ** math.ceil(math.log2(n))
-    odd_5 = 1
-    while odd_5 < best:
-        odd = odd_5
-        while odd < best:
-            size = odd
-            while size < n:
-                size *= 2
-            best = min(best, size)
-            odd *= 3
-        odd_5 *= 5
-    return best
+    return [cell * fast_length(math.ceil(max(2 * m, int(w * shrink)) / cell)) for m, w in zip(fine_shape, wanted)]
 
 
 def lattice_upsampling(test_coords: Sequence[torch.Tensor], limit: int = 64) -> int:
@@ -122,13 +109,6 @@ def lattice_upsampling(test_coords: Sequence[torch.Tensor], limit: int = 64) -> 
         if torch.allclose(values * u, torch.round(values * u), atol=1e-9):
             return u
     raise ValueError("The iterative path predicts on grids with spacing 1/u of the scan step only.")
-
-
-def _scatter(x: torch.Tensor, lattice: tuple[slice, ...], fine_shape: Sequence[int]) -> torch.Tensor:
-    """Place channel-first grid values at the ``lattice`` points of a finer grid (zeros elsewhere)."""
-    out = x.new_zeros(*x.shape[: x.dim() - len(fine_shape)], *fine_shape)
-    out[(..., *lattice)] = x
-    return out
 
 
 def _circulant_sqrt_spectrum(toeplitz: ToeplitzKernel) -> tuple[torch.Tensor, float]:
@@ -147,9 +127,11 @@ def _task_sqrt(task_covariance: torch.Tensor) -> torch.Tensor:
 class IterativePosterior(Posterior):
     """The fitted iterative-path model conditioned on its training maps.
 
-    The mean and variance of a whole upsampled grid are computed at the first
-    prediction on it (FFTs work on the whole grid) and kept; chunks and dask tasks
-    slice them.
+    With windows (:attr:`window_lengthscales`), every chunk of test rows is computed on
+    its own (:meth:`rows`), from the variance's parts computed once per test grid, so
+    memory grows with the chunk, not the grid.  A Monte-Carlo variance draws whole maps:
+    then the mean, variance and standard error of the whole upsampled grid are
+    computed at the first prediction and kept, and chunks and dask tasks slice them.
 
     Parameters
     ----------
@@ -211,6 +193,9 @@ class IterativePosterior(Posterior):
             self._prepare_draws(model, targets, observed)
         self.jitter = torch.zeros(targets.shape[0], dtype=targets.dtype, device=targets.device)
         self._maps: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._windowed: dict[int, window_variance.WindowedVariance] = {}
+        #: Training rows beyond which the mean's kernel products ignore the weights (:func:`halo_rows`).
+        self.halo = halo_rows(model.kernel, self.lengthscale, self.domain_shape[0])
         self._lock = threading.Lock()
 
     def _plan_exact_variance(self, test_coords: Sequence[torch.Tensor]) -> None:
@@ -283,64 +268,118 @@ class IterativePosterior(Posterior):
         return self._solve(rhs, ESTIMATE_CG_TOLERANCE)
 
     def default_chunk_rows(self, test_coords: Sequence[torch.Tensor]) -> int:
-        """All rows: the whole grid is computed at once (chunks then slice it)."""
-        return len(test_coords[0])
+        """Rows per chunk: all where the variance is drawn (its FFTs take whole maps), else bounded.
+
+        With windows, a chunk's arrays stay under
+        :data:`~hyperspy_gp.gp.prediction.DEFAULT_CHUNK_BYTES` but a chunk holds at least
+        twice the mean's halo (:func:`~hyperspy_gp.gp.toeplitz.halo_rows`), so that the
+        halo at most doubles the mean's FFTs.
+        """
+        n_rows = len(test_coords[0])
+        if self.window_lengthscales is None:
+            return n_rows
+        p, t = self.task_covariance.shape[:2]
+        per_row = CHUNK_ROW_ARRAYS * 8 * p * (t + 1) * math.prod(len(c) for c in test_coords[1:])
+        halo = 2 * self.halo * lattice_upsampling(test_coords)
+        return max(1, min(n_rows, max(DEFAULT_CHUNK_BYTES // per_row, halo)))
 
     def predict(self, test_coords: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent mean and variance ``(P, m_1, ..., m_d, T)`` at the grid of ``test_coords``."""
         mean, variance, _ = self._select(test_coords)
         return mean, variance
 
+    def predict_with_standard_error(self, test_coords: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Mean, variance and its standard error (or bound), ``(P, m_1, ..., m_d, T)`` each, in one pass."""
+        self._require_drawn_variance()
+        return self._select(test_coords)
+
     def variance_standard_error(self, test_coords: Sequence[torch.Tensor]) -> torch.Tensor:
         """Estimated standard error of the variance at the grid of ``test_coords``, ``(P, m_1, ..., m_d, T)``."""
         return self._select(test_coords)[2]
 
     def _select(self, test_coords: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """Mean, variance and its standard error at ``test_coords``, from the cached whole maps."""
+        """Mean, variance and its standard error at ``test_coords``.
+
+        Drawn, from the cached whole maps; with windows, from the rows of the domain grid
+        that the test rows span (:meth:`rows`).
+        """
         upsampling = lattice_upsampling(test_coords)
         index = [torch.round((c.detach().cpu().double() + o) * upsampling).long().numpy()
                  for c, o in zip(test_coords, self.origin)]
         if any(len(i) and (i.min() < 0 or i.max() >= n * upsampling) for i, n in zip(index, self.domain_shape)):
             raise ValueError("Test coordinates outside the prediction domain of the iterative posterior "
                              f"({self.domain_shape} pixels from {[-o for o in self.origin]}).")
-        selector = (slice(None), *np.ix_(*index), slice(None))
+        if self.window_lengthscales is None:
+            maps = self.upsampled_maps(upsampling)
+        else:
+            start, stop = (int(index[0].min()), int(index[0].max()) + 1) if len(index[0]) else (0, 0)
+            maps = self.rows(upsampling, start, stop)
+            index[0] = index[0] - start
         device = self.mean_weights.device
-        return tuple(x[selector].to(device) for x in self.upsampled_maps(upsampling))
-
-    def _training_lattice(self, upsampling: int) -> tuple[slice, ...]:
-        """Where the training pixels sit on the ``u``-times denser grid of the domain."""
-        grid = self.model.kernel.grid_shape
-        return tuple(slice(o * upsampling, (o + n) * upsampling, upsampling) for o, n in zip(self.origin, grid))
+        whole = all(np.array_equal(i, np.arange(len(i))) for i in index)
+        if whole and self.window_lengthscales is not None:  # (a chunk's rows, its own: no copy)
+            return tuple(x.to(device) for x in maps)
+        selector = (slice(None), *np.ix_(*index), slice(None))
+        return tuple(x[selector].to(device) for x in maps)
 
     def upsampled_maps(self, upsampling: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean, variance and its standard error on the ``u``-times denser domain grid (cached)."""
+        """Mean, variance and its standard error on the whole ``u``-times denser domain grid, ``(P, *fine, T)`` each.
+
+        Drawn, the variance takes whole maps: they are computed once and cached.  With
+        windows, :meth:`rows` of the whole grid (not kept).
+        """
+        if self.window_lengthscales is not None:
+            return self.rows(upsampling, 0, self.domain_shape[0] * upsampling)
         with self._lock:
             if upsampling not in self._maps:
-                self._maps[upsampling] = self._compute_maps(upsampling)
+                self._maps[upsampling] = self._drawn_maps(upsampling)
             return self._maps[upsampling]
 
-    def _compute_maps(self, upsampling: int):
+    def rows(self, upsampling: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean, windows' variance and its standard error (or bound) at rows ``[start, stop)`` of the domain grid.
+
+        The first axis of the ``u``-times denser domain grid; ``(P, stop − start,
+        *fine[1:], T)`` each, on the model's device.  Memory grows with the rows and the
+        mean's halo (:func:`~hyperspy_gp.gp.toeplitz.lattice_product_rows`), not with the
+        grid: the variance's parts are computed once per grid
+        (:class:`~hyperspy_gp.gp.window_variance.WindowedVariance`) and only placed here.
+        """
+        if self.window_lengthscales is None:
+            raise ValueError("The variance is drawn from whole maps: use upsampled_maps.")
+        kernel = self.model.kernel
+        tail = [n * upsampling for n in self.domain_shape[1:]]
+        with torch.no_grad():
+            mean = lattice_product_rows(kernel, self.lengthscale, self.mean_weights, self.origin, self.domain_shape,
+                                        upsampling, (start, stop), self.halo)
+            parts = self._windowed_variance(upsampling)
+            variance = parts.rows(start, stop, tail)
+        mean, variance = mean.movedim(1, -1), variance.movedim(1, -1)
+        # Exact, the standard error is one number per map: a view of it, not a copy per pixel.
+        floor = parts.floor.to(variance.device, variance.dtype).reshape(parts.floor.shape[0], *([1] * len(tail)), 1,
+                                                                        -1)
+        if self.variance_is_exact:
+            return mean, variance, floor.expand_as(variance)
+        bounds = window_variance.error_bounds(self.lengthscale, self.mask, kernel.points,
+                                              self._domain_coordinates(upsampling), parts.plan, (start, stop))
+        return mean, variance, variance * bounds.to(variance.device, variance.dtype)[..., None] + floor
+
+    def _windowed_variance(self, upsampling: int) -> window_variance.WindowedVariance:
+        """The windows' variance parts on the ``u``-times denser domain grid (computed once, cached)."""
+        with self._lock:
+            if upsampling not in self._windowed:
+                self._windowed[upsampling] = self._prepare_windowed_variance(upsampling)
+            return self._windowed[upsampling]
+
+    def _drawn_maps(self, upsampling: int):
+        """Mean, Monte-Carlo variance and its standard error on the whole domain grid, ``(P, *fine, T)`` each."""
         kernel: GridKernel = self.model.kernel
         fine_shape = tuple(n * upsampling for n in self.domain_shape)
-        lattice = self._training_lattice(upsampling)
         with torch.no_grad():
-            # The mean's products with k* are exact with the smallest embedding (2n per
-            # axis); the variance's periodic twin and draws embed the kernel until it
-            # has decayed, so that their circulant stays PSD.
-            mean = ToeplitzKernel(kernel, self.lengthscale, fine_shape, 1.0 / upsampling).matmul(
-                _scatter(self.mean_weights, lattice, fine_shape))
-            reach = self.lengthscale.max(0).values * upsampling * EMBEDDING_LENGTHSCALES
-            fft_shape = _embedding_shape(fine_shape, reach.tolist(), upsampling)
-            if self.window_lengthscales is not None:
-                variance, floor, plan = self._exact_variance(upsampling, fine_shape, fft_shape)
-                mean, variance = (x.movedim(1, -1).cpu() for x in (mean, variance))
-                # Exact, the standard error is one number per map: a view of it, not a copy per pixel.
-                floor = floor.movedim(1, -1).cpu().expand_as(variance)
-                if self.variance_is_exact:
-                    return mean, variance, floor
-                bounds = window_variance.error_bounds(self.lengthscale, self.mask, kernel.points,
-                                                      self._domain_coordinates(upsampling), plan)
-                return mean, variance, variance * bounds.to(variance.dtype)[..., None] + floor
+            mean = lattice_product_rows(kernel, self.lengthscale, self.mean_weights, self.origin, self.domain_shape,
+                                        upsampling, (0, fine_shape[0]), self.halo)
+            # The mean's products are exact Toeplitz products; the draws embed the kernel
+            # until it has decayed, so that their circulant stays PSD.
+            fft_shape = self._embedding(upsampling)
             separable_kernel = GridKernel(kernel.grid_shape, "separable", dtype=kernel.dtype, device=kernel.device)
             sampling = [ToeplitzKernel(k, self.lengthscale, fine_shape, 1.0 / upsampling, fft_shape)
                         for k in (kernel, separable_kernel)]
@@ -349,43 +388,52 @@ class IterativePosterior(Posterior):
         as_maps_last = [x.movedim(1, -1).cpu() for x in (mean, variance, error)]
         return tuple(as_maps_last)
 
+    def _embedding(self, upsampling: int) -> list[int]:
+        """The torus of the draws and the periodic twin (:func:`_embedding_shape`)."""
+        fine_shape = tuple(n * upsampling for n in self.domain_shape)
+        reach = self.lengthscale.max(0).values * upsampling * EMBEDDING_LENGTHSCALES
+        return _embedding_shape(fine_shape, reach.tolist(), upsampling)
+
     def _domain_coordinates(self, upsampling: int) -> list[torch.Tensor]:
         """The ``u``-times denser domain grid in pixels of the training grid, one 1-D tensor per axis."""
         return [self.model.kernel.axis_coordinates(n, upsampling) - o for n, o in zip(self.domain_shape, self.origin)]
 
-    def _exact_variance(self, upsampling: int, fine_shape, fft_shape):
-        """The periodic twin's variance, and each window's where the twin's is not the model's, ``(P, T, *fine)``.
+    def _prepare_windowed_variance(self, upsampling: int) -> window_variance.WindowedVariance:
+        """The periodic twin's variance per coset, its increase at the twin points and the windows' variances.
 
-        See :mod:`~hyperspy_gp.gp.window_variance`.  Also the standard error, the rounding
-        floor of the exact parts (:data:`ROUNDING_FLOOR`), ``(P, T, 1, ..., 1)``, and the
+        See :mod:`~hyperspy_gp.gp.window_variance`.  Also the rounding floor of the exact
+        parts per map (:data:`ROUNDING_FLOOR`) and the
         :class:`~hyperspy_gp.gp.window_variance.VariancePlan` that served.
         """
         kernel = self.model.kernel
+        fine_shape = tuple(n * upsampling for n in self.domain_shape)
         coords = self._domain_coordinates(upsampling)
-        embedding = ToeplitzKernel(kernel, self.lengthscale, fine_shape, 1.0 / upsampling, fft_shape)
-        sqrt_spec, clipped = _circulant_sqrt_spectrum(embedding)
-        periodic = PeriodicTwin(sqrt_spec.pow(2), embedding.fft_shape, upsampling, self.task_covariance, self.noise)
-        # A clipped spectrum (length scales beyond the scan) leaves the twin's variance
-        # biased: then every core is a window (such scans are a margin wide anyway).
-        everywhere = clipped > CLIPPED_SPECTRUM_TOLERANCE
-        plan = None if everywhere else self._plans.get(upsampling)
-        if plan is None:
-            plan = window_variance.plan_exact_variance(kernel, self.lengthscale, self.mask, coords, everywhere,
-                                                       self.window_lengthscales)
-        windows, points = plan.windows, plan.twin_points
-        covered = not any(isinstance(w, window_variance.EdgeWindow) for w in windows) and \
-            sum(math.prod(len(t) for t in w.test) for w in windows) == math.prod(fine_shape)
-        variance = periodic.variance(fine_shape) if not covered else \
-            self.noise.new_zeros(*self.task_covariance.shape[:2], *fine_shape)
-        if len(points):
+        with torch.no_grad():
+            embedding = ToeplitzKernel(kernel, self.lengthscale, fine_shape, 1.0 / upsampling,
+                                       self._embedding(upsampling))
+            sqrt_spec, clipped = _circulant_sqrt_spectrum(embedding)
+            del embedding
+            periodic = PeriodicTwin(sqrt_spec.pow(2), self._embedding(upsampling), upsampling, self.task_covariance,
+                                    self.noise)
+            del sqrt_spec
+            # A clipped spectrum (length scales beyond the scan) leaves the twin's variance
+            # biased: then every core is a window (such scans are a margin wide anyway).
+            everywhere = clipped > CLIPPED_SPECTRUM_TOLERANCE
+            plan = None if everywhere else self._plans.get(upsampling)
+            if plan is None:
+                plan = window_variance.plan_exact_variance(kernel, self.lengthscale, self.mask, coords, everywhere,
+                                                           self.window_lengthscales)
+            windows, points = plan.windows, plan.twin_points
+            covered = not any(isinstance(w, window_variance.EdgeWindow) for w in windows) and \
+                sum(math.prod(len(t) for t in w.test) for w in windows) == math.prod(fine_shape)
+            per_coset = None if covered else periodic.coset_variance()
             missing = torch.nonzero(self.mask == 0) + torch.tensor(self.origin, device=self.mask.device)
-            index = (slice(None), slice(None), *points.to(variance.device).unbind(-1))
-            variance[index] += periodic.missing_increase(missing, points).to(variance.dtype)
-        window_variance.window_variance(kernel, self.lengthscale, self.task_covariance, self.noise, windows, coords,
-                                        variance)
-        prior = periodic.prior_variance()
-        floor = (ROUNDING_FLOOR * torch.finfo(prior.dtype).eps * prior).reshape(*prior.shape, *([1] * len(fine_shape)))
-        return variance, floor, plan
+            increase = periodic.missing_increase(missing, points) if len(points) else \
+                self.noise.new_zeros(*self.task_covariance.shape[:2], 0)
+            solved = window_variance.solve_windows(kernel, self.lengthscale, self.task_covariance, self.noise, windows,
+                                                   coords, self.noise.device)
+            floor = ROUNDING_FLOOR * torch.finfo(self.noise.dtype).eps * periodic.prior_variance()
+        return window_variance.WindowedVariance(per_coset, points, increase, solved, plan, floor)
 
     def _estimate_variance(self, sampling, upsampling: int, fine_shape, exact_separable):
         r"""The variance and its standard error on the upsampled grid, ``(P, T, *fine)`` each.
@@ -446,6 +494,12 @@ class IterativePosterior(Posterior):
         prior = periodic.prior_variance()
         rounding = (ROUNDING_FLOOR * torch.finfo(prior.dtype).eps * prior).reshape(p, t, *([1] * len(fine_shape)))
         return gap.add_(periodic_variance), error.pow_(2).add_(rounding.pow(2)).sqrt_()
+
+
+#: Arrays of one row of a chunk, per map, for :meth:`IterativePosterior.default_chunk_rows`:
+#: the mean's slab and product, the FFTs' spectra (twice the slab, complex), the
+#: variance, its bound and the float64 copies a dask task returns.
+CHUNK_ROW_ARRAYS = 10
 
 
 #: The standard error's floor, in units of the prior variance times the float's epsilon:

@@ -196,6 +196,10 @@ class PeriodicTwin:
 
     def variance(self, fine_shape: Sequence[int]) -> torch.Tensor:
         """The twin's exact posterior variance on the first ``fine_shape`` torus points, ``(P, T, *fine_shape)``."""
+        return tile_cosets(self.coset_variance(), fine_shape)
+
+    def coset_variance(self) -> torch.Tensor:
+        """The twin's exact posterior variance at each coset of the lattice, ``(P, T, u, ..., u)``."""
         d, u = len(self.dims), self.upsampling
         lam = torch.fft.fftn(self._coset(self.values, (0,) * d), dim=self.dims).real.clamp_min(0.0)
         whitening = (self.root, self.gamma, self.rotation)
@@ -206,5 +210,18 @@ class PeriodicTwin:
             kappa = torch.fft.fftn(self._coset(self.values, offset), dim=self.dims).abs().pow(2)
             explained = (kappa.unsqueeze(1) * reduction).sum(dim=self.dims) / math.prod(self.coarse_shape)
             per_coset[(..., *offset)] = (prior - explained).clamp_min(0.0)
-        index = [torch.arange(n, device=prior.device) % u for n in fine_shape]
-        return per_coset[(..., *torch.meshgrid(*index, indexing="ij"))]
+        return per_coset
+
+
+def tile_cosets(per_coset: torch.Tensor, fine_shape: Sequence[int], start: int = 0) -> torch.Tensor:
+    """Values per coset ``(P, T, u, ..., u)`` on ``fine_shape`` torus points from row ``start`` of the first axis.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(P, T, *fine_shape)``.
+    """
+    u = per_coset.shape[-1]
+    starts = [start] + [0] * (len(fine_shape) - 1)
+    index = [torch.arange(s, s + n, device=per_coset.device) % u for s, n in zip(starts, fine_shape)]
+    return per_coset[(..., *torch.meshgrid(*index, indexing="ij"))]

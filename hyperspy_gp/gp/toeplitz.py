@@ -20,6 +20,7 @@ axes.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -155,3 +156,100 @@ def irfftn_lattice(spectrum: torch.Tensor, fft_shape: Sequence[int], cell: int) 
         folded = spectrum.unflatten(dim, (cell, fft_shape[axis] // cell)).sum(dim - 1 if dim < 0 else dim)
         spectrum = torch.fft.ifft(folded, dim=dim) / cell
     return torch.fft.irfft(spectrum, n=fft_shape[-1], dim=-1)[..., ::cell]
+
+
+#: Relative kernel value beyond which :func:`lattice_product_rows` leaves training rows
+#: out: below float64 rounding (Matérn-5/2 falls under it at about 19 length scales).
+HALO_TOLERANCE = 1e-16
+
+
+def halo_rows(kernel: GridKernel, lengthscale: torch.Tensor, limit: int,
+              tolerance: float = HALO_TOLERANCE) -> int:
+    """Training rows (pixels along the first axis) beyond which the kernel is below ``tolerance`` of ``k(0)``.
+
+    Both kernels fall monotonically with every offset, so ``k(Δ) ≤ k(Δ_1, 0, …, 0)``
+    and a row ``h`` pixels away bounds every farther one.  At most ``limit``.
+    """
+    with torch.no_grad():
+        lags = [torch.arange(limit + 1, dtype=lengthscale.dtype, device=lengthscale.device)]
+        lags += [torch.zeros(1, dtype=lengthscale.dtype, device=lengthscale.device)] * (lengthscale.shape[1] - 1)
+        values = kernel.stationary_values(lengthscale.detach(), lags).reshape(lengthscale.shape[0], -1)
+        small = (values <= tolerance * values[:, :1]).all(0)
+    return int(torch.nonzero(small)[0]) if bool(small.any()) else limit
+
+
+def fast_length(n: int) -> int:
+    """The smallest ``2^a 3^b 5^c ≥ n`` (an efficient FFT length)."""
+    best = 2 ** math.ceil(math.log2(max(n, 1)))
+    odd_5 = 1
+    while odd_5 < best:
+        odd = odd_5
+        while odd < best:
+            size = odd
+            while size < n:
+                size *= 2
+            best = min(best, size)
+            odd *= 3
+        odd_5 *= 5
+    return best
+
+
+def lattice_product_rows(kernel: GridKernel, lengthscale: torch.Tensor, weights: torch.Tensor,
+                         origin: Sequence[int], domain_shape: Sequence[int], upsampling: int,
+                         rows: tuple[int, int], halo: int) -> torch.Tensor:
+    """``Σ_m k(x* − x_m) w(m)`` at rows ``[start, stop)`` of the ``u``-times denser domain grid.
+
+    The weights sit on the training grid, ``origin`` pixels into the domain.  The test
+    points of one *coset* (the same offset ``c/u`` from the lattice on every axis) form
+    a grid of the training spacing, so their products are a Toeplitz product on the
+    coarse grid with the kernel shifted by ``c/u``: one forward FFT of the weights, and
+    per coset one inverse FFT of the training grid's size, not the denser grid's.  Only
+    the training rows within ``halo`` pixels of the chunk (:func:`halo_rows`) enter, so
+    memory grows with the chunk and the halo, not with the domain; the rows left out
+    weigh below :data:`HALO_TOLERANCE` of the kernel's variance.
+
+    Parameters
+    ----------
+    weights
+        Channel-first ``(P, *lead, *grid)`` on the training grid.
+    rows
+        ``(start, stop)`` on the fine domain grid's first axis.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(P, *lead, stop − start, *fine[1:])``.
+    """
+    u, d, (start, stop) = upsampling, len(domain_shape), rows
+    grid, lead = weights.shape[-d:], weights.shape[1:-d]
+    out = weights.new_zeros(weights.shape[0], *lead, stop - start, *(n * u for n in domain_shape[1:]))
+    first = max(0, -(-start // u) - halo - 1 - origin[0])  # training rows kept: within ``halo`` of the chunk
+    last = min(grid[0], (stop - 1) // u + halo + 2 - origin[0])
+    if first >= last or stop <= start:
+        return out
+    kept = weights.narrow(-d, first, last - first).reshape(weights.shape[0], -1, last - first, *grid[1:])
+    train = [origin[0] + first, *origin[1:]]  # the kept weights' first point, in coarse domain pixels
+    fine = [(start, stop), *((0, n * u) for n in domain_shape[1:])]
+    # Per axis and offset c: the coarse test indices q (fine u q + c) in the fine range.
+    cosets = [[(c, -(-(lo - c) // u), -(-(hi - c) // u)) for c in range(u) if -(-(hi - c) // u) > -(-(lo - c) // u)]
+              for lo, hi in fine]
+    lengths = [fast_length(max(q1 - q0 for _, q0, q1 in axis) + n - 1) for axis, n in zip(cosets, kept.shape[2:])]
+    dims = tuple(range(-d, 0))
+    spectra = {}
+    for combination in itertools.product(*cosets):
+        lags = []
+        for (c, q0, q1), length, t in zip(combination, lengths, train):
+            j = torch.arange(length, dtype=lengthscale.dtype, device=lengthscale.device)
+            lags.append(torch.where(j < q1 - q0, j, j - length) + (q0 - t) + c / u)
+        spectra[combination] = torch.fft.rfftn(kernel.stationary_values(lengthscale.detach(), lags), dim=dims)
+    flat_out = out.reshape(out.shape[0], -1, *out.shape[-d:])
+    group = max(1, FFT_GROUP_BYTES // (16 * math.prod(lengths)))
+    for g in range(0, kept.shape[1], group):
+        transformed = torch.fft.rfftn(kept[:, g : g + group], s=lengths, dim=dims)
+        for combination, spectrum in spectra.items():
+            product = torch.fft.irfftn(transformed * spectrum.unsqueeze(1), s=lengths, dim=dims)
+            target = tuple(slice(u * q0 + c - lo, u * q1 + c - lo, u)
+                           for (c, q0, q1), (lo, _) in zip(combination, fine))
+            flat_out[(slice(None), slice(g, g + group), *target)] = \
+                product[(..., *(slice(0, q1 - q0) for _, q0, q1 in combination))]
+    return out

@@ -64,6 +64,7 @@ import torch
 from hyperspy_gp import memory
 from hyperspy_gp.gp.kernels import GridKernel, grid_points
 from hyperspy_gp.gp.likelihood import whiten_tasks
+from hyperspy_gp.gp.periodic_twin import tile_cosets
 from hyperspy_gp.gp.schur_windows import WINDOW_LENGTHSCALES, Window, cut_windows, margins, nearest_pixels
 
 #: Test points per triangular solve of a window (its right-hand sides), and rows per
@@ -298,7 +299,8 @@ def plan_exact_variance(kernel: GridKernel, lengthscale: torch.Tensor, observed:
 
 
 def error_bounds(lengthscale: torch.Tensor, observed: torch.Tensor, points: Sequence[torch.Tensor],
-                 test_coords: Sequence[torch.Tensor], plan: VariancePlan) -> torch.Tensor:
+                 test_coords: Sequence[torch.Tensor], plan: VariancePlan,
+                 rows: tuple[int, int] | None = None) -> torch.Tensor:
     """The bound on the relative error of every test point's variance as ``plan`` computes it.
 
     The windows and twin points of ``plan`` hold its margin's bound
@@ -306,12 +308,16 @@ def error_bounds(lengthscale: torch.Tensor, observed: torch.Tensor, points: Sequ
     clean at a longer margin.  The other test points get the periodic twin's variance,
     which there is the model's within that longer margin's bound (the longest such).
 
+    With ``rows`` ``(start, stop)``, those rows of the first test axis only.
+
     Returns
     -------
     torch.Tensor
         ``(*test)``, float64 on the CPU.
     """
-    nearest = torch.meshgrid(*[nearest_pixels(p, c) for p, c in zip(points, test_coords)], indexing="ij")
+    start, stop = (0, len(test_coords[0])) if rows is None else rows
+    chunk = [test_coords[0][start:stop], *test_coords[1:]]
+    nearest = torch.meshgrid(*[nearest_pixels(p, c) for p, c in zip(points, chunk)], indexing="ij")
     own = margin_error_bound(plan.lengthscales, lengthscale)
     bound = torch.full(nearest[0].shape, own, dtype=torch.float64)
     for longer in (c for c in MARGIN_ERROR_BOUNDS if c > plan.lengthscales):  # (the dict runs longest first)
@@ -320,7 +326,8 @@ def error_bounds(lengthscale: torch.Tensor, observed: torch.Tensor, points: Sequ
         bound[clean] = torch.clamp_max(bound[clean], margin_error_bound(longer, lengthscale))
     for window in plan.windows:  # a core's window overwrites its clean test points too
         if not isinstance(window, EdgeWindow):
-            bound[torch.meshgrid(*window.test, indexing="ij")] = own
+            first = window.test[0][(window.test[0] >= start) & (window.test[0] < stop)] - start
+            bound[torch.meshgrid(first, *window.test[1:], indexing="ij")] = own
     return bound
 
 
@@ -426,6 +433,8 @@ def window_variance(kernel: GridKernel, lengthscale: torch.Tensor, task_covarian
                     test_coords: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
     """Write each window's exact posterior variance of its core's test points into ``out``.
 
+    :func:`solve_windows`, then :func:`place_windows`.
+
     Parameters
     ----------
     kernel
@@ -445,7 +454,34 @@ def window_variance(kernel: GridKernel, lengthscale: torch.Tensor, task_covarian
     torch.Tensor
         ``out``.  Computed in float64 on ``out``'s device, one model at a time.
     """
-    device, dtype = out.device, torch.float64
+    solved = solve_windows(kernel, lengthscale, task_covariance, noise, windows, test_coords, out.device)
+    return place_windows(solved, out)
+
+
+@dataclass(frozen=True)
+class SolvedWindow:
+    """A distinct window's variances and where they go (:func:`distinct_windows`).
+
+    Attributes
+    ----------
+    variance
+        ``(P, T, *solved)`` float64, its test points' variances.
+    placements
+        Per placement, per axis, the test indices that get them and their positions
+        among the solved points (``None``: all, in order).
+    """
+
+    variance: torch.Tensor
+    placements: list[Placement]
+
+
+def solve_windows(kernel: GridKernel, lengthscale: torch.Tensor, task_covariance: torch.Tensor,
+                  noise: torch.Tensor, windows: Sequence[Window | EdgeWindow], test_coords: Sequence[torch.Tensor],
+                  device=None) -> list[SolvedWindow]:
+    """Each distinct window's exact posterior variance of its core's test points (see :func:`window_variance`)."""
+    dtype = torch.float64
+    device = lengthscale.device if device is None else device
+    out = []
     with torch.no_grad():
         ell, b, d = (x.detach().to(device, dtype) for x in (lengthscale, task_covariance, noise))
         root, gamma, rotation = whiten_tasks(b, d)
@@ -462,16 +498,77 @@ def window_variance(kernel: GridKernel, lengthscale: torch.Tensor, task_covarian
             test = grid_points(solved)
             values = torch.stack([_whitened_variances(kernel, ell[j : j + 1], gamma[j], train, test)
                                   for j in range(ell.shape[0])])  # (P, K, m)
-            variance = torch.einsum("ptk,pkm->ptm", loadings, values).to(out.dtype)
-            variance = variance.reshape(*variance.shape[:2], *(len(c) for c in solved))
-            for targets, sources in placements:
-                index = torch.meshgrid(*[i.to(device) for i in targets], indexing="ij")
-                if sources is None:
-                    out[(slice(None), slice(None), *index)] = variance
-                else:
-                    spread = torch.meshgrid(*[i.to(device) for i in sources], indexing="ij")
-                    out[(slice(None), slice(None), *index)] = variance[(slice(None), slice(None), *spread)]
+            variance = torch.einsum("ptk,pkm->ptm", loadings, values)
+            out.append(SolvedWindow(variance.reshape(*variance.shape[:2], *(len(c) for c in solved)), placements))
     return out
+
+
+def place_windows(solved: Sequence[SolvedWindow], out: torch.Tensor,
+                  rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Write the windows' variances into ``out`` ``(P, T, *test)``, or into its rows ``[start, stop)`` of the test grid.
+
+    With ``rows``, ``out`` holds only those rows of the first test axis (a chunk).
+    """
+    start, stop = (0, out.shape[2]) if rows is None else rows
+    for item in solved:
+        variance = item.variance.to(out.device, out.dtype)
+        for targets, sources in item.placements:
+            first = targets[0].to(out.device)
+            kept = torch.nonzero((first >= start) & (first < stop)).reshape(-1)
+            if not len(kept):
+                continue
+            targets = (first[kept] - start, *(t.to(out.device) for t in targets[1:]))
+            sources = (kept, *(torch.arange(n, device=out.device) for n in variance.shape[3:])) if sources is None \
+                else (sources[0].to(out.device)[kept], *(s.to(out.device) for s in sources[1:]))
+            index = torch.meshgrid(*targets, indexing="ij")
+            spread = torch.meshgrid(*sources, indexing="ij")
+            out[(slice(None), slice(None), *index)] = variance[(slice(None), slice(None), *spread)]
+    return out
+
+
+@dataclass(frozen=True)
+class WindowedVariance:
+    """The parts of the windows' variance on one test grid, from which chunks of rows are assembled.
+
+    Computed once per test grid (:class:`~hyperspy_gp.gp.iterative_prediction.IterativePosterior`):
+    the periodic twin's variance per coset, its increase at the twin points and the
+    windows' variances, all small beside the grid; :meth:`rows` then fills any rows of
+    it without the whole grid in memory.
+
+    Attributes
+    ----------
+    per_coset
+        The periodic twin's variance per coset ``(P, T, u, ..., u)``; ``None`` where the
+        windows cover every test point.
+    twin_points, twin_increase
+        ``(m, d)`` test indices and the twin's increase there, ``(P, T, m)``.
+    windows
+        :func:`solve_windows`.
+    plan
+        The :class:`VariancePlan` that served.
+    floor
+        The exact parts' rounding floor per map, ``(P, T)``.
+    """
+
+    per_coset: torch.Tensor | None
+    twin_points: torch.Tensor
+    twin_increase: torch.Tensor
+    windows: list[SolvedWindow]
+    plan: VariancePlan
+    floor: torch.Tensor
+
+    def rows(self, start: int, stop: int, tail: Sequence[int]) -> torch.Tensor:
+        """The variance at rows ``[start, stop)`` of the test grid, ``(P, T, stop − start, *tail)``."""
+        shape = (stop - start, *tail)
+        variance = self.floor.new_zeros(*self.floor.shape, *shape) if self.per_coset is None else \
+            tile_cosets(self.per_coset, shape, start)
+        points = self.twin_points.to(variance.device)
+        kept = torch.nonzero((points[:, 0] >= start) & (points[:, 0] < stop)).reshape(-1)
+        if len(kept):
+            at = points[kept]
+            index = (slice(None), slice(None), at[:, 0] - start, *at[:, 1:].unbind(-1))
+            variance[index] += self.twin_increase[:, :, kept].to(variance.device, variance.dtype)
+        return place_windows(self.windows, variance, (start, stop))
 
 
 def _whitened_variances(kernel: GridKernel, lengthscale: torch.Tensor, gamma: torch.Tensor, train: torch.Tensor,

@@ -24,7 +24,7 @@ from hyperspy_gp.gp.iterative_prediction import DRAWS_FOR_REGRESSION, IterativeP
 from hyperspy_gp.gp.kernels import GridKernel
 from hyperspy_gp.gp.model import GridICMModel
 from hyperspy_gp.gp.prediction import GridPosterior, make_posterior
-from hyperspy_gp.gp.toeplitz import ToeplitzKernel, irfftn_lattice, irfftn_region
+from hyperspy_gp.gp.toeplitz import ToeplitzKernel, halo_rows, irfftn_lattice, irfftn_region, lattice_product_rows
 from hyperspy_gp.gp.training import fit_model
 from tests.gp.dense_reference import dense_icm, grid_points, kernel_matrix
 
@@ -391,3 +391,36 @@ def test_posterior_predicts_a_domain_around_its_training_grid():
     assert float(variance[0, 0].mean()) > 2 * float(variance[0, 10].mean())
     with pytest.raises(ValueError, match="outside the prediction domain"):
         posterior.predict([coords[0] - 5.0, coords[1]])
+
+
+@pytest.mark.parametrize("upsampling,origin,domain", [(2, (0, 0), (40, 9)), (3, (4, 1), (47, 12))])
+def test_products_on_chunks_of_rows_equal_the_whole_grids_and_transform_only_around_them(monkeypatch, upsampling,
+                                                                                          origin, domain):
+    kernel = GridKernel((40, 9), "matern")
+    lengthscale = torch.tensor([[0.7, 1.1]], dtype=torch.float64)
+    weights = torch.randn(1, 3, 40, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    fine = [n * upsampling for n in domain]
+    # The reference: the whole fine grid with the weights scattered onto its lattice.
+    scattered = torch.zeros(1, 3, *fine, dtype=torch.float64)
+    scattered[(..., *(slice(o * upsampling, (o + n) * upsampling, upsampling) for o, n in zip(origin, (40, 9))))] = \
+        weights
+    reference = ToeplitzKernel(kernel, lengthscale, fine, 1.0 / upsampling).matmul(scattered)
+    whole = lattice_product_rows(kernel, lengthscale, weights, origin, domain, upsampling, (0, fine[0]), domain[0])
+    torch.testing.assert_close(whole, reference, rtol=0, atol=1e-13 * float(reference.abs().max()))
+    halo = halo_rows(kernel, lengthscale, domain[0])
+    assert 12 <= halo <= 15  # 19 length scales of 0.7 px
+    lengths = []
+    values = GridKernel.stationary_values
+
+    def record(self, lengthscale, lags):
+        lengths.append(len(lags[0]))
+        return values(self, lengthscale, lags)
+
+    monkeypatch.setattr(GridKernel, "stationary_values", record)
+    for start, stop in [(0, 5), (30, 37), (fine[0] - 4, fine[0]), (60, 61)]:
+        rows = lattice_product_rows(kernel, lengthscale, weights, origin, domain, upsampling, (start, stop), halo)
+        torch.testing.assert_close(rows, reference[:, :, start:stop], rtol=0,
+                                   atol=1e-13 * float(reference.abs().max()))
+        # The FFTs span the chunk's coarse rows and the halo's, not the grid's.
+        assert max(lengths) <= 2 * ((stop - start) // upsampling + 1) + 2 * (halo + 2) + 8 < 2 * domain[0]
+        lengths.clear()

@@ -215,20 +215,65 @@ def test_beyond_its_limits_or_when_declined_the_variance_is_drawn(monkeypatch, c
     assert (drawn.variance_standard_error(coords) > 0).any()
 
 
-def test_chunks_and_dask_slice_the_exact_maps():
-    model, targets = _model((24, 20), [[1.0, 1.3]], 0.05)
+def test_chunks_and_dask_compute_their_rows_as_the_whole_grid_does():
+    model, targets = _model((24, 20), [[1.0, 1.3]], 0.05, _cluster((24, 20), (1, 8), 2))
     coords = _coords((24, 20), 2)
     posterior = make_posterior(model, targets, test_coords=coords)
+    assert posterior.variance_is_exact
     mean, variance = posterior.predict(coords)
     parts = [torch.as_tensor(x) for x in dask.compute(*posterior.predict_dask(coords, chunk_rows=7))]
-    torch.testing.assert_close(parts[0], mean, rtol=0, atol=0)
+    # Each chunk's mean is its own FFT product (a slab of rows around it): equal to rounding.
+    torch.testing.assert_close(parts[0], mean, rtol=0, atol=1e-12 * float(mean.abs().max()))
+    # The variance is placed from parts computed once: the same numbers.
     torch.testing.assert_close(parts[1], variance, rtol=0, atol=0)
-    # The cached maps hold the exact variance's standard error (a rounding floor, one
-    # number per map) as a view, not as a third upsampled array.
-    cached_mean, _, error = posterior.upsampled_maps(2)
-    assert error.shape == cached_mean.shape
+    for start, stop in [(0, 1), (5, 19), (40, 48), (3, 3)]:
+        chunk_mean, chunk_var, _ = posterior.rows(2, start, stop)
+        assert chunk_var.shape == (1, stop - start, 40, 2)
+        torch.testing.assert_close(chunk_var, variance[:, start:stop], rtol=0, atol=0)
+        torch.testing.assert_close(chunk_mean, mean[:, start:stop], rtol=0, atol=1e-12 * float(mean.abs().max()))
+    # The exact variance's standard error (a rounding floor, one number per map) is a
+    # view, not a third upsampled array.
+    whole_mean, _, error = posterior.upsampled_maps(2)
+    assert error.shape == whole_mean.shape
     assert error.untyped_storage().nbytes() == 8 * model.n_models * 2
     assert torch.equal(posterior.variance_standard_error(coords), error)
+
+
+def test_default_chunks_are_bounded_and_hold_twice_the_mean_halo(monkeypatch):
+    model, targets = _model((60, 20), [[1.0, 1.3]], 0.05)
+    coords = _coords((60, 20), 2)
+    posterior = make_posterior(model, targets, test_coords=coords)
+    halo = posterior.halo
+    assert 15 < halo < 25  # Matérn-5/2 falls below 1e-16 of its variance at about 19 length scales
+    monkeypatch.setattr("hyperspy_gp.gp.iterative_prediction.DEFAULT_CHUNK_BYTES", 1)
+    assert posterior.default_chunk_rows(coords) == 2 * 2 * halo  # upsampled rows
+    monkeypatch.setattr("hyperspy_gp.gp.iterative_prediction.DEFAULT_CHUNK_BYTES", 2**40)
+    assert posterior.default_chunk_rows(coords) == 120
+    drawn = make_posterior(model, targets, test_coords=coords, exact_variance=False, n_samples=2)
+    monkeypatch.setattr("hyperspy_gp.gp.iterative_prediction.DEFAULT_CHUNK_BYTES", 1)
+    assert drawn.default_chunk_rows(coords) == 120  # the draws' FFTs take whole maps
+
+
+def test_shorter_windows_bound_every_chunk_as_the_whole_grid(monkeypatch):
+    shape, upsampling = (30, 26), 2
+    model, targets = _model(shape, [[0.8, 0.6]], 1e-4, _cluster(shape, (2, 10), 3))
+    coords = _coords(shape, upsampling)
+    fits = window_variance.window_variance_fits
+
+    def small_edges(windows, *args, **kwargs):
+        edges = [w for w in windows if isinstance(w, window_variance.EdgeWindow)]
+        return bool(edges) and max(np.prod(w.shape) for w in edges) <= 60 and fits(windows, *args, **kwargs)
+
+    monkeypatch.setattr(window_variance, "window_variance_fits", small_edges)
+    posterior = IterativePosterior(model, targets, test_coords=coords)
+    assert posterior.window_lengthscales == 3.0
+    mean, variance, error = posterior.predict_with_standard_error(coords)
+    chunks = [torch.as_tensor(x) for x in dask.compute(*posterior.predict_dask(coords, chunk_rows=11,
+                                                                                standard_error=True))]
+    torch.testing.assert_close(chunks[1], variance, rtol=0, atol=0)
+    torch.testing.assert_close(chunks[2], error, rtol=0, atol=0)
+    var_ref = _dense(model, targets, upsampling, _cluster(shape, (2, 10), 3))[1]
+    assert bool(((chunks[1] - var_ref).abs() <= chunks[2]).all())
 
 
 def test_the_window_variance_memory_is_counted():
