@@ -65,7 +65,7 @@ from hyperspy_gp.gp.periodic_twin import PeriodicTwin
 from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior, Posterior
 from hyperspy_gp.gp.schur import columns_fit
 from hyperspy_gp.gp.schur_windows import WINDOW_LENGTHSCALES
-from hyperspy_gp.gp.toeplitz import ToeplitzKernel, fast_length, halo_rows, irfftn_lattice, lattice_product_rows
+from hyperspy_gp.gp.toeplitz import ToeplitzKernel, fast_length, halo_rows, lattice_product_rows
 from hyperspy_gp.memory import VARIANCE_DRAWS
 
 _logger = logging.getLogger(__name__)
@@ -468,7 +468,10 @@ class IterativePosterior(Posterior):
         noise_sd = self.noise.sqrt()
         p, t = self.task_covariance.shape[:2]
         training = tuple(slice(o, o + n) for o, n in zip(self.origin, self.model.kernel.grid_shape))
-        per_draw = _bytes_per_draw(p, t, fine_shape, fine.fft_shape)
+        # The draws' covariance on the lattice of the torus: circulant there, its
+        # spectrum the twins' eigenvalues (the embedding's folded onto the lattice).
+        lattice_spectra = [twin.eigenvalues.sqrt() for twin in (periodic, periodic_sep)]
+        per_draw = _bytes_per_draw(p, t, fine_shape, periodic.coarse_shape, fine.fft_shape)
         batch = max(1, 4 * DEFAULT_CHUNK_BYTES // per_draw)
         generator = np.random.default_rng(self.seed)
         moments = _Moments(self.n_samples)
@@ -476,8 +479,7 @@ class IterativePosterior(Posterior):
             size = min(batch, self.n_samples - start)
             noise = _standard_normal(generator, (p, size, t, *periodic.coarse_shape), sqrt_spec)
             noise = noise * noise_sd.reshape(p, 1, t, *([1] * len(fine_shape)))
-            draws = _lattice_prior_draws(task_sqrt, (sqrt_spec, sqrt_spec_sep), fine, (p, size, t), generator,
-                                         upsampling)
+            draws = _lattice_prior_draws(task_sqrt, lattice_spectra, periodic.coarse_shape, (p, size, t), generator)
             gaps = []
             for kernel, (solve, mask, twin) in enumerate(zip((self._solve_draws, self._separable_inverse),
                                                              (self.mask, self._twin_mask), (periodic, periodic_sep))):
@@ -514,18 +516,21 @@ def _standard_normal(generator: np.random.Generator, shape, like: torch.Tensor) 
     """White noise of ``shape`` with the dtype and device of ``like``.
 
     NumPy's generator (ziggurat) draws these 2.5× faster than ``torch.randn`` on the CPU,
-    and the draws can number 10⁸ (64 draws of a 2²¹-point embedding per map).
+    and the draws can number 10⁷ to 10⁸ (64 draws of a lattice of up to 2²¹ / u^d points per map).
     """
     dtype = np.float32 if like.dtype == torch.float32 else np.float64
     return torch.from_numpy(generator.standard_normal(shape, dtype=dtype)).to(like.device)
 
 
-def _bytes_per_draw(n_models: int, n_tasks: int, fine_shape, fft_shape) -> int:
-    """Memory of one draw of the variance estimate, generously: a torus of the maps and up to 10 upsampled arrays.
+def _bytes_per_draw(n_models: int, n_tasks: int, fine_shape, coarse_shape, fft_shape) -> int:
+    """Memory of one draw of the variance estimate, generously.
 
-    (Measured, a draw holds the torus, both gaps, a product of them and the FFTs' work.)
+    Per map up to 10 upsampled arrays and a coarse torus (the draw at the lattice, its
+    weights, both gaps and a product of them), and the spectrum of one map's gap on the
+    torus at a time.
     """
-    return 8 * n_models * n_tasks * (10 * math.prod(fine_shape) + math.prod(fft_shape))
+    per_map = 10 * math.prod(fine_shape) + math.prod(coarse_shape)
+    return 8 * n_models * (n_tasks * per_map + 2 * math.prod(fft_shape))
 
 
 #: Draws from which the estimate regresses on the separable model's gap; below, it is the
@@ -584,15 +589,18 @@ class _Moments:
         return residual.add_(explained), error
 
 
-def _lattice_prior_draws(task_sqrt: torch.Tensor, spectra, embedding: ToeplitzKernel, shape, generator,
-                         cell: int) -> list[torch.Tensor]:
-    """Prior draws of ``B ⊗ K`` for each kernel (its ``√`` spectrum in ``spectra``) from the same white noise.
+def _lattice_prior_draws(task_sqrt: torch.Tensor, spectra, coarse_shape, shape, generator) -> list[torch.Tensor]:
+    """Prior draws of ``B ⊗ K`` at the coarse lattice of the torus for each kernel, from the same white noise.
 
-    The draws are needed at the coarse lattice only, every ``cell``-th point of the torus
+    The draws are needed at the coarse lattice only, every ``u``-th point of the torus
     (the training pixels and the periodic twin's data): both posterior errors share the
-    draw at the test points, which cancels in the gap between them.  The maps share the
-    kernel, so the white noise is mixed first (``R Rᵀ = B``), then filtered one map at a
-    time (:func:`~hyperspy_gp.gp.toeplitz.irfftn_lattice`).
+    draw at the test points, which cancels in the gap between them.  On that lattice
+    the kernel's covariance is circulant, its spectrum the embedding's folded onto it
+    (``√`` in ``spectra``, ``(P, *rfft of coarse_shape)``), so the white noise is drawn
+    there, ``u^d`` times less of it than on the torus.  The maps share the kernel, so the
+    noise is mixed first (``R Rᵀ = B``), then filtered one map at a time.  Each kernel's
+    draws are exact; drawn from the same noise, the two are coherent at every frequency
+    (the control variate's correlation).
 
     Returns
     -------
@@ -601,18 +609,18 @@ def _lattice_prior_draws(task_sqrt: torch.Tensor, spectra, embedding: ToeplitzKe
     """
     p, size, t = shape
     first = spectra[0]
-    dims, fft_shape = embedding.grid_dims, embedding.fft_shape
-    mixed = first.new_zeros(p, size, t, *fft_shape)
+    dims = tuple(range(-len(coarse_shape), 0))
+    mixed = first.new_zeros(p, size, t, *coarse_shape)
     for task in range(t):
-        white = _standard_normal(generator, (p, size, *fft_shape), first)
+        white = _standard_normal(generator, (p, size, *coarse_shape), first)
         for out in range(t):
             mixed[:, :, out].add_(white * task_sqrt[:, out, task].reshape(p, 1, *([1] * len(dims))))
     del white
-    draws = [first.new_empty(p, size, t, *(n // cell for n in fft_shape)) for _ in spectra]
+    draws = [first.new_empty(p, size, t, *coarse_shape) for _ in spectra]
     for task in range(t):
         spectrum = torch.fft.rfftn(mixed[:, :, task], dim=dims)
         for filter_, lattice in zip(spectra, draws):
-            lattice[:, :, task] = irfftn_lattice(spectrum * filter_.unsqueeze(1), fft_shape, cell)
+            lattice[:, :, task] = torch.fft.irfftn(spectrum * filter_.unsqueeze(1), s=coarse_shape, dim=dims)
     return draws
 
 

@@ -10,8 +10,10 @@ cross-correlation ``R_{uw}`` of ``u`` and ``w``: differentiating them in the len
 scales only needs ``c`` on the ``2n_1 × … × 2n_d`` offsets, which is how
 :mod:`~hyperspy_gp.gp.iterative` gets its gradients.
 
-Where only part of a torus is wanted back (a region at its origin, or its coarse
-lattice), :func:`irfftn_region` and :func:`irfftn_lattice` transform only that part.
+Where only a region at a torus' origin is wanted back, :func:`irfftn_region`
+transforms only that part.  On an upsampled grid the products with weights on the
+training pixels go coset by coset, on the training grid's size
+(:func:`lattice_product_rows`).
 
 Tensors here are *channel-first*: ``(P, *lead, n_1, ..., n_d)``, with ``P`` models and
 any leading channels (probes, maps), so that the FFT runs over contiguous trailing
@@ -142,20 +144,6 @@ def irfftn_region(spectrum: torch.Tensor, fft_shape: Sequence[int], shape: Seque
         dim = axis - d
         spectrum = torch.fft.ifft(spectrum, n=fft_shape[axis], dim=dim).narrow(dim, 0, shape[axis])
     return torch.fft.irfft(spectrum, n=fft_shape[-1], dim=-1)[..., : shape[-1]]
-
-
-def irfftn_lattice(spectrum: torch.Tensor, fft_shape: Sequence[int], cell: int) -> torch.Tensor:
-    """``irfftn(spectrum)`` at every ``cell``-th point of every axis.
-
-    Sampling folds the spectrum: along each leading (complex) axis of length ``N = cell
-    M`` the ``cell`` aliases are summed and transformed at length ``M``.
-    """
-    d = len(fft_shape)
-    for axis in range(d - 1):
-        dim = axis - d
-        folded = spectrum.unflatten(dim, (cell, fft_shape[axis] // cell)).sum(dim - 1 if dim < 0 else dim)
-        spectrum = torch.fft.ifft(folded, dim=dim) / cell
-    return torch.fft.irfft(spectrum, n=fft_shape[-1], dim=-1)[..., ::cell]
 
 
 #: Relative kernel value beyond which :func:`lattice_product_rows` leaves training rows
