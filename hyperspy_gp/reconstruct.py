@@ -228,8 +228,11 @@ def gp_reconstruct(
         ``s.get_decomposition_model(lazy_output=True)``; ``save(..., "zspy")`` streams it.
     chunks : int or None
         Rows of the upsampled grid predicted per dask task; ``None`` chooses them to
-        keep each task's temporaries under 64 MB.  Prediction runs on the current dask
-        scheduler (a ``dask.distributed`` client, if one is active).
+        keep each task's temporaries under 64 MB (on the iterative path, at least twice
+        the rows within the kernel's reach, about 19 length scales, and all rows where
+        its variance is drawn: the draws take whole maps).  Prediction runs on the
+        current dask scheduler (a ``dask.distributed`` client, if one is active); on the
+        threaded one each task writes its rows straight into the result.
     show_progressbar : bool or None
         Show training progress (tqdm) and the prediction chunks (dask's progress bar);
         ``None`` follows HyperSpy's preference.
