@@ -283,6 +283,17 @@ class IterativePosterior(Posterior):
         halo = 2 * self.halo * lattice_upsampling(test_coords)
         return max(1, min(n_rows, max(DEFAULT_CHUNK_BYTES // per_row, halo)))
 
+    def predict_dask(self, test_coords: Sequence[torch.Tensor], chunk_rows: int | None = None,
+                     standard_error: bool = False):
+        """:meth:`Posterior.predict_dask`, with the windows' variance parts computed first.
+
+        They are small: computed here, the graph ships them, and the workers of a
+        ``dask.distributed`` cluster do not each compute them again.
+        """
+        if self.window_lengthscales is not None:
+            self._windowed_variance(lattice_upsampling(test_coords))
+        return super().predict_dask(test_coords, chunk_rows=chunk_rows, standard_error=standard_error)
+
     def predict(self, test_coords: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent mean and variance ``(P, m_1, ..., m_d, T)`` at the grid of ``test_coords``."""
         mean, variance, _ = self._select(test_coords)

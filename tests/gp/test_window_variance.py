@@ -305,3 +305,20 @@ def test_line_scans_and_a_domain_around_the_training_grid_are_exact():
     var_ref = dense_icm(full[0], model.lengthscale[0].detach(), model.task_covariance[0].detach(),
                         model.noise[0].detach(), "matern", upsampling=2, observed=observed)[2]
     assert float(((posterior.predict(coords)[1][0] - var_ref).abs() / var_ref).max()) < WINDOW_RTOL
+
+
+def test_the_dask_graph_ships_the_variance_parts_computed_once(monkeypatch):
+    import pickle
+
+    model, targets = _model((24, 20), [[1.0, 1.3]], 0.05)
+    coords = _coords((24, 20), 2)
+    posterior = make_posterior(model, targets, test_coords=coords)
+    calls = []
+    prepare = IterativePosterior._prepare_windowed_variance
+    monkeypatch.setattr(IterativePosterior, "_prepare_windowed_variance",
+                        lambda self, u: calls.append(u) or prepare(self, u))
+    mean, variance = posterior.predict_dask(coords, chunk_rows=9)
+    assert calls == [2]  # at the graph's construction
+    shipped = pickle.loads(pickle.dumps(posterior))  # what a worker receives
+    torch.testing.assert_close(torch.as_tensor(variance.compute()), shipped.predict(coords)[1], rtol=0, atol=0)
+    assert calls == [2]  # neither the tasks nor the copy computed them again
