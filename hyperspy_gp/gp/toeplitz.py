@@ -218,18 +218,11 @@ def lattice_product_rows(kernel: GridKernel, lengthscale: torch.Tensor, weights:
     kept = weights.narrow(-d, first, last - first).reshape(weights.shape[0], -1, last - first, *grid[1:])
     train = [origin[0] + first, *origin[1:]]  # the kept weights' first point, in coarse domain pixels
     fine = [(start, stop), *((0, n * u) for n in domain_shape[1:])]
-    # Per axis and offset c: the coarse test indices q (fine u q + c) in the fine range.
-    cosets = [[(c, -(-(lo - c) // u), -(-(hi - c) // u)) for c in range(u) if -(-(hi - c) // u) > -(-(lo - c) // u)]
-              for lo, hi in fine]
+    cosets = [_cosets(lo, hi, u) for lo, hi in fine]
     lengths = [fast_length(max(q1 - q0 for _, q0, q1 in axis) + n - 1) for axis, n in zip(cosets, kept.shape[2:])]
     dims = tuple(range(-d, 0))
-    spectra = {}
-    for combination in itertools.product(*cosets):
-        lags = []
-        for (c, q0, q1), length, t in zip(combination, lengths, train):
-            j = torch.arange(length, dtype=lengthscale.dtype, device=lengthscale.device)
-            lags.append(torch.where(j < q1 - q0, j, j - length) + (q0 - t) + c / u)
-        spectra[combination] = torch.fft.rfftn(kernel.stationary_values(lengthscale.detach(), lags), dim=dims)
+    spectra = {combination: _shifted_kernel_spectrum(kernel, lengthscale, combination, lengths, train, u)
+               for combination in itertools.product(*cosets)}
     flat_out = out.reshape(out.shape[0], -1, *out.shape[-d:])
     group = max(1, FFT_GROUP_BYTES // (16 * math.prod(lengths)))
     for g in range(0, kept.shape[1], group):
@@ -241,3 +234,29 @@ def lattice_product_rows(kernel: GridKernel, lengthscale: torch.Tensor, weights:
             flat_out[(slice(None), slice(g, g + group), *target)] = \
                 product[(..., *(slice(0, q1 - q0) for _, q0, q1 in combination))]
     return out
+
+
+def _cosets(low: int, high: int, upsampling: int) -> list[tuple[int, int, int]]:
+    """Per offset ``c`` with test points, ``(c, q0, q1)``: the coarse ``q`` with ``u q + c`` in ``[low, high)``."""
+    out = []
+    for c in range(upsampling):
+        q0, q1 = -(-(low - c) // upsampling), -(-(high - c) // upsampling)
+        if q1 > q0:
+            out.append((c, q0, q1))
+    return out
+
+
+def _shifted_kernel_spectrum(kernel: GridKernel, lengthscale: torch.Tensor, cosets, lengths: Sequence[int],
+                             train: Sequence[int], upsampling: int) -> torch.Tensor:
+    """The circulant spectrum of the kernel between one coset's test points and the training points, ``(P, *rfft)``.
+
+    Per axis, index ``j`` of the circulant holds the offset ``i − m`` between test ``i``
+    and training ``m`` (relative to their first points), ``j`` for ``i ≥ m`` and
+    ``j − L`` below, shifted by the first points' distance and ``c/u``.
+    """
+    lags = []
+    for (c, q0, q1), length, first in zip(cosets, lengths, train):
+        j = torch.arange(length, dtype=lengthscale.dtype, device=lengthscale.device)
+        lags.append(torch.where(j < q1 - q0, j, j - length) + (q0 - first) + c / upsampling)
+    values = kernel.stationary_values(lengthscale.detach(), lags)
+    return torch.fft.rfftn(values, dim=tuple(range(-len(lags), 0)))
