@@ -31,6 +31,7 @@ every allocation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -618,6 +619,42 @@ def explain_gpu_out_of_memory():
             f"The GPU ran out of memory while fitting the GP ({first_line}). Try dtype='float32' (half the "
             "memory), fewer components or mode='independent', cropping the scan with s.inav[...], or device='cpu'."
         ) from exc
+
+
+def release_freed_memory() -> bool:
+    """Hand the memory that freed arrays leave in the C heap back to the operating system.
+
+    glibc's ``malloc`` keeps freed blocks below its dynamic mmap threshold (which grows
+    to 32 MB) in the heap, one heap per thread.  Chunk after chunk of a prediction, on
+    dask's worker threads, the process's resident memory then grows to what every
+    thread's heap once held, although the arrays in use stay bounded by the chunks in
+    flight.  :func:`malloc_trim` returns those free pages; ``dask.distributed`` trims
+    its workers the same way.  Called after each prediction chunk.
+
+    Returns
+    -------
+    bool
+        Whether memory was released: ``False`` where the C library is not glibc (macOS,
+        Windows, musl), which keeps or returns freed memory on its own.
+
+    Examples
+    --------
+    >>> from hyperspy_gp.memory import release_freed_memory
+    >>> released = release_freed_memory()
+    """
+    trim = _malloc_trim()
+    return bool(trim(0)) if trim is not None else False
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or ``None``."""
+    import ctypes
+
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):  # (Windows: no process handle by None)
+        return None
 
 
 def _advice(estimate: MemoryEstimate) -> str:

@@ -212,3 +212,26 @@ def test_tile_blocks_the_mask_gives_replace_the_bound():
     # the blocks and their factors; the bound: k values per pixel and whitened map (fewer than k² per missing
     # pixel)
     assert given.fitting - bound.fitting == 2 * (600 * 216**2 - 6 * 65536 * JACOBI_TILE_PIXELS) * 8
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.skipif(not memory._malloc_trim(), reason="malloc_trim is glibc's (Linux); other C libraries lack it")
+def test_freed_heap_blocks_go_back_to_the_system():
+    # Blocks of 4 MB, kept in the heap once a freed mmapped one has raised glibc's
+    # dynamic threshold; freeing all but the last leaves them there (nothing at the
+    # heap's top to trim on its own).
+    import numpy as np
+
+    np.ones(4 * 2**20 // 8)  # allocated and freed: the threshold rises to 4 MB
+    blocks = [np.ones(4 * 2**20 // 8 - 64) for _ in range(48)]  # 192 MB, touched
+    del blocks[:-1]
+    before = _resident_bytes()
+    assert memory.release_freed_memory()
+    assert before - _resident_bytes() > 100 * 2**20

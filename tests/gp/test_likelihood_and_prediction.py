@@ -219,3 +219,18 @@ def test_arrays_are_the_dask_chunks_written_in_place_or_gathered(scheduler, monk
     assert all(isinstance(a, np.ndarray) and a.dtype == np.float64 for a in arrays)
     np.testing.assert_allclose(arrays[0], mean.numpy(), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(arrays[1], var.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_every_chunk_hands_its_freed_memory_back(monkeypatch):
+    import dask
+
+    from hyperspy_gp.gp import prediction
+
+    model, targets = _random_model("separable", (10, 12), 3, 1, seed=9)
+    post = GridPosterior(model, targets)
+    coords = [model.kernel.axis_coordinates(n, 2) for n in (10, 12)]
+    released = []
+    monkeypatch.setattr(prediction, "release_freed_memory", lambda: released.append(1) or True)
+    with dask.config.set(scheduler="sync"):
+        post.predict_arrays(coords, chunk_rows=7)
+    assert len(released) == 3  # 20 rows in chunks of 7
