@@ -12,9 +12,11 @@ size of the outputs themselves (mean and variance, float64, held by both); and t
 largest difference between the two means relative to the largest mean (the variances
 are the same numbers).
 
-With glibc's default malloc, arrays under its dynamic mmap threshold (up to 32 MB)
-stay in the heap when a chunk frees them, and the chunks' peak RSS counts them; run
-with ``MALLOC_MMAP_THRESHOLD_=65536`` to measure the arrays the chunks hold.
+Each chunk hands the memory it freed back to the system
+(:func:`hyperspy_gp.memory.release_freed_memory`), else glibc's malloc would keep
+arrays under its dynamic mmap threshold (up to 32 MB) in each thread's heap and the
+chunks' peak RSS would count every chunk computed; ``MALLOC_MMAP_THRESHOLD_=65536``
+returns every array when freed, to measure the arrays the chunks hold at once.
 
 The models are the iterative path's default start with the length scale of the row,
 conditioned on the synthetic lattice maps of ``bench_engine.synthetic_maps``.
@@ -22,7 +24,7 @@ Prediction only, no fit.
 
 Usage::
 
-    python benchmarks/bench_chunks.py            # 256², 512², 1024² × 12 at 2× and 4× (about 6 minutes on 2 cores)
+    python benchmarks/bench_chunks.py            # 256², 512², 1024² × 12 at 2× and 4× (about 4 minutes on 2 cores)
     python benchmarks/bench_chunks.py --quick    # 128² × 6 (under a minute)
     python benchmarks/bench_chunks.py --sizes 384 --tasks 6 --lengthscales 2 4
 """
