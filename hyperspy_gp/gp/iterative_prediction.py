@@ -41,6 +41,7 @@ estimated standard error of every pixel.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -459,7 +460,11 @@ class IterativePosterior(Posterior):
         ``g`` whose ``E[g²] = v_sep − v_sep,per`` is exact; ``(h, g)`` is a Gaussian pair,
         and ``E[h²]`` is estimated by regression on ``g`` (:meth:`_Moments.estimate`).
         Both gaps are ``Σ_m k(x* − u m) (w_twin − w_model)(m)`` over the lattice of the
-        torus: the draw at the test points cancels, so it is drawn on the lattice only.
+        torus: the draw at the test points cancels, so it is drawn on the lattice only,
+        and the gaps are convolutions on the lattice, one coset of the test points at a
+        time (:meth:`~hyperspy_gp.gp.periodic_twin.PeriodicTwin.fitted_coset`), summed
+        into the moments there: no array has the torus' size per draw, nor the
+        upsampled grid's.
         """
         fine = sampling[0]
         sqrt_spec, clipped = _circulant_sqrt_spectrum(fine)
@@ -473,27 +478,28 @@ class IterativePosterior(Posterior):
             )
         periodic, periodic_sep = (PeriodicTwin(spectrum.pow(2), fine.fft_shape, upsampling, self.task_covariance,
                                                self.noise) for spectrum in (sqrt_spec, sqrt_spec_sep))
-        periodic_variance = periodic.variance(fine_shape)
-        separable_gap = exact_separable - periodic_sep.variance(fine_shape)
+        twins = (periodic, periodic_sep)
         task_sqrt = _task_sqrt(self.task_covariance).to(sqrt_spec.device)
         noise_sd = self.noise.sqrt()
         p, t = self.task_covariance.shape[:2]
+        d, dims = len(fine_shape), tuple(range(-len(fine_shape), 0))
         training = tuple(slice(o, o + n) for o, n in zip(self.origin, self.model.kernel.grid_shape))
+        cosets = list(itertools.product(range(upsampling), repeat=d))
         # The draws' covariance on the lattice of the torus: circulant there, its
         # spectrum the twins' eigenvalues (the embedding's folded onto the lattice).
-        lattice_spectra = [twin.eigenvalues.sqrt() for twin in (periodic, periodic_sep)]
-        per_draw = _bytes_per_draw(p, t, fine_shape, periodic.coarse_shape, fine.fft_shape)
+        lattice_spectra = [twin.eigenvalues.sqrt() for twin in twins]
+        per_draw = _bytes_per_draw(p, t, periodic.coarse_shape, self.domain_shape)
         batch = max(1, 4 * DEFAULT_CHUNK_BYTES // per_draw)
         generator = np.random.default_rng(self.seed)
-        moments = _Moments(self.n_samples)
+        moments = _Moments(self.n_samples, (p, t, *fine_shape), sqrt_spec)
         for start in range(0, self.n_samples, batch):
             size = min(batch, self.n_samples - start)
             noise = _standard_normal(generator, (p, size, t, *periodic.coarse_shape), sqrt_spec)
-            noise = noise * noise_sd.reshape(p, 1, t, *([1] * len(fine_shape)))
+            noise = noise * noise_sd.reshape(p, 1, t, *([1] * d))
             draws = _lattice_prior_draws(task_sqrt, lattice_spectra, periodic.coarse_shape, (p, size, t), generator)
-            gaps = []
+            spectra = []
             for kernel, (solve, mask, twin) in enumerate(zip((self._solve_draws, self._separable_inverse),
-                                                             (self.mask, self._twin_mask), (periodic, periodic_sep))):
+                                                             (self.mask, self._twin_mask), twins)):
                 on_lattice, draws[kernel] = draws[kernel], None
                 # The errors f* − E[f* | ·] share the draw f*, which cancels in their gap:
                 # h = Σ k(x* − x_m) (w_twin − w_model)(m), the model's weights at its pixels.
@@ -501,12 +507,33 @@ class IterativePosterior(Posterior):
                 observed = (on_lattice[(..., *training)] + noise[(..., *training)]) * mask
                 del on_lattice
                 weights[(..., *training)] -= self._operator.mix(solve(observed))
-                gaps.append(twin.fitted(weights, fine_shape))
-            moments.add(*gaps)
+                spectra.append(torch.fft.rfftn(weights, dim=dims))
+                del weights
+            del noise
+            for offset in cosets:  # both gaps at the test points of one coset at a time
+                gaps = [twin.fitted_coset(spectrum, twin.coset_kernel_spectrum(offset), self.domain_shape)
+                        for twin, spectrum in zip(twins, spectra)]
+                moments.add(*gaps, at=_coset_points(offset, upsampling))
+        # E[g²] = v_sep − v_sep,per, exactly; then var = v_per + E[h²].
+        separable_gap = _add_per_coset(exact_separable, periodic_sep.coset_variance(), -1.0)
         gap, error = moments.estimate(separable_gap)
+        del separable_gap
         prior = periodic.prior_variance()
-        rounding = (ROUNDING_FLOOR * torch.finfo(prior.dtype).eps * prior).reshape(p, t, *([1] * len(fine_shape)))
-        return gap.add_(periodic_variance), error.pow_(2).add_(rounding.pow(2)).sqrt_()
+        rounding = (ROUNDING_FLOOR * torch.finfo(prior.dtype).eps * prior).reshape(p, t, *([1] * d))
+        return _add_per_coset(gap, periodic.coset_variance()), error.pow_(2).add_(rounding.pow(2)).sqrt_()
+
+
+def _coset_points(offset: Sequence[int], upsampling: int) -> tuple:
+    """The index of coset ``offset`` (fine points ``u q + c``) in ``(P, T, *fine)`` arrays."""
+    return (slice(None), slice(None), *(slice(c, None, upsampling) for c in offset))
+
+
+def _add_per_coset(x: torch.Tensor, per_coset: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+    """``x`` ``(P, T, *fine)`` plus ``sign`` times the value of each point's coset, ``(P, T, u, ..., u)``, in place."""
+    d, u = x.dim() - 2, per_coset.shape[-1]
+    for offset in itertools.product(range(u), repeat=d):
+        x[_coset_points(offset, u)] += sign * per_coset[(..., *offset)].reshape(*per_coset.shape[:2], *([1] * d))
+    return x
 
 
 #: Arrays of one row of a chunk, per map, for :meth:`IterativePosterior.default_chunk_rows`:
@@ -533,15 +560,16 @@ def _standard_normal(generator: np.random.Generator, shape, like: torch.Tensor) 
     return torch.from_numpy(generator.standard_normal(shape, dtype=dtype)).to(like.device)
 
 
-def _bytes_per_draw(n_models: int, n_tasks: int, fine_shape, coarse_shape, fft_shape) -> int:
+def _bytes_per_draw(n_models: int, n_tasks: int, coarse_shape, domain_shape) -> int:
     """Memory of one draw of the variance estimate, generously.
 
-    Per map up to 10 upsampled arrays and a coarse torus (the draw at the lattice, its
-    weights, both gaps and a product of them), and the spectrum of one map's gap on the
-    torus at a time.
+    Per map, arrays of the torus' coarse lattice: the white noise, the draws of both
+    kernels and their mixing, each kernel's weights with the temporaries of the twin's
+    solve, and both weights' spectra; and, per coset, the spectra's product, the
+    pruned inverse's intermediate and both gaps on the domain with their product.
     """
-    per_map = 10 * math.prod(fine_shape) + math.prod(coarse_shape)
-    return 8 * n_models * (n_tasks * per_map + 2 * math.prod(fft_shape))
+    per_map = 14 * math.prod(coarse_shape) + 4 * math.prod(domain_shape)
+    return 8 * n_models * n_tasks * per_map
 
 
 #: Draws from which the estimate regresses on the separable model's gap; below, it is the
@@ -559,17 +587,19 @@ class _Moments:
     the draws), so its three second moments are sufficient, and ``E[g²]`` is known.
     """
 
-    def __init__(self, n_samples: int) -> None:
+    def __init__(self, n_samples: int, shape: Sequence[int], like: torch.Tensor) -> None:
         self.n_samples = n_samples
         self.regress = n_samples >= DRAWS_FOR_REGRESSION
-        self.sums: dict[str, torch.Tensor] = {}
+        names = ("hh", "gg", "hg") if self.regress else ("hh",)
+        #: Sums over the draws, ``(P, T, *fine)`` each.
+        self.sums = {name: like.new_zeros(shape) for name in names}
 
-    def add(self, h: torch.Tensor, g: torch.Tensor) -> None:
-        """Add draws ``(P, R, T, *fine)`` of both gaps."""
-        pairs = {"hh": (h, h), "gg": (g, g), "hg": (h, g)} if self.regress else {"hh": (h, h)}
-        for name, (x, y) in pairs.items():  # one product at a time
-            total = (x * y).sum(1)
-            self.sums[name] = total if name not in self.sums else self.sums[name] + total
+    def add(self, h: torch.Tensor, g: torch.Tensor, at: tuple = (...,)) -> None:
+        """Add draws ``(P, R, T, *points)`` of both gaps at the points ``at`` of the sums."""
+        pairs = {"hh": (h, h), "gg": (g, g), "hg": (h, g)}
+        for name, total in self.sums.items():  # one product at a time
+            x, y = pairs[name]
+            total[at] += (x * y).sum(1)
 
     def estimate(self, known_gg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""The estimate of ``E[h²]`` and its standard error (consumes the sums).

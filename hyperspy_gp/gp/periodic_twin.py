@@ -111,6 +111,27 @@ class PeriodicTwin:
             out[:, :, task] = irfftn_region(self._tiled_product(coarse[:, :, task]), self.fft_shape, shape)
         return out
 
+    def coset_kernel_spectrum(self, offset: Sequence[int]) -> torch.Tensor:
+        """``κ_c``: the real FFT of the draws' kernel at the lattice's coset ``c``, ``(P, *rfft of coarse_shape)``."""
+        return torch.fft.rfftn(self._coset(self.values, offset), dim=self.dims)
+
+    def fitted_coset(self, spectrum: torch.Tensor, kernel_spectrum: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """:meth:`fitted` at one coset ``c`` only: ``Σ_m k(u q + c − u m) w(m)`` at its first ``shape`` points ``q``.
+
+        A circular convolution on the coarse lattice with the kernel's coset
+        (:meth:`coset_kernel_spectrum`), from the real FFT of the weights, ``(P, R, T,
+        *rfft of coarse_shape)``: the temporaries have the lattice's size, not the
+        torus', and the ``u^d`` cosets of a region together cost about one inverse FFT
+        of the torus.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(P, R, T, *shape)``.
+        """
+        product = spectrum * kernel_spectrum.reshape(kernel_spectrum.shape[0], 1, 1, *kernel_spectrum.shape[1:])
+        return irfftn_region(product, self.coarse_shape, shape)
+
     def _tiled_product(self, coarse: torch.Tensor) -> torch.Tensor:
         """A coarse spectrum ``(P, R, *coarse_shape)`` tiled onto the torus' real-FFT frequencies, times the power.
 

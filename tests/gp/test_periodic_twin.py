@@ -68,6 +68,25 @@ def test_the_twins_posterior_mean_is_the_dense_one():
     torch.testing.assert_close(region, expected[..., :5, :4], rtol=RTOL, atol=1e-12)
 
 
+@pytest.mark.parametrize("fft_shape, upsampling", [((8, 6), 2), ((9, 6), 3), ((12,), 4)])
+def test_the_fit_at_each_coset_is_the_dense_posterior_mean_there(fft_shape, upsampling):
+    twin, b, noise = _twin(fft_shape, upsampling, 2, [1.5] * len(fft_shape))
+    _, gain, lattice = _dense(twin, b, noise)
+    gen = torch.Generator().manual_seed(2)
+    prior = torch.randn(1, 3, 2, *fft_shape, generator=gen, dtype=torch.float64)
+    draw_noise = torch.randn(1, 3, 2, *twin.coarse_shape, generator=gen, dtype=torch.float64)
+    flat = prior.reshape(3, 2, -1)
+    observed = (flat[..., lattice] + draw_noise.reshape(3, 2, -1)).reshape(3, -1)
+    expected = (observed @ gain.T).reshape(1, 3, 2, *fft_shape)
+    on_lattice = prior[(..., *(slice(None, None, upsampling) for _ in fft_shape))]
+    spectrum = torch.fft.rfftn(twin.weights(on_lattice, draw_noise), dim=twin.dims)
+    region = [max(1, n - 1) for n in twin.coarse_shape]  # the first points of each coset
+    for offset in itertools.product(range(upsampling), repeat=len(fft_shape)):
+        fitted = twin.fitted_coset(spectrum, twin.coset_kernel_spectrum(offset), region)
+        at = (..., *(slice(c, c + upsampling * n, upsampling) for c, n in zip(offset, region)))
+        torch.testing.assert_close(fitted, expected[at], rtol=RTOL, atol=1e-12)
+
+
 def test_the_twins_variance_keeps_its_digits_with_little_noise_and_a_nearly_rank_one_b():
     # B/σ² about 10⁹ with cond(B) about 2·10⁴: the posterior variance on the lattice is
     # 10⁻⁹ of the prior, so an error of 1e-5 relative there is 1e-14 of the prior.  The
