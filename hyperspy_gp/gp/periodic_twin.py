@@ -92,31 +92,27 @@ class PeriodicTwin:
         torch.Tensor
             ``(P, R, T, *shape)``.
         """
-        return self.fitted(self.weights(lattice, noise), shape)
+        spectrum = torch.fft.rfftn(self.weights(lattice, noise), dim=self.dims)
+        u = self.upsampling
+        out = lattice.new_empty(*lattice.shape[:3], *shape)
+        for offset in itertools.product(range(u), repeat=len(self.dims)):
+            points = [-(-(n - c) // u) for n, c in zip(shape, offset)]  # the coset's points in the region
+            if min(points) > 0:
+                out[(..., *(slice(c, None, u) for c in offset))] = self.fitted_coset(
+                    spectrum, self.coset_kernel_spectrum(offset), points)
+        return out
 
     def weights(self, lattice: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The posterior mean's weights ``w`` at every lattice point: ``E[f(x) | ·] = Σ_m k(x − u m) w(m)``."""
         spectrum = self._weights(torch.fft.rfftn(lattice + noise, dim=self.dims))
         return torch.fft.irfftn(spectrum, s=self.coarse_shape, dim=self.dims)
 
-    def fitted(self, weights: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-        """``Σ_m k(x − u m) w(m)`` on a region at the torus' origin, ``(P, R, T, *shape)``, one map at a time.
-
-        Weights ``(P, R, T, *coarse_shape)`` on the lattice of the torus have the coarse
-        spectrum, tiled ``u`` times per axis.
-        """
-        coarse = torch.fft.fftn(weights, dim=self.dims)
-        out = weights.new_empty(*weights.shape[:3], *shape)
-        for task in range(weights.shape[2]):
-            out[:, :, task] = irfftn_region(self._tiled_product(coarse[:, :, task]), self.fft_shape, shape)
-        return out
-
     def coset_kernel_spectrum(self, offset: Sequence[int]) -> torch.Tensor:
         """``κ_c``: the real FFT of the draws' kernel at the lattice's coset ``c``, ``(P, *rfft of coarse_shape)``."""
         return torch.fft.rfftn(self._coset(self.values, offset), dim=self.dims)
 
     def fitted_coset(self, spectrum: torch.Tensor, kernel_spectrum: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-        """:meth:`fitted` at one coset ``c`` only: ``Σ_m k(u q + c − u m) w(m)`` at its first ``shape`` points ``q``.
+        """``Σ_m k(u q + c − u m) w(m)``, a fit at the first ``shape`` points ``q`` of the coset ``c`` of the torus.
 
         A circular convolution on the coarse lattice with the kernel's coset
         (:meth:`coset_kernel_spectrum`), from the real FFT of the weights, ``(P, R, T,
@@ -131,21 +127,6 @@ class PeriodicTwin:
         """
         product = spectrum * kernel_spectrum.reshape(kernel_spectrum.shape[0], 1, 1, *kernel_spectrum.shape[1:])
         return irfftn_region(product, self.coarse_shape, shape)
-
-    def _tiled_product(self, coarse: torch.Tensor) -> torch.Tensor:
-        """A coarse spectrum ``(P, R, *coarse_shape)`` tiled onto the torus' real-FFT frequencies, times the power.
-
-        Along the last axis the spectrum is repeated; along the leading ones the power is
-        viewed as ``u`` blocks and the spectrum broadcast over them (no tiled copy).
-        """
-        u, d, last = self.upsampling, len(self.dims), self.power.shape[-1]
-        copies = -(-last // self.coarse_shape[-1])
-        gathered = coarse.repeat(*([1] * (coarse.dim() - 1)), copies)[..., :last]  # (P, R, *coarse[:-1], last)
-        blocks = [size for m in self.coarse_shape[:-1] for size in (u, m)]
-        power = self.power.reshape(self.power.shape[0], 1, *blocks, last)
-        spread = [size for m in self.coarse_shape[:-1] for size in (1, m)]
-        product = power * gathered.reshape(*gathered.shape[:2], *spread, last)
-        return product.reshape(*product.shape[:2], *self.power.shape[1:]) if d > 1 else product
 
     def _weights(self, spectrum: torch.Tensor) -> torch.Tensor:
         """``B (λ B + D)^{-1} ŷ = √D R Γ (λ Γ + I)^{-1} Rᵀ ŷ / √D`` at every frequency."""
