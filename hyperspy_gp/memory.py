@@ -628,8 +628,9 @@ def release_freed_memory() -> bool:
     to 32 MB) in the heap, one heap per thread.  Chunk after chunk of a prediction, on
     dask's worker threads, the process's resident memory then grows to what every
     thread's heap once held, although the arrays in use stay bounded by the chunks in
-    flight.  :func:`malloc_trim` returns those free pages; ``dask.distributed`` trims
-    its workers the same way.  Called after each prediction chunk.
+    flight.  glibc's ``malloc_trim(0)`` returns those free pages (the way
+    ``dask.distributed``'s documentation has its workers' unmanaged memory trimmed).
+    Called after each prediction chunk.
 
     Returns
     -------
