@@ -62,7 +62,7 @@ from hyperspy_gp.gp.iterative import (
 )
 from hyperspy_gp.gp.iterative_missing import observed_block_preconditioner
 from hyperspy_gp.gp.kernels import GridKernel
-from hyperspy_gp.gp.periodic_twin import PeriodicTwin
+from hyperspy_gp.gp.periodic_twin import PeriodicTwin, tile_cosets
 from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior, Posterior
 from hyperspy_gp.gp.schur import columns_fit
 from hyperspy_gp.gp.schur_windows import WINDOW_LENGTHSCALES
@@ -484,7 +484,9 @@ class IterativePosterior(Posterior):
         p, t = self.task_covariance.shape[:2]
         d, dims = len(fine_shape), tuple(range(-len(fine_shape), 0))
         training = tuple(slice(o, o + n) for o, n in zip(self.origin, self.model.kernel.grid_shape))
-        cosets = list(itertools.product(range(upsampling), repeat=d))
+        # The draws' kernel at each coset of the lattice, per twin (the same for every draw).
+        kernel_spectra = {offset: [twin.coset_kernel_spectrum(offset) for twin in twins]
+                          for offset in itertools.product(range(upsampling), repeat=d)}
         # The draws' covariance on the lattice of the torus: circulant there, its
         # spectrum the twins' eigenvalues (the embedding's folded onto the lattice).
         lattice_spectra = [twin.eigenvalues.sqrt() for twin in twins]
@@ -510,30 +512,18 @@ class IterativePosterior(Posterior):
                 spectra.append(torch.fft.rfftn(weights, dim=dims))
                 del weights
             del noise
-            for offset in cosets:  # both gaps at the test points of one coset at a time
-                gaps = [twin.fitted_coset(spectrum, twin.coset_kernel_spectrum(offset), self.domain_shape)
-                        for twin, spectrum in zip(twins, spectra)]
-                moments.add(*gaps, at=_coset_points(offset, upsampling))
+            for offset, kernels in kernel_spectra.items():  # both gaps at the test points of one coset at a time
+                gaps = [twin.fitted_coset(spectrum, kernel, self.domain_shape)
+                        for twin, spectrum, kernel in zip(twins, spectra, kernels)]
+                moments.add(*gaps, at=(slice(None), slice(None), *(slice(c, None, upsampling) for c in offset)))
         # E[g²] = v_sep − v_sep,per, exactly; then var = v_per + E[h²].
-        separable_gap = _add_per_coset(exact_separable, periodic_sep.coset_variance(), -1.0)
+        separable_gap = exact_separable.sub_(tile_cosets(periodic_sep.coset_variance(), fine_shape))
         prior = periodic.prior_variance()
         rounding = (ROUNDING_FLOOR * torch.finfo(prior.dtype).eps * prior).reshape(p, t, *([1] * d))
         gap, error = moments.estimate(separable_gap, rounding)  # (v_sep and v_sep,per round alike)
         del separable_gap
-        return _add_per_coset(gap, periodic.coset_variance()), error.pow_(2).add_(rounding.pow(2)).sqrt_()
-
-
-def _coset_points(offset: Sequence[int], upsampling: int) -> tuple:
-    """The index of coset ``offset`` (fine points ``u q + c``) in ``(P, T, *fine)`` arrays."""
-    return (slice(None), slice(None), *(slice(c, None, upsampling) for c in offset))
-
-
-def _add_per_coset(x: torch.Tensor, per_coset: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
-    """``x`` ``(P, T, *fine)`` plus ``sign`` times the value of each point's coset, ``(P, T, u, ..., u)``, in place."""
-    d, u = x.dim() - 2, per_coset.shape[-1]
-    for offset in itertools.product(range(u), repeat=d):
-        x[_coset_points(offset, u)] += sign * per_coset[(..., *offset)].reshape(*per_coset.shape[:2], *([1] * d))
-    return x
+        gap.add_(tile_cosets(periodic.coset_variance(), fine_shape))
+        return gap, error.pow_(2).add_(rounding.pow(2)).sqrt_()
 
 
 #: Arrays of one row of a chunk, per map, for :meth:`IterativePosterior.default_chunk_rows`:

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 
 from hyperspy_gp.gp.likelihood import whiten_tasks, whitened_variance_reduction
-from hyperspy_gp.gp.toeplitz import irfftn_region
+from hyperspy_gp.gp.toeplitz import coset_ranges, irfftn_region
 
 
 class PeriodicTwin:
@@ -95,11 +95,10 @@ class PeriodicTwin:
         spectrum = torch.fft.rfftn(self.weights(lattice, noise), dim=self.dims)
         u = self.upsampling
         out = lattice.new_empty(*lattice.shape[:3], *shape)
-        for offset in itertools.product(range(u), repeat=len(self.dims)):
-            points = [-(-(n - c) // u) for n, c in zip(shape, offset)]  # the coset's points in the region
-            if min(points) > 0:
-                out[(..., *(slice(c, None, u) for c in offset))] = self.fitted_coset(
-                    spectrum, self.coset_kernel_spectrum(offset), points)
+        for combination in itertools.product(*(coset_ranges(0, n, u) for n in shape)):
+            offset = [c for c, _, _ in combination]
+            out[(..., *(slice(c, None, u) for c in offset))] = self.fitted_coset(
+                spectrum, self.coset_kernel_spectrum(offset), [q1 for _, _, q1 in combination])
         return out
 
     def weights(self, lattice: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

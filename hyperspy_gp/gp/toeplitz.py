@@ -218,7 +218,7 @@ def lattice_product_rows(kernel: GridKernel, lengthscale: torch.Tensor, weights:
     kept = weights.narrow(-d, first, last - first).reshape(weights.shape[0], -1, last - first, *grid[1:])
     train = [origin[0] + first, *origin[1:]]  # the kept weights' first point, in coarse domain pixels
     fine = [(start, stop), *((0, n * u) for n in domain_shape[1:])]
-    cosets = [_cosets(lo, hi, u) for lo, hi in fine]
+    cosets = [coset_ranges(lo, hi, u) for lo, hi in fine]
     lengths = [fast_length(max(q1 - q0 for _, q0, q1 in axis) + n - 1) for axis, n in zip(cosets, kept.shape[2:])]
     dims = tuple(range(-d, 0))
     spectra = {combination: _shifted_kernel_spectrum(kernel, lengthscale, combination, lengths, train, u)
@@ -236,7 +236,7 @@ def lattice_product_rows(kernel: GridKernel, lengthscale: torch.Tensor, weights:
     return out
 
 
-def _cosets(low: int, high: int, upsampling: int) -> list[tuple[int, int, int]]:
+def coset_ranges(low: int, high: int, upsampling: int) -> list[tuple[int, int, int]]:
     """Per offset ``c`` with test points, ``(c, q0, q1)``: the coarse ``q`` with ``u q + c`` in ``[low, high)``."""
     out = []
     for c in range(upsampling):
