@@ -56,6 +56,7 @@ from hyperspy_gp.gp.cholesky import safe_cholesky
 from hyperspy_gp.gp.iterative import ICMOperator, KroneckerPreconditioner, preconditioner_surrogate
 from hyperspy_gp.gp.likelihood import whiten_tasks
 from hyperspy_gp.gp.pixel_rows import PixelRows
+from hyperspy_gp.gp.tensor import blocks_dot
 
 #: Largest :func:`missing_pixel_cost` of one evaluation, all models: 3e11 multiply-adds,
 #: about 5 s on 2 CPU cores.  Measured on single evaluations, 128² × 6 maps, missing
@@ -254,7 +255,7 @@ class SchurPreconditioner(_ObservedBlock):
     def solve(self, x: torch.Tensor) -> torch.Tensor:
         """``P^{-1} x = Q (a − M V C̃^{-1} Vᵀ a)`` with ``a = M Qᵀ x``, for ``x`` zero at the missing pixels."""
         inverse = self.base.inverse
-        a = torch.einsum("p...st,prt...->prs...", inverse, self.base._rotate(x, transpose=True))
+        a = blocks_dot(inverse, self.base._rotate(x, transpose=True))
         grid = a.shape[3:]
         at_missing = self.rows.values_at(a.reshape(*a.shape[:3], grid[0], -1))  # (G x)_M, (P, R, T, |M|)
         # C̃^{-1} = (W^{-T} ⊗ I) diag_k(G_k^{-1}) (W^{-1} ⊗ I)
@@ -262,7 +263,7 @@ class SchurPreconditioner(_ObservedBlock):
         per_channel = self.inverse @ per_channel
         weights = torch.einsum("ptk,pkmr->prtm", self.unwhitening, per_channel)
         spread = self.rows.spread(weights).reshape(a.shape)  # Qᵀ E_M w
-        a = a - torch.einsum("p...st,prt...->prs...", inverse, spread)
+        a = a - blocks_dot(inverse, spread)
         return self.base._rotate(a, transpose=False) * self.mask
 
     def schur_weights(self) -> torch.Tensor:
@@ -274,7 +275,7 @@ class SchurPreconditioner(_ObservedBlock):
         h = self.rows.quadratic_diagonal(self.inverse)  # (P, K, n_a, n_b)
         weights = (self.scales**2 * h).flatten(2)
         blocks = torch.einsum("psk,pkj,ptk->pjst", self.whitening, weights, self.whitening)
-        return blocks.reshape(self.base.inverse.shape)
+        return blocks.reshape(*self.base.eigenvalues.shape, *blocks.shape[-2:])
 
 
 @dataclass
@@ -338,4 +339,4 @@ class ObservedBlockPreconditioner(_ObservedBlock):
         h = self.rows.quadratic_diagonal(self.inverse).flatten(2)  # (P, K, n)
         weights = self.scales - h
         blocks = torch.einsum("psk,pkj,ptk->pjst", self.whitening, weights, self.whitening)
-        return blocks.reshape(self.base.inverse.shape)
+        return blocks.reshape(*self.base.eigenvalues.shape, *blocks.shape[-2:])
