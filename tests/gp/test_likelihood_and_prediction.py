@@ -234,3 +234,48 @@ def test_every_chunk_hands_its_freed_memory_back(monkeypatch):
     with dask.config.set(scheduler="sync"):
         post.predict_arrays(coords, chunk_rows=7)
     assert len(released) == 3  # 20 rows in chunks of 7
+
+
+@pytest.mark.parametrize("n_tasks,rank", [(1, 0), (4, 2), (6, 1)])
+def test_whitened_and_factorised_blocks_give_the_same_likelihood_gradient_and_weights(monkeypatch, n_tasks, rank):
+    """The blocks λ_j B + D solved in the whitened task basis or by Cholesky factors: same numbers."""
+    import hyperspy_gp.gp.likelihood as likelihood
+
+    model, targets = _random_model("separable", (9, 7), n_tasks, rank, seed=n_tasks)
+    factors = model.kernel.factors(model.lengthscale)
+    layout = model.as_factor_layout(targets)
+
+    def evaluate():
+        for p in model.parameters():
+            p.grad = None
+        mll = model.log_likelihood(targets).sum()
+        mll.backward()
+        solve = likelihood.solve_grid_icm(layout, model.task_covariance, model.noise, factors)
+        other = solve.with_targets(2.0 * layout + 1.0)
+        return mll.detach(), [p.grad.clone() for p in model.parameters()], solve, other
+
+    mll, grads, solve, other = evaluate()
+    assert solve.block_cholesky is None  # a well-conditioned model is solved whitened
+    monkeypatch.setattr(likelihood, "WHITENED_ROUNDING_LIMIT", 0.0)
+    mll_f, grads_f, solve_f, other_f = evaluate()
+    assert solve_f.block_cholesky is not None
+    assert float(abs(mll - mll_f)) < 1e-10 * float(abs(mll_f))
+    for g, g_f in zip(grads, grads_f):
+        torch.testing.assert_close(g, g_f, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(solve.rotated_weights, solve_f.rotated_weights, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(other.rotated_weights, other_f.rotated_weights, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(solve.logdet, solve_f.logdet, rtol=1e-12, atol=0.0)
+    # the factors formed on demand are the solve's
+    torch.testing.assert_close(solve.cholesky, solve_f.cholesky, rtol=1e-12, atol=1e-14)
+
+
+def test_blocks_too_ill_conditioned_to_whiten_are_factorised_with_jitter():
+    from hyperspy_gp.gp.likelihood import solve_grid_icm
+
+    lam = torch.tensor([[1e4, 1.0]], dtype=torch.float64)
+    b = torch.full((1, 3, 3), 1e8, dtype=torch.float64)  # rank one: identical maps
+    noise = torch.full((1, 3), 1e-10, dtype=torch.float64)
+    solve = solve_grid_icm(torch.ones(1, 2, 3, dtype=torch.float64), b, noise, [torch.diag_embed(lam)])
+    assert solve.block_cholesky is not None and float(solve.jitter[0]) > 0
+    solve = solve_grid_icm(torch.ones(1, 2, 3, dtype=torch.float64), b / 1e8, noise * 1e8, [torch.diag_embed(lam)])
+    assert solve.block_cholesky is None and float(solve.jitter[0]) == 0
