@@ -6,7 +6,7 @@ may be tied (isotropic):
 ``"separable"`` (default)
     ``k(r) = k_{5/2}(|Δy|/ℓ_y) · k_{5/2}(|Δx|/ℓ_x)``, a product of 1-D Matérn-5/2
     kernels.  On a full grid its covariance is the Kronecker product ``K_y ⊗ K_x``,
-    so exact inference costs ``O(n_y³ + n_x³ + n T³)`` instead of ``O((nT)³)``.
+    so exact inference costs ``O(n_y³ + n_x³ + n (n_y + n_x) T + n T²)`` instead of ``O((nT)³)``.
 ``"matern"``
     the non-separable anisotropic Matérn-5/2 of the method's paper (GPyTorch's
     ``MaternKernel(nu=2.5, ard_num_dims=2)``) with
