@@ -467,3 +467,31 @@ def test_prior_draws_on_the_lattice_have_the_embeddings_covariance_there_and_sha
     # Both kernels' draws come from the same noise: strongly correlated at every point.
     correlation = (draws[0] * draws[1]).mean(1) / (draws[0].pow(2).mean(1) * draws[1].pow(2).mean(1)).sqrt()
     assert float(correlation.min()) > 0.9
+
+
+def test_the_moments_choose_the_regression_by_the_known_control_variance_not_by_the_draws():
+    """Regression iff δ / E[g²] < √(2/S): the same pixels whatever the draws, and each estimate what it says."""
+    from hyperspy_gp.gp.iterative_prediction import _Moments
+
+    n_samples, n_pixels = 64, 400
+    known = torch.full((1, 1, n_pixels), 0.5, dtype=torch.float64)
+    delta = torch.zeros_like(known)
+    delta[..., ::2] = 0.5 * math.sqrt(2.0 / n_samples) * 1.01  # every other pixel just beyond the threshold
+    choices = []
+    for seed in (0, 1):
+        generator = torch.Generator().manual_seed(seed)
+        g = math.sqrt(0.5) * torch.randn(1, n_samples, 1, n_pixels, generator=generator, dtype=torch.float64)
+        h = 0.9 * g + 0.3 * torch.randn(1, n_samples, 1, n_pixels, generator=generator, dtype=torch.float64)
+        moments = _Moments(n_samples, (1, 1, n_pixels), known)
+        moments.add(h, g)
+        estimate, error = moments.estimate(known, delta)
+        plain = h.pow(2).mean(1)
+        beta = (h * g).mean(1) / g.pow(2).mean(1)
+        regressed = (h - beta * g).pow(2).mean(1) + beta.pow(2) * known
+        torch.testing.assert_close(estimate[..., ::2], plain[..., ::2])  # δ too large: the plain mean
+        torch.testing.assert_close(estimate[..., 1::2], regressed[..., 1::2])
+        torch.testing.assert_close(error[..., ::2], plain[..., ::2] * math.sqrt(2.0 / n_samples))
+        choices.append(estimate == plain)
+    assert torch.equal(choices[0], choices[1])
+    # the regression's error is the smaller one there (ρ² ≈ 0.8): it is worth choosing
+    assert float(error[..., 1::2].mean()) < 0.6 * float((plain[..., 1::2] * math.sqrt(2.0 / n_samples)).mean())
