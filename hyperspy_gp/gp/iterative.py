@@ -42,6 +42,7 @@ import torch
 
 from hyperspy_gp.gp.cholesky import safe_cholesky
 from hyperspy_gp.gp.kernels import GridKernel
+from hyperspy_gp.gp.likelihood import icm_blocks
 from hyperspy_gp.gp.tensor import blocks_dot, kron_dot, kron_outer, task_first
 from hyperspy_gp.gp.toeplitz import ToeplitzKernel
 from hyperspy_gp.memory import LOGDET_PROBES
@@ -113,10 +114,7 @@ class KroneckerPreconditioner:
             lam_grid = kron_outer(eigenvalues)
         else:
             lam_grid = corrected_eigenvalues(eigenvectors, toeplitz.values.detach())
-        view = (task_covariance.shape[0], *([1] * (lam_grid.dim() - 1)), *task_covariance.shape[1:])
-        blocks = lam_grid[..., None, None] * task_covariance.detach().reshape(view)
-        blocks = blocks + torch.diag_embed(noise.detach()).reshape(view)
-        chol, jitter = safe_cholesky(blocks)
+        chol, jitter = safe_cholesky(icm_blocks(lam_grid, task_covariance.detach(), noise.detach()))
         return cls(eigenvectors, chol, task_first(torch.cholesky_inverse(chol)), jitter, lam_grid,
                    task_covariance.detach(), noise.detach() + jitter[:, None])
 
@@ -206,9 +204,7 @@ def preconditioner_surrogate(precond: KroneckerPreconditioner, values, task_cova
     ``log det P``, only its gradient is right.
     """
     lam = corrected_eigenvalues(precond.eigenvectors, values)
-    view = (task_covariance.shape[0], *([1] * (lam.dim() - 1)), *task_covariance.shape[1:])
-    diagonal = noise + precond.jitter[:, None]
-    blocks = lam[..., None, None] * task_covariance.reshape(view) + torch.diag_embed(diagonal).reshape(view)
+    blocks = icm_blocks(lam, task_covariance, noise + precond.jitter[:, None])
     chol = torch.linalg.cholesky(blocks)
     logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).reshape(chol.shape[0], -1).sum(-1)
     with torch.no_grad():

@@ -110,7 +110,7 @@ class GridICMSolve:
         if self.block_cholesky is None:
             with torch.no_grad():
                 self.block_cholesky = torch.linalg.cholesky(
-                    _blocks(self.eigenvalues_grid, self.task_covariance, self.noise + self.jitter[:, None]))
+                    icm_blocks(self.eigenvalues_grid, self.task_covariance, self.noise + self.jitter[:, None]))
         return self.block_cholesky
 
     def block_inverse(self) -> torch.Tensor:
@@ -137,8 +137,8 @@ def _rotate(targets: torch.Tensor, eigenvectors: list[torch.Tensor]) -> torch.Te
     return kron_dot(targets, [q.transpose(-1, -2) for q in eigenvectors])
 
 
-def _blocks(lam_grid: torch.Tensor, task_covariance: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
-    """``S_j = λ_j B + diag(diagonal)``, ``(P, *grid, T, T)``."""
+def icm_blocks(lam_grid: torch.Tensor, task_covariance: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
+    """``S_j = λ_j B + diag(diagonal)`` for every ``λ_j`` of ``lam_grid`` ``(P, *grid)``, ``(P, *grid, T, T)``."""
     view = (task_covariance.shape[0], *([1] * (lam_grid.dim() - 1)), *task_covariance.shape[1:])
     return lam_grid[..., None, None] * task_covariance.reshape(view) + torch.diag_embed(diagonal).reshape(view)
 
@@ -207,7 +207,7 @@ def solve_grid_icm(
             weights = _whitened_solve(rotated, lam_grid, whitening)
             logdet, chol = _whitened_logdet(lam_grid, whitening), None
         else:
-            chol, jitter = safe_cholesky(_blocks(lam_grid, task_covariance, noise))
+            chol, jitter = safe_cholesky(icm_blocks(lam_grid, task_covariance, noise))
             weights = torch.cholesky_solve(rotated.unsqueeze(-1), chol).squeeze(-1)
             diagonal = torch.diagonal(chol, dim1=-2, dim2=-1)
             logdet = 2.0 * torch.log(diagonal).reshape(diagonal.shape[0], -1).sum(-1)
@@ -352,4 +352,4 @@ def grid_icm_log_likelihood(targets, task_covariance, noise, factors) -> torch.T
     return GridICMLogLikelihood.apply(targets, task_covariance, noise, *factors)
 
 
-__all__ = ["GridICMSolve", "solve_grid_icm", "grid_icm_log_likelihood"]
+__all__ = ["GridICMSolve", "solve_grid_icm", "grid_icm_log_likelihood", "icm_blocks"]

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from hyperspy_gp.gp.likelihood import GridICMSolve, solve_grid_icm, whiten_tasks, whitened_variance_reduction
+from hyperspy_gp.gp.likelihood import GridICMSolve, solve_grid_icm, whitened_variance_reduction
 from hyperspy_gp.gp.model import GridICMModel
 from hyperspy_gp.gp.tensor import kron_dot
 from hyperspy_gp.memory import CHUNK_BYTES, VARIANCE_DRAWS, release_freed_memory
@@ -196,7 +196,7 @@ class GridPosterior(Posterior):
             batch_b = b.reshape(b.shape[0], *([1] * n_grid), *b.shape[1:])
             # μ weights B α̃_j and variance weights (B M_j B)_tt, both (P, *factor_grid, T).
             self.mean_weights = (batch_b @ solve.rotated_weights.unsqueeze(-1)).squeeze(-1)
-            self.variance_weights = _variance_weights(b, model.noise, solve)
+            self.variance_weights = _variance_weights(solve)
             self.prior_variance = torch.diagonal(b, dim1=-2, dim2=-1)  # k(x*, x*) = 1
             self.eigenvectors = solve.eigenvectors
             self.jitter = solve.jitter
@@ -252,7 +252,7 @@ def _predict_rows(state: tuple[Posterior, list[torch.Tensor]], start: int, stop:
         ) from exc
 
 
-def _variance_weights(task_covariance: torch.Tensor, noise: torch.Tensor, solve: GridICMSolve) -> torch.Tensor:
+def _variance_weights(solve: GridICMSolve) -> torch.Tensor:
     """``(B M_j B)_tt`` for every spatial eigenvalue, ``(P, *factor_grid, T)``, in the whitened task basis.
 
     With ``λ_j B + D = U diag(λ_j γ_k + 1) Uᵀ``, ``U = √D R``
@@ -264,8 +264,7 @@ def _variance_weights(task_covariance: torch.Tensor, noise: torch.Tensor, solve:
     3 and 8 px) that gave 2.4e-7 to 6e-7 relative error at ``B/σ² = 10⁶``, 1.2e-3 to
     7.8e-3 at 10⁸ and 26–48 % at 10⁹; this way 4e-6 at 10⁹, what one map gets.
     """
-    whitening = whiten_tasks(task_covariance, noise + solve.jitter[:, None])
-    return whitened_variance_reduction(whitening, solve.eigenvalues_grid)
+    return whitened_variance_reduction(solve.whitening, solve.eigenvalues_grid)
 
 
 def make_posterior(model: GridICMModel, targets: torch.Tensor, domain=None, exact_variance: bool = True,

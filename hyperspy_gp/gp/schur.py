@@ -60,7 +60,7 @@ import torch
 
 from hyperspy_gp import memory
 from hyperspy_gp.gp.cholesky import safe_cholesky
-from hyperspy_gp.gp.likelihood import GridICMSolve, grid_icm_log_likelihood, solve_grid_icm, whiten_tasks
+from hyperspy_gp.gp.likelihood import GridICMSolve, grid_icm_log_likelihood, solve_grid_icm
 from hyperspy_gp.gp.prediction import DEFAULT_CHUNK_BYTES, GridPosterior
 from hyperspy_gp.gp.tensor import kron_dot, kron_rows
 
@@ -106,9 +106,9 @@ class SchurSolve:
             zeroed = targets.clone()
             zeroed[(slice(None), *index.T)] = 0.0
             solve = self.grid_solve = solve_grid_icm(zeroed, task_covariance, noise, factors)
-            # The grid solve's blocks are λ B + D + εI: whiten with that diagonal.
+            # The grid solve's blocks are λ B + D + εI: its whitening has that diagonal.
             diagonal = noise + solve.jitter[:, None]
-            root, gamma, rotation = whiten_tasks(task_covariance, diagonal)
+            root, gamma, rotation = solve.whitening
             columns = _whitened_columns(solve, gamma, index)  # G_k, (P, *fg, T, m)
             c = _gather(columns, index).permute(0, 2, 1, 3)  # C_k, (P, T, m, m)
             # C_k is a principal submatrix of Σ_k⁻¹: eigenvalues in [1 / (γ_k λ_max + 1), 1].
@@ -256,7 +256,7 @@ def squared_test_products(chol: torch.Tensor, index: torch.Tensor, field_shape: 
     return squares
 
 
-def streamed_increase(solve: GridICMSolve, task_covariance: torch.Tensor, noise: torch.Tensor,
+def streamed_increase(solve: GridICMSolve, task_covariance: torch.Tensor,
                       index: torch.Tensor, rotated_cross: Sequence[torch.Tensor]) -> torch.Tensor:
     """The exact variance increase of :class:`SchurPosterior` on a whole test grid, without its columns.
 
@@ -271,9 +271,9 @@ def streamed_increase(solve: GridICMSolve, task_covariance: torch.Tensor, noise:
     Parameters
     ----------
     solve
-        The model's grid solve (eigenbasis, its jitter).
-    task_covariance, noise
-        ``B`` ``(P, T, T)`` and ``σ²`` ``(P, T)``.
+        The model's grid solve (eigenbasis, whitened tasks with its jitter).
+    task_covariance
+        ``B`` ``(P, T, T)``.
     index
         ``(m, n_factors)`` factor-layout coordinates of the missing pixels.
     rotated_cross
@@ -286,7 +286,7 @@ def streamed_increase(solve: GridICMSolve, task_covariance: torch.Tensor, noise:
     """
     with torch.no_grad():
         q, lam = solve.eigenvectors, solve.eigenvalues_grid
-        root, gamma, rotation = whiten_tasks(task_covariance, noise + solve.jitter[:, None])
+        root, gamma, rotation = solve.whitening
         task_gains = (task_covariance @ (rotation / root[:, :, None])).pow(2)  # (B w_k)_t², (P, T, T)
         block, increase = memory.STREAM_BLOCK, None
         for k in range(gamma.shape[-1]):

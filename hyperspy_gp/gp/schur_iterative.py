@@ -64,7 +64,6 @@ from hyperspy_gp.gp.likelihood import (
     GridICMSolve,
     grid_icm_log_likelihood,
     solve_grid_icm,
-    whiten_tasks,
 )
 from hyperspy_gp.gp.tensor import kron_dot
 from hyperspy_gp.memory import CHUNK_BYTES, JACOBI_TILE_PIXELS, REGION_TILE_PIXELS
@@ -257,8 +256,6 @@ class MaskedOperator:
         The full-grid eigenbasis and ``T × T`` blocks (:func:`solve_grid_icm`).
     index
         ``(m, n_factors)`` coordinates of the missing pixels in factor layout.
-    task_covariance, noise
-        ``B`` ``(P, T, T)`` and the noise ``(P, T)`` that ``solve`` was built from.
     tile
         Tile side; default :func:`jacobi_tile` (1 gives per-pixel blocks).
     regions
@@ -266,15 +263,15 @@ class MaskedOperator:
         default tiles grow (see :func:`jacobi_tile`).
     """
 
-    def __init__(self, solve: GridICMSolve, index: torch.Tensor, task_covariance: torch.Tensor,
-                 noise: torch.Tensor, tile: int | None = None, regions: bool = False) -> None:
+    def __init__(self, solve: GridICMSolve, index: torch.Tensor, tile: int | None = None,
+                 regions: bool = False) -> None:
         self.solve, self.index = solve, index
         self.eigenvectors = solve.eigenvectors
         self.inverse_blocks = solve.block_inverse()  # M_j, (P, *fg, T, T)
         p, *fg, t, _ = self.inverse_blocks.shape
         self.tile = jacobi_tile(fg, index if regions else None) if tile is None else int(tile)
         with torch.no_grad():
-            self.root, gamma, self.rotation = whiten_tasks(task_covariance, noise + solve.jitter[:, None])
+            self.root, gamma, self.rotation = solve.whitening
             # h_jk, the whitened maps' weights: C_k = (Q diag(h_k) Qᵀ)_MM, (P, *fg, T)
             self.whitened_weights = 1.0 / (solve.eigenvalues_grid[..., None] * gamma.reshape(p, *[1] * len(fg), t) + 1)
             self.tiles, self.slot, self.position = tile_slots(index, self.tile, fg)
@@ -483,7 +480,7 @@ class SchurCGSolve:
             zeroed = targets.clone()
             zeroed[(slice(None), *index.T)] = 0.0
             solve = solve_grid_icm(zeroed, task_covariance, noise, factors)
-            self.operator = op = MaskedOperator(solve, index, task_covariance, noise, regions=coarse is not None)
+            self.operator = op = MaskedOperator(solve, index, regions=coarse is not None)
             self.preconditioner = op
             maps = coarse_maps(op) if coarse is not None else None
             points = coarse.points(maps.shape[-1]) if maps is not None and maps.shape[-1] else None

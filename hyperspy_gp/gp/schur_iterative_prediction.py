@@ -155,7 +155,7 @@ class SchurCGPosterior(GridPosterior):
             if plan == "streamed":
                 cross = model.kernel.cross_factors(model.lengthscale, test_coords)
                 rotated = [k @ q for k, q in zip(cross, op.eigenvectors)]
-                increase = streamed_increase(op.solve, model.task_covariance, model.noise, model.missing_index,
+                increase = streamed_increase(op.solve, model.task_covariance, model.missing_index,
                                              rotated)
             else:
                 increase = windowed_increase(model.kernel, model.lengthscale.detach(), model.task_covariance.detach(),

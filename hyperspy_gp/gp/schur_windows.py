@@ -37,7 +37,7 @@ import torch
 from hyperspy_gp import memory
 from hyperspy_gp.gp.cholesky import safe_cholesky
 from hyperspy_gp.gp.kernels import GridKernel
-from hyperspy_gp.gp.likelihood import GridICMSolve, solve_grid_icm, whiten_tasks
+from hyperspy_gp.gp.likelihood import GridICMSolve, solve_grid_icm
 from hyperspy_gp.gp.schur import squared_test_products, streamed_increase
 from hyperspy_gp.gp.tensor import kron_dot
 
@@ -202,15 +202,15 @@ def windowed_increase(kernel: GridKernel, lengthscale: torch.Tensor, task_covari
             cross = local.cross_factors(lengthscale, [c[i.to(c.device)] for c, i in zip(test_coords, window.test)])
             if len(window.missing) <= window.solved:
                 rotated = [k @ q for k, q in zip(cross, solve.eigenvectors)]
-                increase = streamed_increase(solve, task_covariance, noise, window.missing.to(noise.device), rotated)
+                increase = streamed_increase(solve, task_covariance, window.missing.to(noise.device), rotated)
             else:
-                increase = observed_side_increase(solve, task_covariance, noise, window.observed().to(noise.device),
+                increase = observed_side_increase(solve, task_covariance, window.observed().to(noise.device),
                                                   factors, cross)
             out[(slice(None), *torch.meshgrid(*[i.to(out.device) for i in window.test], indexing="ij"))] = increase
     return out
 
 
-def observed_side_increase(solve: GridICMSolve, task_covariance: torch.Tensor, noise: torch.Tensor,
+def observed_side_increase(solve: GridICMSolve, task_covariance: torch.Tensor,
                            observed: torch.Tensor, factors: Sequence[torch.Tensor],
                            cross: Sequence[torch.Tensor]) -> torch.Tensor:
     r"""The increase :func:`~hyperspy_gp.gp.schur.streamed_increase` gives, from the observed pixels' side.
@@ -230,9 +230,9 @@ def observed_side_increase(solve: GridICMSolve, task_covariance: torch.Tensor, n
     Parameters
     ----------
     solve
-        The grid's solve (eigenbasis, jitter).
-    task_covariance, noise
-        ``(P, T, T)`` and ``(P, T)``.
+        The grid's solve (eigenbasis, whitened tasks with its jitter).
+    task_covariance
+        ``(P, T, T)``.
     observed
         ``(o, d)`` the observed pixels.
     factors, cross
@@ -243,7 +243,7 @@ def observed_side_increase(solve: GridICMSolve, task_covariance: torch.Tensor, n
     torch.Tensor
         ``(P, *test, T)``.
     """
-    root, gamma, rotation = whiten_tasks(task_covariance, noise + solve.jitter[:, None])
+    root, gamma, rotation = solve.whitening
     task_gains = (task_covariance @ (rotation / root[:, :, None])).pow(2)  # (B w_k)_t², (P, T, T)
     squared = [(k @ q).pow(2) for k, q in zip(cross, solve.eigenvectors)]
     kernel = math.prod(f[:, i][:, :, i] for f, i in zip(factors, observed.T))  # K_OO, (P, o, o)

@@ -86,7 +86,7 @@ def _diagonal_operator(shape, observed, ratios):
     lam_max = torch.stack([torch.linalg.eigvalsh(f)[:, -1] for f in factors]).prod(0)  # (P,)
     b, noise = torch.diag_embed(ratios / lam_max[:, None]), torch.ones_like(ratios)
     targets = torch.zeros(n_models, *shape, n_tasks, dtype=torch.float64)
-    return MaskedOperator(solve_grid_icm(targets, b, noise, factors), model.missing_index, b, noise), factors
+    return MaskedOperator(solve_grid_icm(targets, b, noise, factors), model.missing_index), factors
 
 
 def test_only_the_well_determined_whitened_maps_get_the_coarse_space():
@@ -154,8 +154,7 @@ def test_two_level_preconditioner_is_exact_in_dense_algebra(kind, shape, block, 
             param.add_(0.3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(4), dtype=param.dtype))
         factors = model.kernel.factors(model.lengthscale)
         targets = torch.zeros(n_models, *model.kernel.factor_shape, n_tasks, dtype=torch.float64)
-        op = MaskedOperator(solve_grid_icm(targets, model.task_covariance, model.noise, factors), model.missing_index,
-                            model.task_covariance, model.noise)
+        op = MaskedOperator(solve_grid_icm(targets, model.task_covariance, model.noise, factors), model.missing_index)
         assert model.coarse_lattice is not None
         points = model.coarse_lattice.points(n_tasks if maps is None else len(maps[0]))
         coarse = CoarseCorrection(op, factors, points, None if maps is None else torch.tensor(maps))

@@ -84,7 +84,7 @@ def test_preconditioner_holds_the_exact_blocks_of_c_within_each_tile(monkeypatch
     solve = solve_grid_icm(targets, model.task_covariance, model.noise, factors)
     missing = ~_scattered(model.kernel.factor_shape, 0.4)
     index = torch.tensor(np.argwhere(missing))
-    op = MaskedOperator(solve, index, model.task_covariance, model.noise, tile=tile)
+    op = MaskedOperator(solve, index, tile=tile)
     assert op.tile == (jacobi_tile(model.kernel.factor_shape) if tile is None else tile)
     m = index.shape[0]
     c = _dense(op, m * n_tasks, (n_models, n_tasks, m))
@@ -237,7 +237,7 @@ def test_c_splits_into_single_map_schur_complements_in_whitened_coordinates(task
         noise = noise.double()
     targets = torch.zeros(1, *shape, n_tasks, dtype=torch.float64)
     index = torch.tensor(np.argwhere(~_scattered(shape, 0.4)))
-    op = MaskedOperator(solve_grid_icm(targets, b, noise, factors), index, b, noise)
+    op = MaskedOperator(solve_grid_icm(targets, b, noise, factors), index)
     m = index.shape[0]
     c = _dense(op, m * n_tasks, (1, n_tasks, m))  # rows and columns (pixel, map)
     # The single-map complements from the dense eigenbasis of the kernel.
@@ -271,7 +271,7 @@ def test_cg_solves_each_whitened_map_on_its_own():
     b, noise = 10.0 * a @ a.transpose(-1, -2), torch.tensor([[1e-3, 0.3, 1.0]], dtype=torch.float64)
     index = torch.tensor(np.argwhere(~_scattered(shape, 0.4)))
     op = MaskedOperator(solve_grid_icm(torch.zeros(1, *shape, n_tasks, dtype=torch.float64), b, noise, factors),
-                        index, b, noise)
+                        index)
     m = index.shape[0]
     rhs = torch.randn(1, 2, n_tasks, m, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     products = []
@@ -349,7 +349,7 @@ def test_masked_regions_get_larger_tiles_and_fewer_cg_iterations():
                           dtype=torch.float64)
         iterations = {}
         for regions in (False, True):
-            op = MaskedOperator(solve, model.missing_index, model.task_covariance, model.noise, regions=regions)
+            op = MaskedOperator(solve, model.missing_index, regions=regions)
             pre = CoarseCorrection(op, factors, model.coarse_lattice.points(n_tasks))
             iterations[regions] = int(op.whitened_cg(op.whiten(rhs), pre).iterations.max())
         # Small grids gain least (here 181 → 167); 128² × 6 at fitted hyperparameters: 259 → 138.

@@ -37,7 +37,7 @@ def _exact_increase(model, coords):
     solve = solve_grid_icm(torch.zeros(model.n_models, *model.kernel.grid_shape, model.n_tasks, dtype=torch.float64),
                            b, noise, model.kernel.factors(ell))
     rotated = [k @ q for k, q in zip(model.kernel.cross_factors(ell, coords), solve.eigenvectors)]
-    return streamed_increase(solve, b, noise, model.missing_index, rotated)
+    return streamed_increase(solve, b, model.missing_index, rotated)
 
 
 def _windowed(model, coords):
@@ -185,9 +185,9 @@ def test_the_observed_side_gives_the_complements_increase(fraction):
     missing = np.random.default_rng(3).random(shape) < fraction
     coords = [torch.linspace(-1.0, n, 2 * n + 3, dtype=torch.float64) for n in shape]
     cross = kernel.cross_factors(ell, coords)
-    complement = streamed_increase(solve, b, noise, torch.tensor(np.argwhere(missing)),
+    complement = streamed_increase(solve, b, torch.tensor(np.argwhere(missing)),
                                    [k @ q for k, q in zip(cross, solve.eigenvectors)])
-    observed_side = schur_windows.observed_side_increase(solve, b, noise, torch.tensor(np.argwhere(~missing)),
+    observed_side = schur_windows.observed_side_increase(solve, b, torch.tensor(np.argwhere(~missing)),
                                                          factors, cross)
     torch.testing.assert_close(observed_side, complement, rtol=1e-9, atol=1e-12)
     if fraction == 1.0:  # nothing observed: the prior variance, less the complete grid's (dense algebra)
