@@ -3,8 +3,9 @@
 The default ``kernel="separable"`` (a product of 1-D Matérn-5/2 kernels) makes exact
 inference Kronecker-structured at any grid size; the method's paper uses the
 non-separable anisotropic Matérn-5/2 (``kernel="matern"``), which is exact here through
-dense algebra up to 4096 pixels and iterative (CG with a stochastic log-determinant)
-beyond.  This script measures how much the choice changes the reconstruction, on
+dense algebra up to 1024 pixels (``solver="auto"``; the 32×32 maps here) and
+iterative (CG with a stochastic log-determinant) beyond.  This script measures how
+much the choice changes the reconstruction, on
 
 - the paper's similarity-benchmark maps (products of sines; maps 1 and 3 identical,
   map 2 with a doubled period), noise model 2: ``σ = (σ0, ασ0, ασ0)``;

@@ -177,7 +177,8 @@ def gp_reconstruct(
         ``"separable"`` (default): product of 1-D Matérn-5/2 kernels, exact and fast
         on any grid size (Kronecker structure).  ``"matern"``: the non-separable
         anisotropic Matérn-5/2 of the method's paper: exact through dense algebra
-        up to 4096 pixels, iterative beyond (see ``solver="iterative"``).
+        up to 1024 pixels (one eigendecomposition per evaluation), iterative beyond
+        (see ``solver="iterative"``).
     rank : int
         Rank of ``W`` in the parallel model's task covariance.
     solver : {"auto", "kronecker", "dense", "iterative"}
@@ -205,7 +206,8 @@ def gp_reconstruct(
         estimate whose standard error is returned there (see
         :mod:`hyperspy_gp.gp.iterative_prediction`).  ``"auto"`` takes ``"kronecker"`` for complete
         grids and the cheaper exact path that fits otherwise; for ``kernel="matern"``
-        beyond 4096 pixels it takes ``"iterative"``, or ``"dense"`` for a sparse scan
+        beyond 1024 pixels it takes ``"iterative"`` (where it serves; up to 4096 pixels
+        the dense eigendecomposition otherwise), or ``"dense"`` for a sparse scan
         where that is cheaper.  Missing pixels are predicted like
         any other; scan lines without a measured pixel are left out
         of the fit first (exact, the Kronecker structure is kept), so only the

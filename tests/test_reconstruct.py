@@ -848,9 +848,6 @@ def test_the_matern_kernel_on_large_scans_takes_the_iterative_path():
 
     auto = request("auto")
     assert choose_solver(maps, auto) is None and auto.solver == "iterative" and auto.iterative
-    small = request("auto")
-    choose_solver(maps[:60], small)
-    assert small.solver == "kronecker"  # 3600 pixels: dense eigendecomposition
     with pytest.raises(ValueError, match="solver='auto' or 'iterative'"):
         choose_solver(maps, request("kronecker"))
     # A few missing pixels: conjugate gradients on the observed values.
@@ -894,6 +891,39 @@ def test_the_matern_kernel_on_large_scans_takes_the_iterative_path():
         with pytest.warns(UserWarning, match=rf"{n_missing} missing pixels.*about \d+ s per likelihood evaluation on"):
             observed = choose_solver(large, forced)
         assert (observed == np.isfinite(large[..., 0])).all() and forced.masked_solver == "iterative"
+
+
+def test_auto_diagonalises_the_matern_kernel_densely_only_on_small_scans(monkeypatch):
+    from hyperspy_gp.gp import iterative_missing
+    from hyperspy_gp.request import AUTO_DENSE_MATERN_PIXELS, MAX_DENSE_PIXELS, Request, choose_solver
+
+    def chosen(maps, solver="auto"):
+        request = Request([0, 1], "parallel", 1, None, "matern", 1, solver, "cpu", "float64", None)
+        observed = choose_solver(maps, request)
+        return request.solver, observed
+
+    maps = np.random.default_rng(0).normal(size=(60, 60, 2))  # 3600 pixels
+    assert AUTO_DENSE_MATERN_PIXELS < 3600 <= MAX_DENSE_PIXELS
+    # Up to the limit, one dense eigendecomposition per evaluation; beyond it the
+    # iterative path, which costs far less there; forced, the dense one still serves.
+    assert chosen(maps[:32, :32]) == ("kronecker", None)
+    assert chosen(maps[:32, :33]) == ("iterative", None)
+    assert chosen(maps) == ("iterative", None)
+    assert chosen(maps, "kronecker") == ("kronecker", None)
+    # Missing pixels: conjugate gradients on the observed values, as on large scans.
+    holes = maps.copy()
+    holes[3, 4] = holes[50, 7] = np.nan
+    solver, observed = chosen(holes)
+    assert solver == "iterative" and (~observed).sum() == 2
+    assert chosen(holes[:32, :32])[0] == "kronecker"  # the Schur complement on the dense eigenbasis
+    # Where the iterative path does not serve, the exact paths of small scans do, as
+    # before: a scan line without data (FFT products need evenly spaced lines), or
+    # missing pixels beyond its cost limit (no refusal below MAX_DENSE_PIXELS).
+    gap = maps.copy()
+    gap[:, 7] = np.nan
+    assert chosen(gap) == ("kronecker", None)
+    monkeypatch.setattr(iterative_missing, "MAX_MISSING_COST", 1.0)
+    assert chosen(holes)[0] == "kronecker"
 
 
 def test_forcing_the_iterative_path_beyond_its_cost_limit_warns_and_fits(unchanged, monkeypatch):

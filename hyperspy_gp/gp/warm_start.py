@@ -19,7 +19,7 @@ it holds at least :data:`MIN_FRACTION` of the measured pixels; scattered missing
 pixels (a sparse scan, dead pixels at random) leave no such rectangle and the fit
 starts from the default.
 
-On the iterative path (``kernel="matern"`` beyond 4096 pixels) the rectangle is fitted
+On the iterative path (``kernel="matern"`` beyond 1024 pixels) the rectangle is fitted
 on that path too (FFT products and CG, with as many probes).  Measured on 2 CPU
 cores (80² × 3 maps, a masked quarter disc): 46 iterations in 76 s from the default
 start; 15 in 40 s from the start fitted on the 32 × 80 rectangle in 9 s, to the same
