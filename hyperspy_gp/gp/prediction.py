@@ -28,7 +28,7 @@ import torch
 from hyperspy_gp.gp.likelihood import GridICMSolve, solve_grid_icm, whitened_variance_reduction
 from hyperspy_gp.gp.model import GridICMModel
 from hyperspy_gp.gp.tensor import kron_dot
-from hyperspy_gp.memory import CHUNK_BYTES, VARIANCE_DRAWS, release_freed_memory
+from hyperspy_gp.memory import CHUNK_BYTES, VARIANCE_DRAWS, release_freed_memory, releases_freed_memory
 
 #: Memory budget (bytes) of the largest temporary of one prediction chunk (the memory
 #: estimate of :mod:`hyperspy_gp.memory` assumes the same).
@@ -240,7 +240,8 @@ def _predict_rows(state: tuple[Posterior, list[torch.Tensor]], start: int, stop:
         rows = [test_coords[0][start:stop].to(device), *(c.to(device) for c in test_coords[1:])]
         out = posterior.predict_with_standard_error(rows) if standard_error else posterior.predict(rows)
         out = tuple(np.asarray(x.detach().cpu().numpy(), dtype=np.float64) for x in out)  # (no copy if float64)
-        release_freed_memory()  # the chunk's temporaries, lest each thread's heap keep them
+        if releases_freed_memory():
+            release_freed_memory()  # the chunk's temporaries, lest each thread's heap keep them
         return out
     except MemoryError:
         raise  # keep its type: callers free memory or choose smaller chunks

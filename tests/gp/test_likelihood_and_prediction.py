@@ -225,6 +225,7 @@ def test_every_chunk_hands_its_freed_memory_back(monkeypatch):
     import dask
 
     from hyperspy_gp.gp import prediction
+    from hyperspy_gp.memory import RELEASE_FREED_MEMORY
 
     model, targets = _random_model("separable", (10, 12), 3, 1, seed=9)
     post = GridPosterior(model, targets)
@@ -232,8 +233,14 @@ def test_every_chunk_hands_its_freed_memory_back(monkeypatch):
     released = []
     monkeypatch.setattr(prediction, "release_freed_memory", lambda: released.append(1) or True)
     with dask.config.set(scheduler="sync"):
-        post.predict_arrays(coords, chunk_rows=7)
+        kept = post.predict_arrays(coords, chunk_rows=7)
     assert len(released) == 3  # 20 rows in chunks of 7
+    # Turned off by its dask configuration key: no release, the same numbers.
+    with dask.config.set({"scheduler": "sync", RELEASE_FREED_MEMORY: False}):
+        unreleased = post.predict_arrays(coords, chunk_rows=7)
+    assert len(released) == 3
+    for a, b in zip(kept, unreleased):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("n_tasks,rank", [(1, 0), (4, 2), (6, 1)])
