@@ -434,7 +434,8 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     which is exact and keeps the Kronecker structure, and predicts the whole scan.  A
     complete fitted grid is solved in the Kronecker eigenbasis, or iteratively
     (``"iterative"``, :mod:`~hyperspy_gp.gp.iterative`, which needs evenly spaced
-    lines) for ``kernel="matern"`` on more than :data:`AUTO_DENSE_MATERN_PIXELS` pixels
+    lines: there, empty lines between measured ones are fitted as missing pixels
+    instead) for ``kernel="matern"`` on more than :data:`AUTO_DENSE_MATERN_PIXELS` pixels
     (where the kernel's dense eigendecomposition, one per evaluation, costs more), which
     also serves missing pixels on the kept lines up to its cost limit
     (:mod:`~hyperspy_gp.gp.iterative_missing`); ``"auto"`` takes ``"dense"`` on the
@@ -492,16 +493,16 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     even = all(np.all(np.diff(kept) == 1) for kept in lines)  # FFT products need evenly spaced lines
     # Between the two limits "auto" prefers the iterative path where it serves, and the
     # dense eigendecomposition of the kernel otherwise.
-    prefer_iterative = request.solver == "auto" and request.kernel == "matern" and even and \
+    prefer_iterative = request.solver == "auto" and request.kernel == "matern" and \
         observed.size > AUTO_DENSE_MATERN_PIXELS
-    if (large_matern or request.solver == "iterative") and not even:
-        what = "solver='iterative'" if request.solver == "iterative" else (
-            f"kernel='matern' on more than {MAX_DENSE_PIXELS} pixels (solved iteratively)")
-        raise ValueError(
-            f"{what} needs FFT products on evenly spaced scan lines; lines {request.skipped_lines(measured.shape)} "
-            "(per axis, numpy order) hold no data. Use kernel='separable' or solver='auto', or crop the scan with "
-            "s.inav[...]."
-        )
+    without_empty_lines = None
+    if (large_matern or prefer_iterative or request.solver == "iterative") and not even:
+        # FFT products need evenly spaced lines: the empty lines between kept ones join
+        # the fit as missing pixels (those at the edges stay out).
+        without_empty_lines = request.lines, observed
+        lines = tuple(np.arange(kept[0], kept[-1] + 1) for kept in lines)
+        request.lines = None if all(len(kept) == n for kept, n in zip(lines, measured.shape)) else lines
+        observed = request.fitted_region(measured)
     if observed.all() and request.solver != "dense":
         if request.solver == "auto":
             request.solver = "iterative" if large_matern or prefer_iterative else "kronecker"
@@ -539,7 +540,15 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
                              f"{dense_values}.)")
         if request.solver != "auto":
             return observed
-        # (Up to MAX_DENSE_PIXELS, beyond the iterative path's limit: the exact paths below.)
+        # Up to MAX_DENSE_PIXELS, beyond the iterative path's limit: the exact paths below,
+        # without the empty lines.
+        if without_empty_lines is not None:
+            request.lines, observed = without_empty_lines
+            if observed.all():
+                request.solver = "kronecker"
+                return None
+            n_missing = int((~observed).sum())
+            dense_values = int(observed.sum()) * tasks
     if large_matern and request.solver == "kronecker":
         raise ValueError(
             f"solver='kronecker' with kernel='matern' and missing pixels is limited to {MAX_DENSE_PIXELS} "

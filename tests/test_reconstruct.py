@@ -644,8 +644,14 @@ def test_a_scan_of_every_other_line_is_fitted_exactly_on_its_lines(unchanged):
     assert np.abs(skipped - truth[:, 1::2]).max() < 0.1  # interpolated across one line
     var = rec.variance.data
     assert (var[:, 2::4, ::2].mean((1, 2)) > var[:, 4:-4:4, ::2].mean((1, 2))).all()  # unmeasured: less sure
-    with pytest.raises(ValueError, match=r"evenly spaced scan lines; lines \[\[1, 3, 5"):
-        gp_reconstruct(s, components=2, kernel="matern", solver="iterative")
+    # The iterative path needs evenly spaced lines: the empty ones between measured ones
+    # join its fit as missing pixels, the last (an edge) stays out.
+    from hyperspy_gp.request import Request, choose_solver
+
+    forced = Request([0, 1], "parallel", 1, None, "matern", 1, "iterative", "cpu", "float64", None)
+    observed = choose_solver(maps, forced)
+    assert forced.solver == "iterative" and forced.skipped_lines((80, 64)) == [[79], []]
+    assert observed.shape == (79, 64) and (~observed[1::2]).all() and observed[::2].all()
 
 
 def test_missing_edge_lines_are_left_out_exactly_and_predicted(tmp_path, unchanged):
@@ -920,10 +926,32 @@ def test_auto_diagonalises_the_matern_kernel_densely_only_on_small_scans(monkeyp
     # before: a scan line without data (FFT products need evenly spaced lines), or
     # missing pixels beyond its cost limit (no refusal below MAX_DENSE_PIXELS).
     gap = maps.copy()
-    gap[:, 7] = np.nan
-    assert chosen(gap) == ("kronecker", None)
+    gap[:, 7] = np.nan  # the iterative path: the empty line as missing pixels
+    solver, observed = chosen(gap)
+    assert solver == "iterative" and observed.shape == (60, 60) and (~observed).sum() == 60
     monkeypatch.setattr(iterative_missing, "MAX_MISSING_COST", 1.0)
     assert chosen(holes)[0] == "kronecker"
+    request = Request([0, 1], "parallel", 1, None, "matern", 1, "auto", "cpu", "float64", None)
+    assert choose_solver(gap, request) is None and request.solver == "kronecker"  # the line left out, as before
+    assert request.skipped_lines((60, 60)) == [[], [7]]
+
+
+def test_an_empty_line_inside_the_scan_is_fitted_as_missing_pixels_by_the_iterative_path(unchanged):
+    rng = np.random.default_rng(6)
+    yy, xx = np.mgrid[:40, :36]  # 1440 pixels: kernel="matern" goes iterative
+    truth = np.stack([np.sin(xx / 4.0) * np.cos(yy / 5.0), np.cos(xx / 6.0 + yy / 9.0)], -1)
+    maps = truth + 0.05 * rng.standard_normal(truth.shape)
+    maps[17] = np.nan  # a scan line without data, inside the scan
+    s = _with_missing_pixels(maps, np.abs(rng.standard_normal((16, 2))) + 0.1)
+    with unchanged(s):
+        rec = gp_reconstruct(s, components=2, kernel="matern")
+    settings = rec.signal.metadata.GP_reconstruction.settings
+    assert settings.solver == "iterative" and settings.masked_solver == "iterative"
+    assert settings.skipped_lines == [[], []] and settings.missing_pixels == 36
+    line = np.moveaxis(rec.loadings.data[:, 17], 0, -1)
+    assert np.abs(line - truth[17]).max() < 0.1  # interpolated across the line
+    variance = rec.variance.data
+    assert (variance[:, 17] > variance[:, [15, 19]].max(1)).all()  # unmeasured: less sure, at every pixel
 
 
 def test_forcing_the_iterative_path_beyond_its_cost_limit_warns_and_fits(unchanged, monkeypatch):

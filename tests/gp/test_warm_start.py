@@ -125,7 +125,8 @@ def test_the_rectangle_model_keeps_the_kernel_and_the_bounds_on_its_lines():
     torch.testing.assert_close(sub.kernel.points[1], torch.tensor(points[1], dtype=torch.float64))  # spacing kept
     assert (sub.n_models, sub.n_tasks, sub.rank, sub.isotropic) == (1, 3, 2, True)
     assert sub.lengthscale_bounds == (0.8, 5.0) and not sub.iterative
-    # (The iterative path only ever has evenly spaced lines: choose_solver refuses others.)
+    # (The iterative path only ever has evenly spaced lines: choose_solver fits the empty
+    # lines between measured ones as missing pixels there.)
     iterative = GridICMModel(GridKernel((40, 30), "matern"), 1, 3, rank=2, observed=observed, iterative=True,
                              n_probes=8)
     sub = rectangle_model(iterative, rectangle)
