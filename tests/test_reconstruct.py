@@ -994,3 +994,49 @@ def test_the_iterative_path_serves_more_missing_pixels_on_a_gpu():
     with pytest.raises(ValueError, match=rf"about {limit} missing pixels.* on a GPU, .*kernel='separable'") as error:
         choose_solver(huge, request("cuda"))
     assert "device='cuda'" not in str(error.value) and "force solver='iterative'" in str(error.value)
+
+
+def test_a_drawn_variance_on_a_small_complete_grid_is_replaced_by_the_dense_exact_one(monkeypatch):
+    import torch
+
+    from hyperspy_gp import request as request_module
+    from hyperspy_gp.gp.kernels import GridKernel
+    from hyperspy_gp.gp.model import GridICMModel
+    from hyperspy_gp.gp.prediction import GridPosterior, make_posterior
+    from hyperspy_gp.maps_gp import exact_on_small_grids
+
+    rng = np.random.default_rng(4)
+    targets = torch.as_tensor(rng.standard_normal((1, 20, 18, 2)))
+    model = GridICMModel(GridKernel((20, 18), "matern"), 1, 2, rank=1, iterative=True)
+    model.reset_parameters(6.0)
+    coords = [model.kernel.axis_coordinates(n, 2) for n in (20, 18)]
+    drawn = make_posterior(model, targets, exact_variance=False, test_coords=coords, n_samples=16)
+    assert not drawn.variance_is_exact and drawn.window_lengthscales is None
+    exact = exact_on_small_grids(drawn, model, targets)
+    assert isinstance(exact, GridPosterior) and exact.variance_is_exact
+    dense = GridICMModel(model.kernel, 1, 2, rank=1)
+    dense.load_state_dict(model.state_dict())
+    reference = make_posterior(dense, targets).predict(coords)
+    for got, want in zip(exact.predict(coords), reference):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    # Exact or windowed already, or a grid too large for one dense eigendecomposition: kept.
+    windowed = make_posterior(model, targets, test_coords=coords)
+    assert windowed.window_lengthscales is not None and exact_on_small_grids(windowed, model, targets) is windowed
+    monkeypatch.setattr(request_module, "MAX_DENSE_PIXELS", 20 * 18 - 1)
+    assert exact_on_small_grids(drawn, model, targets) is drawn
+
+
+def test_the_matern_kernel_on_a_small_scan_gets_the_exact_variance_where_windows_do_not_reach(monkeypatch):
+    from hyperspy_gp.gp.iterative_prediction import IterativePosterior
+
+    # No windows planned: the iterative posterior's variance would be drawn (Monte-Carlo).
+    monkeypatch.setattr(IterativePosterior, "_plan_exact_variance", lambda self, test_coords: None)
+    rng = np.random.default_rng(6)
+    yy, xx = np.mgrid[:40, :36]  # 1440 pixels: fitted iteratively
+    truth = np.stack([np.sin(xx / 4.0) * np.cos(yy / 5.0), np.cos(xx / 6.0 + yy / 9.0)], -1)
+    s = _with_decomposition(truth + 0.05 * rng.standard_normal(truth.shape),
+                            np.abs(rng.standard_normal((16, 2))) + 0.1)
+    rec = gp_reconstruct(s, components=2, kernel="matern", upsampling=2)
+    assert rec.signal.metadata.GP_reconstruction.settings.solver == "iterative"
+    assert not {"variance_standard_error", "variance_samples"} & set(rec.hyperparameters)
+    assert (np.asarray(rec.variance.data) > 0).all()
