@@ -131,7 +131,7 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
     test_coords = [kernel.axis_coordinates(n, request.upsampling) - start for n, start in zip(grid, origin)]
     posterior = make_posterior(model, targets_t, domain=(origin, grid), exact_variance=request.exact_posterior,
                                test_coords=test_coords, n_samples=request.variance_samples)
-    if request.exact_posterior:
+    if request.dense_variance and request.exact_posterior:
         posterior = exact_on_small_grids(posterior, model, targets_t)
     # A Monte-Carlo variance (its standard error from the same draws) or windows with a
     # shorter margin (their error bound).
@@ -160,7 +160,9 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
 def exact_on_small_grids(posterior, model, targets):
     """The dense eigenbasis posterior where an iterative one's variance is not exact on a small complete grid.
 
-    ``solver="auto"`` fits ``kernel="matern"`` iteratively beyond
+    Called where ``solver="auto"`` chose the iterative path
+    (:attr:`~hyperspy_gp.request.Request.dense_variance`; a forced ``"iterative"`` keeps
+    its own posterior).  ``solver="auto"`` fits ``kernel="matern"`` iteratively beyond
     :data:`~hyperspy_gp.request.AUTO_DENSE_MATERN_PIXELS` (far cheaper per evaluation),
     but up to :data:`~hyperspy_gp.request.MAX_DENSE_PIXELS` one dense eigendecomposition
     of the kernel still fits, and it gives the exact variance at any length scale where

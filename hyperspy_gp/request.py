@@ -94,6 +94,11 @@ class Request:
     lengthscale_scan
         The :class:`~hyperspy_gp.lengthscale_scan.LengthscaleScan` behind
         ``lengthscale_bounds="auto"``, once it ran.
+    dense_variance
+        Whether ``solver="auto"`` fitted a complete scan of at most
+        :data:`MAX_DENSE_PIXELS` pixels iteratively, so that a variance the iterative
+        posterior would draw comes from the kernel's dense eigenbasis instead
+        (:func:`~hyperspy_gp.maps_gp.exact_on_small_grids`); set by :func:`choose_solver`.
 
     Examples
     --------
@@ -119,6 +124,7 @@ class Request:
     n_missing: int = 0
     lengthscale_scan: object | None = None  # the LengthscaleScan behind lengthscale_bounds="auto"
     variance_samples: int = VARIANCE_DRAWS  # draws of a Monte-Carlo variance, where the variance is not exact
+    dense_variance: bool = False  # "auto" fitted a small complete scan iteratively: its dense variance where not exact
 
     @property
     def masked_solver(self) -> str:
@@ -486,6 +492,7 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
 
     measured = np.isfinite(maps).all(axis=-1)
     request.n_missing, request.schur_cg, request.exact_fallback = int((~measured).sum()), False, None
+    request.dense_variance = False
     lines = measured_lines(measured)
     request.lines = None if all(len(kept) == n for kept, n in zip(lines, measured.shape)) else lines
     observed = request.fitted_region(measured)
@@ -506,6 +513,7 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     if observed.all() and request.solver != "dense":
         if request.solver == "auto":
             request.solver = "iterative" if large_matern or prefer_iterative else "kronecker"
+            request.dense_variance = prefer_iterative and not large_matern
         elif request.solver == "kronecker" and large_matern:
             raise ValueError(
                 f"solver='kronecker' diagonalises kernel='matern' densely, which is limited to {MAX_DENSE_PIXELS} "

@@ -916,6 +916,13 @@ def test_auto_diagonalises_the_matern_kernel_densely_only_on_small_scans(monkeyp
     assert chosen(maps[:32, :33]) == ("iterative", None)
     assert chosen(maps) == ("iterative", None)
     assert chosen(maps, "kronecker") == ("kronecker", None)
+    # Chosen by "auto" on a complete scan within MAX_DENSE_PIXELS: a variance the
+    # iterative posterior would draw comes from the dense eigenbasis instead.
+    for grid, solver, dense_variance in (((60, 60), "auto", True), ((60, 60), "iterative", False),
+                                         ((70, 60), "auto", False)):
+        request = Request([0, 1], "parallel", 1, None, "matern", 1, solver, "cpu", "float64", None)
+        choose_solver(np.zeros((*grid, 2)), request)
+        assert request.solver == "iterative" and request.dense_variance is dense_variance
     # Missing pixels: conjugate gradients on the observed values, as on large scans.
     holes = maps.copy()
     holes[3, 4] = holes[50, 7] = np.nan
@@ -1040,3 +1047,6 @@ def test_the_matern_kernel_on_a_small_scan_gets_the_exact_variance_where_windows
     assert rec.signal.metadata.GP_reconstruction.settings.solver == "iterative"
     assert not {"variance_standard_error", "variance_samples"} & set(rec.hyperparameters)
     assert (np.asarray(rec.variance.data) > 0).all()
+    # The iterative path forced keeps its own posterior: drawn.
+    forced = gp_reconstruct(s, components=2, kernel="matern", upsampling=2, solver="iterative", variance_samples=8)
+    assert forced.hyperparameters["variance_samples"] == 8
