@@ -493,23 +493,25 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
     measured = np.isfinite(maps).all(axis=-1)
     request.n_missing, request.schur_cg, request.exact_fallback = int((~measured).sum()), False, None
     request.dense_variance = False
+
+    def fit_on(kept: tuple[np.ndarray, ...]) -> np.ndarray:
+        """Fit on the scan lines ``kept`` (``request.lines``); their measured pixels."""
+        request.lines = None if all(len(k) == n for k, n in zip(kept, measured.shape)) else kept
+        return request.fitted_region(measured)
+
     lines = measured_lines(measured)
-    request.lines = None if all(len(kept) == n for kept, n in zip(lines, measured.shape)) else lines
-    observed = request.fitted_region(measured)
+    observed = fit_on(lines)
     large_matern = request.kernel == "matern" and observed.size > MAX_DENSE_PIXELS
     even = all(np.all(np.diff(kept) == 1) for kept in lines)  # FFT products need evenly spaced lines
     # Between the two limits "auto" prefers the iterative path where it serves, and the
     # dense eigendecomposition of the kernel otherwise.
     prefer_iterative = request.solver == "auto" and request.kernel == "matern" and \
         observed.size > AUTO_DENSE_MATERN_PIXELS
-    without_empty_lines = None
-    if (large_matern or prefer_iterative or request.solver == "iterative") and not even:
+    restored_lines = (large_matern or prefer_iterative or request.solver == "iterative") and not even
+    if restored_lines:
         # FFT products need evenly spaced lines: the empty lines between kept ones join
         # the fit as missing pixels (those at the edges stay out).
-        without_empty_lines = request.lines, observed
-        lines = tuple(np.arange(kept[0], kept[-1] + 1) for kept in lines)
-        request.lines = None if all(len(kept) == n for kept, n in zip(lines, measured.shape)) else lines
-        observed = request.fitted_region(measured)
+        observed = fit_on(tuple(np.arange(kept[0], kept[-1] + 1) for kept in lines))
     if observed.all() and request.solver != "dense":
         if request.solver == "auto":
             request.solver = "iterative" if large_matern or prefer_iterative else "kronecker"
@@ -521,7 +523,6 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
                 "stochastic log-determinant), or kernel='separable'."
             )
         return None
-    n_missing = int((~observed).sum())
     tasks = maps.shape[-1] if request.mode == "parallel" else 1
     dense_values = int(observed.sum()) * tasks
     if request.solver == "iterative" or (request.solver == "auto" and (large_matern or prefer_iterative)):
@@ -550,12 +551,11 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
             return observed
         # Up to MAX_DENSE_PIXELS, beyond the iterative path's limit: the exact paths below,
         # without the empty lines.
-        if without_empty_lines is not None:
-            request.lines, observed = without_empty_lines
+        if restored_lines:
+            observed = fit_on(lines)
             if observed.all():
                 request.solver = "kronecker"
                 return None
-            n_missing = int((~observed).sum())
             dense_values = int(observed.sum()) * tasks
     if large_matern and request.solver == "kronecker":
         raise ValueError(
@@ -563,6 +563,7 @@ def choose_solver(maps: np.ndarray, request: Request) -> np.ndarray | None:
             f"pixels; the measured scan lines hold {observed.size}. Use solver='auto', 'iterative' (conjugate "
             "gradients on the observed pixels) or 'dense' (few measured pixels), or kernel='separable'."
         )
+    n_missing = int((~observed).sum())
     fits = {"dense": dense_values <= MAX_DENSE_VALUES,
             "kronecker": schur_entries(observed.size, n_missing, tasks) <= MAX_SCHUR_ENTRIES}
     if request.solver == "auto":
