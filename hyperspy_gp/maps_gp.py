@@ -31,8 +31,9 @@ class MapsFit:
         ``(*upsampled_grid, T)`` in the units of the maps.
     hyperparameters
         Length scales (pixels), task covariance, noise, log likelihood, convergence and
-        jitter, in the units of the maps; with missing pixels, where the fit started
-        from the optimum on a complete rectangle (:mod:`~hyperspy_gp.gp.warm_start`),
+        jitter, in the units of the maps; where the fit started from the optimum on a
+        complete rectangle (missing pixels, or a large scan on the iterative path:
+        :mod:`~hyperspy_gp.gp.warm_start`),
         that rectangle (``warm_start_region``, scan pixels per axis, stop excluded)
         and the iterations of its fit (``warm_start_iterations``).
     history
@@ -115,7 +116,7 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
         return _fit_with_exact_fallback(model, build_model, targets_t, request, max_iter, tol, show_progressbar)
 
     with explain_gpu_out_of_memory():
-        warm = warm_start(model, targets_t, max_iter, tol, show_progressbar)  # missing pixels: start near the optimum
+        warm = warm_start(model, targets_t, max_iter, tol, show_progressbar)  # start near the optimum where it pays
         try:
             model, result = fit(model)
         except CGConvergenceError:

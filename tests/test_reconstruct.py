@@ -943,6 +943,30 @@ def test_auto_diagonalises_the_matern_kernel_densely_only_on_small_scans(monkeyp
     assert request.skipped_lines((60, 60)) == [[], [7]]
 
 
+def test_a_large_complete_scan_on_the_iterative_path_starts_from_its_central_crop(monkeypatch, unchanged):
+    """Reported in scan pixels (a flyback column shifts the fitted lines); the default start's optimum."""
+    from hyperspy_gp.gp import warm_start
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:40, :36]  # 1440 pixels: kernel="matern" goes iterative
+    maps = np.stack([np.sin(xx) * np.cos(yy / 1.1), np.cos(xx + yy / 1.3)], -1)  # short length scales
+    maps = maps + 0.2 * rng.standard_normal(maps.shape)
+    maps[:, 0] = np.nan  # a flyback column: left out, 40 × 35 pixels fitted
+    s = _with_missing_pixels(maps, np.abs(rng.standard_normal((16, 2))) + 0.1)
+    monkeypatch.setattr(warm_start, "CROP_SIDE", 16)  # 1440 ≥ 4 × 16² pixels
+    with unchanged(s):
+        rec = gp_reconstruct(s, components=2, kernel="matern")
+    hp = rec.hyperparameters
+    assert rec.signal.metadata.GP_reconstruction.settings.solver == "iterative"
+    np.testing.assert_array_equal(hp["warm_start_region"], [[12, 28], [10, 26]])  # fitted columns 9-24
+    assert hp["warm_start_iterations"] > 0 and hp["converged"]
+    monkeypatch.setattr(warm_start, "CROP_FACTOR", np.inf)  # no crop: the default start
+    cold = gp_reconstruct(s, components=2, kernel="matern").hyperparameters
+    assert "warm_start_region" not in cold
+    np.testing.assert_allclose(hp["log_likelihood"], cold["log_likelihood"], rtol=1e-5)
+    np.testing.assert_allclose(hp["lengthscale_px"], cold["lengthscale_px"], rtol=1e-2)
+
+
 def test_an_empty_line_inside_the_scan_is_fitted_as_missing_pixels_by_the_iterative_path(unchanged):
     rng = np.random.default_rng(6)
     yy, xx = np.mgrid[:40, :36]  # 1440 pixels: kernel="matern" goes iterative

@@ -1,4 +1,4 @@
-"""Warm start of a fit with missing pixels from the largest complete rectangle of the scan.
+"""Warm start of a fit from a complete rectangle of the scan: the largest one, or a central crop.
 
 With missing pixels every likelihood evaluation pays for them (a Schur complement, a
 dense factorisation of the observed pixels, or CG over them), up to a minute on a large
@@ -24,6 +24,16 @@ on that path too (FFT products and CG, with as many probes).  Measured on 2 CPU
 cores (80² × 3 maps, a masked quarter disc): 46 iterations in 76 s from the default
 start; 15 in 40 s from the start fitted on the 32 × 80 rectangle in 9 s, to the same
 optimum (log likelihood 0.007 lower, length scales within 0.1 %).
+
+A complete scan on the iterative path is started the same way, from the optimum on its
+central crop of :data:`CROP_SIDE` pixels per axis (when the scan holds at least
+:data:`CROP_FACTOR` times as many pixels): every evaluation of the whole scan costs FFT
+products and CG over all of it, about 1.6 s at 128² × 6 maps on 2 CPU cores, and a crop's
+about 0.07 s.  Measured there (atomic-resolution EELS, 6 SVD maps): 97 iterations in
+181 s from the default start; 33 in 53 s from the start fitted on the 32² crop in 7 s,
+to the same optimum (log likelihood 0.09 higher, length scales within 0.3 %).  A larger
+crop did not shorten the fit (64²: 33 iterations after 24 s); the dense path on the
+crop costs more than the iterative one (34 s at 32²).
 """
 
 from __future__ import annotations
@@ -45,6 +55,14 @@ _logger = logging.getLogger(__name__)
 MIN_SIDE = 8
 #: Smallest fraction of the measured pixels a rectangle worth a warm start holds.
 MIN_FRACTION = 0.25
+#: Pixels per axis of the central crop that a complete scan on the iterative path is fitted on first.
+CROP_SIDE = 32
+#: A complete scan on the iterative path is warm-started when it holds this many times its crop's pixels.
+CROP_FACTOR = 4
+#: Fewest length scales per axis a crop spans for its optimum to start a model's fit: a
+#: longer one is ill-determined on the crop (smooth maps at 128²: a start fitted with
+#: ℓ ≈ 60 px on a 32² crop stopped at a log likelihood 16 below the default start's).
+MIN_CROP_LENGTHSCALES = 4.0
 
 
 @dataclass
@@ -138,13 +156,45 @@ def warm_start_rectangle(observed: np.ndarray) -> tuple[slice, ...] | None:
     return rectangle
 
 
+def central_crop(grid_shape: tuple[int, ...]) -> tuple[slice, ...] | None:
+    """The central crop a complete scan on the iterative path is fitted on first, if any.
+
+    Parameters
+    ----------
+    grid_shape : tuple of int
+        The fitted grid (numpy order).
+
+    Returns
+    -------
+    tuple of slice or None
+        At most :data:`CROP_SIDE` pixels per axis, centred; ``None`` when the scan holds
+        fewer than :data:`CROP_FACTOR` times the crop's pixels (its own fit costs little
+        more) and for grids that are not 2-D.
+
+    Examples
+    --------
+    >>> central_crop((128, 100))
+    (slice(48, 80, None), slice(34, 66, None))
+    >>> central_crop((2000, 20))  # a long narrow scan: 32 × 20 pixels
+    (slice(984, 1016, None), slice(0, 20, None))
+    >>> central_crop((48, 48)) is None  # 2304 pixels, not 4 × 1024
+    True
+    """
+    if len(grid_shape) != 2:
+        return None
+    sides = [min(n, CROP_SIDE) for n in grid_shape]
+    if np.prod(grid_shape) < CROP_FACTOR * np.prod(sides):
+        return None
+    return tuple(slice((n - side) // 2, (n - side) // 2 + side) for n, side in zip(grid_shape, sides))
+
+
 def rectangle_model(model: GridICMModel, rectangle: tuple[slice, ...]) -> GridICMModel:
     """The complete-grid model of ``model`` on ``rectangle`` of its grid (same kernel, bounds and tasks).
 
     Parameters
     ----------
     model
-        A model with missing pixels.
+        A model with missing pixels, or a complete one on the iterative path.
     rectangle
         One slice per axis of its grid, holding no missing pixel.
 
@@ -166,12 +216,15 @@ def rectangle_model(model: GridICMModel, rectangle: tuple[slice, ...]) -> GridIC
 def warm_start(
     model: GridICMModel, targets: torch.Tensor, max_iter: int, tol: float, show_progressbar: bool = False
 ) -> WarmStart | None:
-    """Start ``model`` (with missing pixels) from the optimum on its largest complete rectangle, in place.
+    """Start ``model`` from the optimum on a complete rectangle of its grid, in place.
+
+    With missing pixels, the largest complete rectangle (:func:`warm_start_rectangle`);
+    on a complete grid solved iteratively, its :func:`central_crop`.
 
     Parameters
     ----------
     model
-        A model with ``observed``; its parameters are replaced by the rectangle's fit.
+        The model to fit; its parameters are replaced by the rectangle's fit.
     targets
         ``(P, *grid, T)`` standardised maps (NaN-free: missing pixels hold any value).
     max_iter, tol, show_progressbar
@@ -181,7 +234,8 @@ def warm_start(
     -------
     WarmStart or None
         The rectangle and the iterations of its fit, or ``None`` (parameters untouched)
-        when there is no rectangle worth it, or when its fit failed.
+        when there is no rectangle worth it (a complete grid in the Kronecker eigenbasis,
+        whose evaluations cost as little), or when its fit failed.
 
     Examples
     --------
@@ -195,9 +249,12 @@ def warm_start(
     """
     from hyperspy_gp.gp.training import fit_model
 
-    if model.observed is None:
+    if model.observed is not None:
+        rectangle = warm_start_rectangle(model.observed)
+    elif model.iterative:
+        rectangle = central_crop(model.kernel.grid_shape)
+    else:
         return None
-    rectangle = warm_start_rectangle(model.observed)
     if rectangle is None:
         return None
     sub = rectangle_model(model, rectangle)
@@ -209,9 +266,22 @@ def warm_start(
         except (CGConvergenceError, FloatingPointError) as error:
             _logger.info("Warm start on the complete rectangle %s failed (%s); default start", rectangle, error)
             return None
+    started = _well_determined(sub) if model.observed is None else torch.ones(model.n_models, dtype=bool)
+    if not started.any():
+        _logger.info("Warm start: the crop %s is shorter than %g length scales; default start",
+                     rectangle, MIN_CROP_LENGTHSCALES)
+        return None
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in sub.named_parameters():
-            parameters[name].copy_(value)
-    _logger.info("Warm start: fitted the complete rectangle %s in %d iterations", rectangle, result.n_iterations)
+            on_device = started.to(value.device)
+            parameters[name][on_device] = value[on_device]
+    _logger.info("Warm start: fitted the complete rectangle %s in %d iterations (models %s started there)",
+                 rectangle, result.n_iterations, started.nonzero().ravel().tolist())
     return WarmStart(rectangle, result.n_iterations)
+
+
+def _well_determined(sub: GridICMModel) -> torch.Tensor:
+    """``(P,)``: True where the crop spans :data:`MIN_CROP_LENGTHSCALES` of the model's length scales per axis."""
+    extent = torch.stack([p[-1] - p[0] + 1 for p in sub.kernel.points]).to(sub.lengthscale)
+    return (sub.lengthscale.detach() * MIN_CROP_LENGTHSCALES <= extent).all(dim=-1).cpu()
