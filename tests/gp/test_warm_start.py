@@ -264,3 +264,44 @@ def test_no_warm_start_when_the_crop_spans_too_few_length_scales(monkeypatch):
     assert warm_start(model, targets, max_iter=1000, tol=1e-9) is None
     for name, value in model.named_parameters():
         torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+
+
+def test_scattered_missing_pixels_on_the_iterative_path_start_from_the_crop_with_its_own(monkeypatch):
+    """No complete rectangle: the crop is fitted with its missing pixels, on the same path."""
+    monkeypatch.setattr(warm_start_module, "CROP_SIDE", 16)
+    targets = torch.tensor(_crop_maps()[None])
+    observed = np.random.default_rng(1).random((32, 32)) > 0.1  # dead pixels at random
+    assert warm_start_rectangle(observed) is None
+    counting = _CountingComplete(monkeypatch)
+
+    def build():
+        return GridICMModel(GridKernel((32, 32), "matern"), 1, 2, rank=1, observed=observed, iterative=True)
+
+    cold = build()
+    cold_fit = fit_model(cold, targets)
+    cold_evaluations, counting.n = counting.n, 0
+    warm = build()
+    crop = (slice(8, 24), slice(8, 24))
+    sub = rectangle_model(warm, crop)
+    assert sub.iterative and sub.masked_solver == "iterative"
+    np.testing.assert_array_equal(sub.observed, observed[crop])
+    start = warm_start(warm, targets, max_iter=1000, tol=1e-9)
+    assert start.rectangle == crop and counting.n == 0
+    warm_fit = fit_model(warm, targets)
+    assert cold_fit.converged and warm_fit.converged
+    assert counting.n < 0.8 * cold_evaluations
+    np.testing.assert_allclose(warm_fit.log_likelihood, cold_fit.log_likelihood, rtol=5e-4)
+    np.testing.assert_allclose(warm.lengthscale.detach().numpy(), cold.lengthscale.detach().numpy(), rtol=1e-2)
+
+
+def test_no_crop_for_the_exact_masked_paths_or_a_mostly_missing_crop(monkeypatch):
+    monkeypatch.setattr(warm_start_module, "CROP_SIDE", 16)
+    targets = torch.tensor(_crop_maps()[None])
+    scattered = np.random.default_rng(1).random((32, 32)) > 0.1
+    exact = GridICMModel(GridKernel((32, 32)), 1, 2, rank=1, observed=scattered, masked_solver="schur-cg")
+    assert warm_start(exact, targets, 1000, 1e-9) is None  # the Schur complement's paths keep the default start
+    holed = scattered.copy()
+    holed[10:22, 10:22] = False  # the crop mostly missing (and no complete rectangle)
+    assert holed[8:24, 8:24].mean() < warm_start_module.MIN_CROP_MEASURED
+    iterative = GridICMModel(GridKernel((32, 32), "matern"), 1, 2, rank=1, observed=holed, iterative=True)
+    assert warm_start(iterative, targets, 1000, 1e-9) is None
