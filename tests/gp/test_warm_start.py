@@ -77,6 +77,23 @@ class _Counting:
         monkeypatch.setattr(GridICMModel, "log_likelihood", counted)
 
 
+def _cold_and_warm(build, targets, counting):
+    """``build()`` fitted from the default start and from :func:`warm_start`, with ``counting``'s evaluations.
+
+    Returns ``(cold, cold_fit, cold_evaluations, warm, start, warm_fit, warm_evaluations)``;
+    the warm start itself must not count (its rectangle is not the counted model).
+    """
+    cold = build()
+    cold_fit = fit_model(cold, targets)
+    cold_evaluations, counting.n = counting.n, 0
+    warm = build()
+    start = warm_start(warm, targets, max_iter=1000, tol=1e-9)
+    assert start is not None and counting.n == 0
+    warm_fit = fit_model(warm, targets)
+    assert cold_fit.converged and warm_fit.converged
+    return cold, cold_fit, cold_evaluations, warm, start, warm_fit, counting.n
+
+
 @pytest.mark.parametrize(("n_models", "n_tasks", "rank"), [(1, 2, 1), (2, 1, 0)])  # parallel, independent
 def test_a_warm_start_reaches_the_same_optimum_in_fewer_masked_evaluations(monkeypatch, n_models, n_tasks, rank):
     targets, observed = _quarter_disc_maps()
@@ -142,15 +159,8 @@ def test_the_iterative_path_warm_starts_on_its_own_path_and_reaches_the_same_opt
     def build():
         return GridICMModel(GridKernel((32, 32), "matern"), 1, 2, rank=1, observed=observed, iterative=True)
 
-    cold = build()
-    cold_fit = fit_model(cold, targets)
-    cold_evaluations, counting.n = counting.n, 0
-    warm = build()
-    start = warm_start(warm, targets, max_iter=1000, tol=1e-9)
-    assert start is not None and counting.n == 0
-    warm_fit = fit_model(warm, targets)
-    assert cold_fit.converged and warm_fit.converged
-    assert counting.n < 0.8 * cold_evaluations
+    cold, cold_fit, cold_evaluations, warm, _, warm_fit, warm_evaluations = _cold_and_warm(build, targets, counting)
+    assert warm_evaluations < 0.8 * cold_evaluations
     # The objective is a stochastic estimate with fixed probes: the same optimum to its precision.
     np.testing.assert_allclose(warm_fit.log_likelihood, cold_fit.log_likelihood, rtol=1e-5)
     np.testing.assert_allclose(warm.lengthscale.detach().numpy(), cold.lengthscale.detach().numpy(), rtol=1e-2)
@@ -223,17 +233,11 @@ def test_a_complete_scan_on_the_iterative_path_starts_from_its_central_crop(monk
     """Fewer evaluations on the whole grid, to the same optimum (a stochastic objective with fixed probes)."""
     monkeypatch.setattr(warm_start_module, "CROP_SIDE", 16)  # a 32² scan: 4 × the crop's pixels
     targets = torch.tensor(_crop_maps()[None])
-    counting = _CountingComplete(monkeypatch)
-    cold = _complete_iterative()
-    cold_fit = fit_model(cold, targets)
-    cold_evaluations, counting.n = counting.n, 0
-    warm = _complete_iterative()
-    start = warm_start(warm, targets, max_iter=1000, tol=1e-9)
+    counting = _CountingComplete(monkeypatch)  # the crop's fit never evaluates the whole grid
+    cold, cold_fit, cold_evaluations, warm, start, warm_fit, warm_evaluations = _cold_and_warm(
+        _complete_iterative, targets, counting)
     assert start.rectangle == (slice(8, 24), slice(8, 24)) and start.n_iterations > 0
-    assert counting.n == 0  # the crop's fit never evaluates the whole grid
-    warm_fit = fit_model(warm, targets)
-    assert cold_fit.converged and warm_fit.converged
-    assert counting.n < 0.8 * cold_evaluations
+    assert warm_evaluations < 0.8 * cold_evaluations
     # The same optimum, to the precision of the stopping test on this flat objective
     # (measured: the warm fit 0.08 higher, of 662).
     assert warm_fit.log_likelihood[0] >= cold_fit.log_likelihood[0] - 1e-3
@@ -277,19 +281,13 @@ def test_scattered_missing_pixels_on_the_iterative_path_start_from_the_crop_with
     def build():
         return GridICMModel(GridKernel((32, 32), "matern"), 1, 2, rank=1, observed=observed, iterative=True)
 
-    cold = build()
-    cold_fit = fit_model(cold, targets)
-    cold_evaluations, counting.n = counting.n, 0
-    warm = build()
     crop = (slice(8, 24), slice(8, 24))
-    sub = rectangle_model(warm, crop)
+    sub = rectangle_model(build(), crop)
     assert sub.iterative and sub.masked_solver == "iterative"
     np.testing.assert_array_equal(sub.observed, observed[crop])
-    start = warm_start(warm, targets, max_iter=1000, tol=1e-9)
-    assert start.rectangle == crop and counting.n == 0
-    warm_fit = fit_model(warm, targets)
-    assert cold_fit.converged and warm_fit.converged
-    assert counting.n < 0.8 * cold_evaluations
+    cold, cold_fit, cold_evaluations, warm, start, warm_fit, warm_evaluations = _cold_and_warm(build, targets, counting)
+    assert start.rectangle == crop
+    assert warm_evaluations < 0.8 * cold_evaluations
     np.testing.assert_allclose(warm_fit.log_likelihood, cold_fit.log_likelihood, rtol=5e-4)
     np.testing.assert_allclose(warm.lengthscale.detach().numpy(), cold.lengthscale.detach().numpy(), rtol=1e-2)
 
