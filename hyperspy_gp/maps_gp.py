@@ -33,7 +33,8 @@ class MapsFit:
         Length scales (pixels), task covariance, noise, log likelihood, convergence and
         jitter, in the units of the maps; where the fit started from the optimum on a
         complete rectangle (missing pixels, or a large scan on the iterative path:
-        :mod:`~hyperspy_gp.gp.warm_start`),
+        :mod:`~hyperspy_gp.gp.warm_start`; ``warm_start_imputed_pixels`` where that
+        was the whole grid with its missing pixels filled in),
         that rectangle (``warm_start_region``, scan pixels per axis, stop excluded)
         and the iterations of its fit (``warm_start_iterations``).
     history
@@ -148,6 +149,8 @@ def fit_and_predict_maps(maps, request: Request, isotropic, max_iter, tol, show_
         hyper["warm_start_region"] = np.array([[start + int(kept[s][0]), start + int(kept[s][-1]) + 1]
                                                for start, kept, s in zip(origin, points, warm.rectangle)])
         hyper["warm_start_iterations"] = warm.n_iterations
+        if warm.n_imputed:  # the whole grid, its missing pixels filled in from their neighbours
+            hyper["warm_start_imputed_pixels"] = warm.n_imputed
     hyper["jitter"] = _report_jitter(posterior.jitter.detach().cpu().numpy(), request.mode, scale)
     if drawn:
         if posterior.n_samples:

@@ -539,6 +539,20 @@ def test_a_masked_corner_starts_the_fit_from_its_largest_complete_rectangle(tmp_
     assert back.warm_start_iterations == hp["warm_start_iterations"]
 
 
+def test_scattered_missing_pixels_start_from_the_filled_in_scan(tmp_path, unchanged):
+    """No complete rectangle: the fit starts from the whole scan's, its missing pixels filled in; reported, saved."""
+    s, truth, missing = _two_maps_missing_at_random(0, 0.1, 5.0)
+    with unchanged(s):
+        rec = gp_reconstruct(s, components=2)
+    hp = rec.hyperparameters
+    assert rec.signal.metadata.GP_reconstruction.settings.missing_pixels == missing.sum()
+    assert hp["warm_start_imputed_pixels"] == missing.sum() and hp["converged"]
+    np.testing.assert_array_equal(hp["warm_start_region"], [[0, 40], [0, 36]])
+    rec.signal.save(tmp_path / "rec.hspy")
+    back = hs.load(tmp_path / "rec.hspy").metadata.GP_reconstruction.hyperparameters
+    assert back.warm_start_imputed_pixels == missing.sum()
+
+
 def test_cg_failing_at_the_warm_start_without_an_exact_path_fits_from_the_default_start(monkeypatch, unchanged):
     """The warm start's low noise defeats CG and nothing exact fits: the fit runs from the default start instead."""
     import warnings
