@@ -43,10 +43,10 @@ The exact masked paths do not start from a crop: on the Schur complement by CG
 of the likelihood, 1457 below the default start's (the factorised exact likelihood at
 both points agrees with the estimates to 2).  A start away from the default can do that
 on any path; on the iterative one the six cases measured reached the default start's
-optimum.  There, scattered missing pixels (at most :data:`MAX_IMPUTED_FRACTION`) are
-filled in from their neighbours instead and the whole grid is fitted as complete, in
-the Kronecker eigenbasis (about a second): all of the data, so the start is near the
-optimum.  120 × 90 × 4 EELS maps (separable kernel, fit only): 10 % missing at random,
+optimum.  There, for the separable kernel, scattered missing pixels (at most
+:data:`MAX_IMPUTED_FRACTION`) are filled in from their neighbours instead and the whole
+grid is fitted as complete, in the Kronecker eigenbasis (about a second): all of the
+data, so the start is near the optimum.  120 × 90 × 4 EELS maps (separable kernel, fit only): 10 % missing at random,
 Schur complement by CG, 85 iterations in 34.3 s from the default start, 33 in 16.4 s
 in all from the filled-in grid's optimum (log likelihood 0.05 higher); 2 % missing,
 factorised Schur complement, 69 in 38.4 s against 31 in 18.9 s (0.05 higher).
@@ -363,9 +363,11 @@ def _start_region(model: GridICMModel) -> tuple[tuple[slice, ...] | None, str]:
 
     The largest complete rectangle of a model with missing pixels.  Else, on the
     iterative path, the :func:`central_crop` (with its missing pixels, when it holds at
-    least :data:`MIN_CROP_MEASURED` measured ones); on the exact masked paths, the whole
-    grid with its missing pixels filled in (:func:`fill_missing`, at most
-    :data:`MAX_IMPUTED_FRACTION` of them), fitted as complete in the Kronecker eigenbasis.
+    least :data:`MIN_CROP_MEASURED` measured ones); on the exact masked paths of the
+    separable kernel, the whole grid with its missing pixels filled in
+    (:func:`fill_missing`, at most :data:`MAX_IMPUTED_FRACTION` of them), fitted as
+    complete in the Kronecker eigenbasis (the Matérn kernel's dense eigendecomposition
+    costs a complete grid as much as the masked fit's evaluations).
     (A crop's start led a Schur-CG fit to another local optimum, 1457 below the default
     start's log likelihood, 120 × 90 × 4 at 10 % missing.)
     """
@@ -375,7 +377,7 @@ def _start_region(model: GridICMModel) -> tuple[tuple[slice, ...] | None, str]:
         if rectangle is not None:
             return rectangle, "rectangle"
     if not model.iterative:
-        imputed = model.observed is not None and len(grid) == 2 and \
+        imputed = model.observed is not None and model.kernel.kind == "separable" and len(grid) == 2 and \
             (~model.observed).mean() <= MAX_IMPUTED_FRACTION
         return (tuple(slice(0, n) for n in grid) if imputed else None), "imputed"
     crop = central_crop(grid)

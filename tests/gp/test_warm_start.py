@@ -343,9 +343,13 @@ def test_scattered_missing_pixels_on_the_exact_paths_start_from_the_filled_in_co
     np.testing.assert_allclose(warm.lengthscale.detach().numpy(), cold.lengthscale.detach().numpy(), rtol=1e-2)
 
 
-def test_no_filled_in_start_beyond_its_fraction_of_missing_pixels():
+def test_no_filled_in_start_beyond_its_fraction_of_missing_pixels_or_for_the_dense_matern_kernel():
     targets = torch.tensor(_crop_maps()[None])
     sparse = np.random.default_rng(1).random((32, 32)) > 0.4  # a sparse scan
     model = GridICMModel(GridKernel((32, 32)), 1, 2, rank=1, observed=sparse, masked_solver="schur-cg")
     assert (~sparse).mean() > warm_start_module.MAX_IMPUTED_FRACTION
     assert warm_start(model, targets, 1000, 1e-9) is None
+    scattered = np.random.default_rng(1).random((32, 32)) > 0.1
+    # A complete grid costs the Matérn kernel's dense eigendecomposition as much as the masked fit.
+    matern = GridICMModel(GridKernel((32, 32), "matern"), 1, 2, rank=1, observed=scattered, masked_solver="schur")
+    assert warm_start(matern, targets, 1000, 1e-9) is None
