@@ -88,12 +88,13 @@ MAX_IMPUTED_FRACTION = 0.25
 
 @dataclass
 class WarmStart:
-    """Where a fit with missing pixels started from.
+    """Where a fit started from.
 
     Attributes
     ----------
     rectangle
-        One slice per axis of the fitted grid: the complete rectangle fitted first.
+        One slice per axis of the fitted grid: the rectangle fitted first (complete,
+        a crop with its missing pixels, or the whole grid filled in).
     n_iterations
         Optimiser iterations of that fit.
     n_imputed
@@ -248,10 +249,12 @@ def rectangle_model(model: GridICMModel, rectangle: tuple[slice, ...], keep_miss
 def warm_start(
     model: GridICMModel, targets: torch.Tensor, max_iter: int, tol: float, show_progressbar: bool = False
 ) -> WarmStart | None:
-    """Start ``model`` from the optimum on a complete rectangle of its grid, in place.
+    """Start ``model`` from the optimum on a rectangle of its grid, in place.
 
     With missing pixels, the largest complete rectangle (:func:`warm_start_rectangle`);
-    else, on the iterative path, the :func:`central_crop` (with its missing pixels).
+    else, on the iterative path, the :func:`central_crop` (with its missing pixels), and
+    on the exact masked paths of the separable kernel the whole grid with its scattered
+    missing pixels filled in (:func:`fill_missing`).
 
     Parameters
     ----------
@@ -265,9 +268,10 @@ def warm_start(
     Returns
     -------
     WarmStart or None
-        The rectangle and the iterations of its fit, or ``None`` (parameters untouched)
-        when there is no rectangle worth it (a complete grid in the Kronecker eigenbasis,
-        whose evaluations cost as little), or when its fit failed.
+        The rectangle, the iterations of its fit and the pixels filled in, or ``None``
+        (parameters untouched) when there is no rectangle worth it (a complete grid in
+        the Kronecker eigenbasis, whose evaluations cost as little), when a crop spans
+        too few of every model's length scales, or when its fit failed.
 
     Examples
     --------
