@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hyperspy_gp._hyperspy import has_decomposition, navigation_shape
+from hyperspy_gp._hyperspy import has_decomposition, navigation_axes, navigation_shape
 
 PROG = "hyperspy-gp"
 DEFAULT_OUT = "hyperspy_gp_output"
@@ -448,6 +448,7 @@ def _report_fit(signal, rec, args, report: Report) -> None:
     names = ", ".join(hyper["axes_names"])
     units = hyper["axes_units"]
     maps = _loading_maps(signal, components)
+    scan_px = np.array([axis.size for axis in navigation_axes(signal)])
     for row, component in enumerate(components):
         lengthscale = np.atleast_1d(hyper["lengthscale_px"][row])
         px = " × ".join(f"{v:.3g}" for v in lengthscale)
@@ -455,7 +456,7 @@ def _report_fit(signal, rec, args, report: Report) -> None:
         noise = float(hyper["noise_variance"][row])
         spread = maps[:, row].std()
         ratio = np.sqrt(noise) / spread if spread > 0 else float("nan")
-        remarks = "".join(f" - {r}" for r in _fit_remarks(lengthscale, ratio, _fitted_bounds(rec)))
+        remarks = "".join(f" - {r}" for r in _fit_remarks(lengthscale, ratio, _fitted_bounds(rec), scan_px))
         report.add(f"  component {component}: length scale ({names}) {px} px = {cal}; "
                    f"noise variance {noise:.3g} (noise σ / map σ = {ratio:.2g}){remarks}")
     state = "converged" if hyper["converged"] else "NOT converged (iteration cap reached)"
@@ -480,8 +481,18 @@ def _fitted_bounds(rec) -> tuple[float | None, float | None] | None:
     return tuple(None if np.isnan(b) else float(b) for b in bounds)
 
 
-def _fit_remarks(lengthscale_px: np.ndarray, noise_ratio: float, bounds) -> list[str]:
-    """Warnings about a component's fit a user should know when reading the numbers."""
+def _fit_remarks(lengthscale_px: np.ndarray, noise_ratio: float, bounds, scan_px: np.ndarray) -> list[str]:
+    """Warnings about a component's fit a user should know when reading the numbers.
+
+    ``scan_px``: the scan's size in pixels along the axes of ``lengthscale_px``.
+
+    Examples
+    --------
+    >>> [remark.split(":")[0] for remark in _fit_remarks(np.array([312.0, 30.0]), 0.5, None, np.array([48, 48]))]
+    ['length scale longer than the scan']
+    >>> _fit_remarks(np.array([30.0, 30.0]), 0.5, None, np.array([48, 48]))
+    []
+    """
     from hyperspy_gp.gp.model import MIN_LENGTHSCALE, MIN_NOISE
 
     lo, hi = bounds if bounds is not None else (None, None)
@@ -491,6 +502,10 @@ def _fit_remarks(lengthscale_px: np.ndarray, noise_ratio: float, bounds) -> list
         remarks.append(f"length scale at the lower bound {lo:g} px: no spatial correlation found")
     if hi is not None and np.any(lengthscale_px >= hi * 0.99):
         remarks.append(f"length scale at the upper bound {hi:g} px")
+    if np.any(lengthscale_px > scan_px):
+        remarks.append("length scale longer than the scan: only slow variations kept, finer structure (atomic "
+                       "columns) is smoothed away; if the map has it, use --lengthscale-bounds auto (a length-scale "
+                       f"scan) or {lo:g} HI, HI near its spacing in pixels")
     if noise_ratio > NOISE_DOMINATED:
         remarks.append("the map is noise: the GP flattens it")
     elif noise_ratio**2 <= 2 * MIN_NOISE:

@@ -65,6 +65,7 @@ def test_demo_prints_what_it_did(demo_run):
     assert "length scale" in printed and " px = " in printed and " nm" in printed
     assert "noise variance" in printed and "iterations" in printed and "Timings" in printed
     assert str(out / "demo_summary.png") in printed
+    assert "longer than the scan" not in printed  # atomic maps: a length scale of a few pixels
 
 
 # --------------------------------------------------------------------------
@@ -111,6 +112,21 @@ def test_reconstruct_integer_file_and_stored_decomposition(tmp_path, capsys):
     assert main(["reconstruct", str(stored), "--components", "2", "--redecompose", "--quiet",
                  "-o", str(tmp_path)]) == 0
     assert "Decomposition: SVD" in capsys.readouterr().out
+
+
+def test_report_flags_a_length_scale_longer_than_the_scan(tmp_path, capsys):
+    """A smooth map (a thickness ramp) fitted beyond the scan's size: the report says what that smooths."""
+    yy, xx = np.mgrid[:16, :20]
+    ramp = 1.0 + 0.05 * xx + 0.02 * yy
+    spectrum = np.exp(-0.5 * ((np.arange(40) - 20) / 4.0) ** 2)
+    noise = 0.01 * np.random.default_rng(0).standard_normal((16, 20, 40))
+    s = hs.signals.Signal1D(ramp[..., None] * spectrum + noise)
+    path = tmp_path / "ramp.hspy"
+    s.save(path)
+    assert main(["reconstruct", str(path), "--components", "1", "--quiet", "-o", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "length scale longer than the scan" in printed, printed
+    assert "--lengthscale-bounds auto" in printed
 
 
 # --------------------------------------------------------------------------
