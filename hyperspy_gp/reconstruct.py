@@ -167,8 +167,9 @@ def gp_reconstruct(
         Hard bounds on the length scales, in pixels of the original scan.  An upper
         bound near the atomic spacing keeps atomic contrast that an unconstrained fit
         may smooth away, more often the more pixels are missing (half of them, at
-        random, was enough on a synthetic atomic image: docs, "Limits").  ``"auto"`` first runs a length-scale scan of the chosen
-        maps (:func:`hyperspy_gp.lengthscale_scan.lengthscale_scan`) and takes the
+        random, was enough on a synthetic atomic image: docs, "Limits").  ``"auto"``
+        first runs a length-scale scan of the chosen maps
+        (:func:`hyperspy_gp.lengthscale_scan.lengthscale_scan`) and takes the
         bounds it suggests around the finest basin of the likelihood (no bounds if it
         finds none); the scan is kept in the metadata settings.  Default: length
         scale ≥ 0.5 px.

@@ -119,9 +119,9 @@ class GaussianLogLikelihood(torch.autograd.Function):
 
     with ``Σ⁻¹`` from the factor (``torch.cholesky_inverse``, about ``N³/3`` more
     multiply-adds than the factorisation's ``N³/6``).  Autograd through the factorisation
-    and its solve costs about five ``N³`` products instead: at ``N`` = 4 916 values,
-    9.1 s against 0.8 s for the likelihood.  Autograd carries the gradient on from
-    ``Σ`` to the hyperparameters.  Jitter added by
+    and its solve costs about five ``N³`` products instead: at ``N`` = 4 916 values its
+    backward took 9.1 s, this one 2.0 s, the likelihood 0.8 s.  Autograd carries the
+    gradient on from ``Σ`` to the hyperparameters.  Jitter added by
     :func:`~hyperspy_gp.gp.cholesky.safe_cholesky` is a constant, as before.
 
     Inputs ``sigma`` ``(P, N, N)`` (symmetric) and ``y`` ``(P, N, 1)`` (no gradient).
