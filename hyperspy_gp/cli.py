@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hyperspy_gp._hyperspy import has_decomposition, navigation_axes, navigation_shape
+from hyperspy_gp._hyperspy import has_decomposition, navigation_shape
 
 PROG = "hyperspy-gp"
 DEFAULT_OUT = "hyperspy_gp_output"
@@ -448,7 +448,7 @@ def _report_fit(signal, rec, args, report: Report) -> None:
     names = ", ".join(hyper["axes_names"])
     units = hyper["axes_units"]
     maps = _loading_maps(signal, components)
-    scan_px = np.array([axis.size for axis in navigation_axes(signal)])
+    scan_px = np.array(navigation_shape(signal))
     for row, component in enumerate(components):
         lengthscale = np.atleast_1d(hyper["lengthscale_px"][row])
         px = " × ".join(f"{v:.3g}" for v in lengthscale)

@@ -84,6 +84,8 @@ MIN_CROP_MEASURED = 0.5
 #: Largest fraction of missing pixels that the exact masked paths fill in for a start
 #: on the complete grid, where no rectangle qualifies.
 MAX_IMPUTED_FRACTION = 0.25
+#: How the log names each kind of region of :func:`_start_region`.
+_REGION_NAMES = {"rectangle": "complete rectangle", "crop": "central crop", "imputed": "filled-in scan"}
 
 
 @dataclass
@@ -299,7 +301,7 @@ def warm_start(
         try:
             result = fit_model(sub, sub_targets, max_iter=max_iter, tol=tol, show_progressbar=show_progressbar)
         except (CGConvergenceError, FloatingPointError) as error:
-            _logger.info("Warm start on the complete rectangle %s failed (%s); default start", rectangle, error)
+            _logger.info("Warm start on the %s %s failed (%s); default start", _REGION_NAMES[kind], rectangle, error)
             return None
     started = _well_determined(sub) if kind == "crop" else torch.ones(model.n_models, dtype=bool)
     if not started.any():
@@ -311,9 +313,8 @@ def warm_start(
         for name, value in sub.named_parameters():
             on_device = started.to(value.device)
             parameters[name][on_device] = value[on_device]
-    _logger.info("Warm start: fitted the complete rectangle %s (%s, %d pixels filled in) in %d iterations "
-                 "(models %s started there)", rectangle, kind, n_imputed, result.n_iterations,
-                 started.nonzero().ravel().tolist())
+    _logger.info("Warm start: fitted the %s %s (%d pixels filled in) in %d iterations (models %s started there)",
+                 _REGION_NAMES[kind], rectangle, n_imputed, result.n_iterations, started.nonzero().ravel().tolist())
     return WarmStart(rectangle, result.n_iterations, n_imputed)
 
 
