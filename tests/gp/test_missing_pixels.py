@@ -14,14 +14,14 @@ from .dense_reference import dense_icm
 RTOL = 1e-6
 
 
-def _model(kind, shape, n_tasks, rank, observed, seed=0, kernel=None):
+def _model(kind, shape, n_tasks, rank, observed, seed=0, kernel=None, n_models=1):
     gen = torch.Generator().manual_seed(seed)
     kernel = GridKernel(shape, kind) if kernel is None else kernel
-    model = GridICMModel(kernel, 1, n_tasks, rank=rank, observed=observed)
+    model = GridICMModel(kernel, n_models, n_tasks, rank=rank, observed=observed)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.4 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    targets = torch.randn(1, *shape, n_tasks, generator=gen, dtype=torch.float64)
+    targets = torch.randn(n_models, *shape, n_tasks, generator=gen, dtype=torch.float64)
     return model, targets
 
 
@@ -58,12 +58,7 @@ def test_masked_mll_mean_variance_equal_dense_reference(kind, shape, n_tasks, ra
 def test_masked_gradient_equals_autograd_through_the_dense_reference(kind, shape, n_models, n_tasks, rank):
     """The closed-form gradient ½(ααᵀ − Σ⁻¹) against autograd through the reference's Cholesky factor."""
     observed = _holes(shape, seed=3)
-    model = GridICMModel(GridKernel(shape, kind), n_models, n_tasks, rank=rank, observed=observed)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.4 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    targets = torch.randn(n_models, *shape, n_tasks, generator=gen, dtype=torch.float64)
+    model, targets = _model(kind, shape, n_tasks, rank, observed, seed=7, n_models=n_models)
     grads, mlls = [], []
     for path in ("engine", "reference"):
         model.zero_grad()
